@@ -1,0 +1,437 @@
+"""The one configuration schema.
+
+Every key a user can set lives here exactly once, with its type, default, help text and
+aliases. From this single class we derive:
+
+* the keys `train_j.py` accepts in its JSON (TrainTrain names are aliases of the engine's names),
+* the `--flags` of `train.py` (EveryDream2 names are the canonical names),
+* `configs/schema.json` for editors (see `export_json_schema`),
+* the validation the launcher runs before it starts a child.
+
+This module imports only pydantic and the standard library: the launcher loads it to validate
+a config without paying for torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from difftrain.errors import ConfigError
+
+SECOND_PASS_KEY = "2nd pass"
+
+
+def setting(default: Any, help: str, *aliases: str, per_pass: bool = False, **constraints: Any) -> Any:
+    """Declare one config key: default, help text, alternative names and value constraints.
+
+    `per_pass` marks settings that a TrainTrain "2nd pass" section may override.
+    """
+    return Field(
+        default,
+        description=help,
+        json_schema_extra={"aliases": list(aliases), "per_pass": per_pass},
+        **constraints,
+    )
+
+
+Precision = Literal["fp32", "fp16", "bf16"]
+TrainTrainMode = Literal["Full", "LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT"]
+
+
+class SimulationConfig(BaseModel):
+    """Parameters of the Kolmogorov-flow data generator (defaults are the paper's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(256, gt=7, description="Simulation grid size (square, periodic).")
+    coarsen: int = Field(4, ge=1, description="Spatial coarsening factor applied to the saved fields.")
+    trajectories: int = Field(1024, ge=3, description="Number of trajectories (split 80/10/10).")
+    steps: int = Field(128, ge=1, description="Saved time steps simulated per trajectory.")
+    keep: int = Field(64, ge=1, description="Last saved steps kept per trajectory.")
+    dt: float = Field(0.2, gt=0, description="Time between saved states.")
+    reynolds: float = Field(1000.0, gt=0, description="Reynolds number.")
+    wavenumber: int = Field(4, ge=1, description="Forcing wavenumber (sin(k y) forcing).")
+    drag: float = Field(0.1, ge=0, description="Linear drag coefficient.")
+
+
+class Config(BaseModel):
+    """Every setting of a difftrain run. Canonical names follow EveryDream2 where it names them."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # ---- what to train ------------------------------------------------------------------------
+    task: Literal["sd", "kolmogorov"] = setting(
+        "sd", "What is trained: 'sd' fine-tunes a Stable Diffusion model; 'kolmogorov' trains the "
+        "score network of the Kolmogorov-flow experiment from scratch (no downloaded weights).")
+    mode: TrainTrainMode = setting(
+        "Full", "Training mode: 'Full' fine-tunes the UNet; TrainTrain modes train a LoRA: 'LoRA', "
+        "'iLECO', 'Difference', 'ADDifT', 'Multi-ADDifT'.")
+    resume_ckpt: str = setting(
+        "sd_v1-5_vae", "Base model (diffusers folder, .safetensors/.ckpt single file, or a bare name "
+        "looked up in the model folders), a checkpoint folder under logs/ to resume from, or "
+        "'findlast' for the newest complete checkpoint of this project.", "model")
+    vae: str = setting("", "A separate VAE (folder or single file) replacing the model's own.")
+    te: str = setting("", "A separate text encoder replacing the model's own.")
+    family: Literal["auto", "sd1", "sd2", "sdxl"] = setting(
+        "auto", "Model family; 'auto' detects it from the weights.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = setting(
+        "auto", "What the base model predicts; 'auto' reads it from the model. SD2 single files "
+        "cannot tell 512-base (epsilon) from 768 (v): set this for them.")
+    model_v_pred: Optional[bool] = setting(
+        None, "TrainTrain's switch: true means prediction_type 'v_prediction'.")
+
+    # ---- folders ------------------------------------------------------------------------------
+    data_root: str = setting("input", "Folder of training images (with .txt/.caption captions), or for "
+                             "the Kolmogorov task the folder holding train/valid/test.h5.",
+                             "lora_data_directory")
+    validation_root: str = setting("", "Folder of held-out images for loss_valid; empty: use "
+                                   "validation_fraction of data_root.")
+    validation_fraction: float = setting(0.0, "Fraction of data_root held out for loss_valid.", ge=0, lt=1)
+    logdir: str = setting("logs", "Where logs/<project_name><timestamp>/ folders (settings, samples, "
+                          "ckpts) are written.")
+    runs_dir: str = setting("runs", "Where runs/<name>_<id>/ folders (config.json, state.pth, "
+                            "metrics.jsonl, samples) are written.")
+    project_name: str = setting("myproj", "Name prefix of log folders and checkpoints; wandb project.",
+                                min_length=1)
+    models_dir: str = setting("", "Root of the model folders: StableDiffusion/, VAE/, lora/, "
+                              "TextEncoders/ (train_j.py --models-dir).")
+    ckpt_dir: str = setting("", "Folder of base checkpoints (default <models_dir>/StableDiffusion).")
+    vae_dir: str = setting("", "Folder of VAEs (default <models_dir>/VAE).")
+    lora_dir: str = setting("", "Folder LoRA files are written to (default <models_dir>/lora).")
+    te_dir: str = setting("", "Folder of text encoders (default <models_dir>/TextEncoders).")
+    cache_dir: str = setting("", "Disk cache for VAE latents and text embeddings (keyed by file "
+                             "content, model and resolution); empty: cache in memory only.")
+
+    # ---- schedule -----------------------------------------------------------------------------
+    max_epochs: int = setting(300, "Epochs to train.", "epochs", ge=1)
+    max_steps: int = setting(0, "Optimizer steps to train; 0: use max_epochs. TrainTrain's "
+                             "train_iterations.", "train_iterations", per_pass=True, ge=0)
+    batch_size: int = setting(2, "Images (or states) per optimizer step and process.",
+                              "train_batch_size", per_pass=True, ge=1)
+    gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step.",
+                                               "grad_accum", ge=1)
+    seed: int = setting(555, "Seed of every random draw; -1 picks one at random (and records it).",
+                        "train_seed", per_pass=True)
+
+    # ---- optimizer ----------------------------------------------------------------------------
+    lr: float = setting(1e-6, "Learning rate.", "learning_rate", "train_learning_rate",
+                        per_pass=True, gt=0)
+    text_encoder_lr: float = setting(0.0, "Learning rate of the text encoder(s); 0: same as lr.",
+                                     "train_textencoder_learning_rate", per_pass=True, ge=0)
+    optimizer: str = setting("AdamW", "Optimizer: AdamW, AdamW8bit (CUDA + bitsandbytes), Adam, SGD, "
+                             "Lion (if installed), or any torch.optim class name.", "train_optimizer",
+                             per_pass=True)
+    optimizer_settings: str = setting("", "Extra optimizer arguments, 'k=v;k=v' "
+                                      "(e.g. 'betas=(0.9,0.99);eps=1e-8').",
+                                      "train_optimizer_settings", per_pass=True)
+    weight_decay: float = setting(1e-2, "Decoupled weight decay.", ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine", "polynomial", "cosine_with_restarts",
+                          "constant_with_warmup"] = setting(
+        "constant", "Learning-rate schedule (diffusers' get_scheduler names).", "scheduler",
+        "train_lr_scheduler", per_pass=True)
+    lr_scheduler_settings: str = setting("", "Extra scheduler arguments 'k=v;k=v' (TrainTrain).",
+                                         "train_lr_scheduler_settings", per_pass=True)
+    lr_warmup_steps: Optional[int] = setting(
+        None, "Warm-up steps; default 2% of lr_decay_steps (EveryDream2), 0 for TrainTrain modes.",
+        "train_lr_warmup_steps", per_pass=True, ge=0)
+    lr_decay_steps: int = setting(0, "Steps over which the schedule decays; 0: the whole run.", ge=0)
+    lr_num_cycles: float = setting(1.0, "Cycles of cosine_with_restarts.",
+                                   "train_lr_scheduler_num_cycles", per_pass=True, gt=0)
+    lr_power: float = setting(1.0, "Power of the polynomial schedule.", "train_lr_scheduler_power",
+                              per_pass=True, gt=0)
+    clip_grad_norm: Optional[float] = setting(None, "Clip the gradient norm to this value.", gt=0)
+
+    # ---- objective ----------------------------------------------------------------------------
+    loss_function: Literal["MSE", "L1", "Smooth-L1"] = setting(
+        "MSE", "Per-element loss.", "train_loss_function", per_pass=True)
+    min_snr_gamma: float = setting(0.0, "Min-SNR-gamma loss weighting; 0 disables it.",
+                                   "train_snr_gamma", per_pass=True, ge=0)
+    noise_offset: float = setting(0.0, "Offset noise strength.", ge=0)
+    zero_terminal_snr: bool = setting(False, "Rescale the noise schedule to zero terminal SNR.")
+    min_timestep: int = setting(0, "Lowest training timestep.", "train_min_timesteps",
+                                per_pass=True, ge=0, le=1000)
+    max_timestep: int = setting(1000, "Highest training timestep (exclusive).", "train_max_timesteps",
+                                per_pass=True, ge=1, le=1000)
+    rectified_flow: bool = setting(False, "Train the velocity of the straight path between noise and "
+                                   "data (needs a v-prediction base for Stable Diffusion).")
+    timestep_sampling: Literal["uniform", "logit_normal"] = setting(
+        "uniform", "How flow times / timesteps are drawn.")
+    reflow_steps: int = setting(0, "Reflow iterations after the initial rectified-flow training.", ge=0)
+    reflow_sample_steps: int = setting(0, "Euler steps when generating reflow pairs; 0: sample_steps, "
+                                       "and 50 if that is 0 too.", ge=0)
+    reflow_train_epochs: int = setting(1, "Epochs of training on each reflow iteration's pairs.", ge=1)
+    reflow_gen_batches: int = setting(1, "Batches of pairs generated per reflow iteration "
+                                      "(pairs = reflow_gen_batches x batch_size).", ge=1)
+
+    # ---- precision and speed ------------------------------------------------------------------
+    scheduler_interval: Literal["step", "epoch"] = setting(
+        "step", "Advance the LR schedule every optimizer step, or once per epoch (sda's Kolmogorov "
+        "runs decay linearly per epoch).")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = setting(
+        "auto", "Autocast precision of the trained model; 'auto': bf16 on a GPU that supports it, "
+        "fp32 on CPU.")
+    model_precision: Precision = setting("fp16", "Storage precision of frozen weights on GPU "
+                                         "(always fp32 on CPU).", "train_model_precision")
+    gradient_checkpointing: bool = setting(False, "Trade compute for memory in the UNet.",
+                                           "use_gradient_checkpointing")
+    num_workers: int = setting(0, "DataLoader worker processes.", ge=0)
+
+    # ---- data ---------------------------------------------------------------------------------
+    resolution: int = setting(512, "Training resolution class (EveryDream2: 256..1536 in steps of "
+                              "64) or TrainTrain's image_size.", "image_size", ge=64)
+    flip_p: float = setting(0.0, "Probability of a horizontal flip.", ge=0, le=1)
+    caption_dropout: float = setting(0.0, "Probability of training on an empty caption.", ge=0, le=1)
+    image_buckets_step: int = setting(256, "TrainTrain bucket step.", ge=8)
+    image_num_multiply: int = setting(1, "TrainTrain: repeat each image this many times.", ge=1)
+    image_min_length: int = setting(512, "TrainTrain: shortest bucket side.", ge=64)
+    image_max_ratio: float = setting(2.0, "TrainTrain: largest bucket aspect ratio.", ge=1)
+    image_mirroring: bool = setting(False, "TrainTrain: random horizontal flips (flip_p 0.5).")
+    image_use_filename_as_tag: bool = setting(False, "TrainTrain: use the file name as the caption.")
+
+    # ---- samples, validation, checkpoints, tracking -------------------------------------------
+    sample_steps: int = setting(250, "Draw samples every N optimizer steps (and at the end); 0: only "
+                                "at the end.", ge=0)
+    sample_inference_steps: int = setting(30, "Denoising steps per sample.", ge=1)
+    sample_prompts: str = setting("", "File of sample prompts, one per line; empty: training captions.")
+    num_samples: int = setting(2, "Samples drawn each time.", ge=1)
+    validate_every_n_epochs: int = setting(1, "loss_valid every N epochs.", ge=1)
+    ckpt_every_n_minutes: float = setting(0.0, "Save a checkpoint every N minutes; 0 with no "
+                                          "save_every_n_epochs means every 20 minutes.", ge=0)
+    save_every_n_epochs: int = setting(0, "Save a checkpoint every N epochs; 0: off.", ge=0)
+    save_full_precision: bool = setting(False, "Also export checkpoints as one .safetensors file.")
+    tracker: Literal["wandb", "none"] = setting("wandb", "Metrics tracker; 'none' turns wandb off.")
+    wandb_mode: Literal["offline", "online", "disabled"] = setting(
+        "offline", "wandb mode; offline needs no account. WANDB_MODE overrides it.")
+    wandb_project: str = setting("", "wandb project; empty: project_name.")
+    run_name: str = setting("", "Run name; empty: an adjective-noun-N name like wandb's.")
+
+    # ---- Kolmogorov score network (sda) -------------------------------------------------------
+    window: int = setting(5, "Consecutive states the score network sees (channels = window x 2).", ge=1)
+    embedding: int = setting(64, "Size of the noise-level embedding.", ge=2)
+    hidden_channels: list[int] = setting([96, 192, 384], "Widths of the U-Net levels.", min_length=1)
+    hidden_blocks: list[int] = setting([3, 3, 3], "Residual blocks per U-Net level.", min_length=1)
+    kernel_size: int = setting(3, "Convolution kernel size (odd).", ge=1)
+    activation: Literal["SiLU", "ReLU", "GELU", "ELU", "Tanh"] = setting("SiLU", "Activation.")
+    simulation: SimulationConfig = setting(
+        SimulationConfig(), "Kolmogorov data generation, used when data_root has no train/valid/test.h5.")
+
+    # ---- TrainTrain: prompts, images, network ----------------------------------------------------
+    original_prompt: str = setting("", "TrainTrain original prompt.", "original prompt")
+    target_prompt: str = setting("", "TrainTrain target prompt (iLECO: empty erases the concept).",
+                                 "target prompt")
+    original_image: str = setting("", "TrainTrain original image.", "original image")
+    target_image: str = setting("", "TrainTrain target image.", "target image")
+    network_type: Literal["lierla", "c3lier", "loha"] = setting("lierla", "LoRA type.", per_pass=True)
+    network_rank: int = setting(16, "LoRA rank.", per_pass=True, ge=1)
+    network_alpha: float = setting(8.0, "LoRA alpha.", per_pass=True, gt=0)
+    network_element: Literal["Full", "CrossAttention", "SelfAttention"] = setting(
+        "Full", "Which UNet layers get LoRA.", per_pass=True)
+    network_conv_rank: int = setting(0, "LoRA rank of 3x3 convolutions (c3lier).", per_pass=True, ge=0)
+    network_conv_alpha: float = setting(0.0, "LoRA alpha of 3x3 convolutions.", per_pass=True, ge=0)
+    network_blocks: list[str] = setting([], "UNet blocks to train (empty: all).", per_pass=True)
+    network_resume: str = setting("", "Start from this LoRA file.")
+    network_strength: float = setting(1.0, "LoRA multiplier while training.", per_pass=True)
+    network_train_text_encoder: bool = setting(False, "Also train the text encoder(s).",
+                                               "train_text_encoder", per_pass=True)
+    lora_trigger_word: str = setting("", "Prepended to every caption.")
+    diff_target_name: str = setting("", "Multi-ADDifT: suffix of target images (a.png -> a<suffix>.png).")
+    lora_precision: Precision = setting("fp32", "Precision of LoRA weights while training.",
+                                        "train_lora_precision")
+    save_lora_name: str = setting("", "Output LoRA file name (no extension); empty: the run name.")
+    save_per_steps: int = setting(0, "Save an intermediate LoRA every N steps; 0: off.", ge=0)
+    save_precision: Precision = setting("fp16", "Precision of saved LoRA files.")
+    save_overwrite: bool = setting(False, "Overwrite an existing LoRA file of the same name.")
+    save_as_json: bool = setting(False, "Also save the settings as JSON beside the LoRA.")
+    logging_save_csv: bool = setting(False, "Also write the metrics as CSV beside the LoRA.")
+    diff_save_1st_pass: bool = setting(False, "Difference: save the copier LoRA of pass 1.")
+    diff_1st_pass_only: bool = setting(False, "Difference: stop after pass 1.")
+    diff_load_1st_pass: str = setting("", "Difference: load pass 1's LoRA from this file instead.")
+    diff_revert_original_target: bool = setting(False, "Difference: swap original and target.")
+    diff_use_diff_mask: bool = setting(False, "Difference: weight the loss by where the images differ.")
+    diff_alt_ratio: float = setting(1.0, "ADDifT: strength of the reverse-direction steps.", per_pass=True)
+    use_2nd_pass_settings: bool = setting(False, "Difference: apply the '2nd pass' section to pass 2.")
+    second_pass: Optional[dict[str, Any]] = setting(
+        None, "Settings for Difference's second pass (same keys as above).", SECOND_PASS_KEY)
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("kernel_size must be odd so that circular padding keeps the grid size")
+        return value
+
+    @field_validator("second_pass")
+    @classmethod
+    def _second_pass_keys(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        if value is None:
+            return None
+        return SecondPass.model_validate(canonical_keys(value, PER_PASS_NAMES, SECOND_PASS_KEY))\
+            .model_dump(exclude_none=True)
+
+    def resolved_prediction_type(self) -> str:
+        """prediction_type with TrainTrain's model_v_pred folded in."""
+        if self.prediction_type == "auto" and self.model_v_pred is not None:
+            return "v_prediction" if self.model_v_pred else "epsilon"
+        return self.prediction_type
+
+    def for_second_pass(self) -> "Config":
+        """This config with the '2nd pass' section applied (when use_2nd_pass_settings is true)."""
+        if not self.use_2nd_pass_settings or not self.second_pass:
+            return self
+        return self.model_copy(update=dict(self.second_pass))
+
+
+# --- derived tables --------------------------------------------------------------------------------
+
+def _extra(name: str) -> dict[str, Any]:
+    extra = Config.model_fields[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(Config.model_fields)
+ALIASES: dict[str, str] = {alias: name for name in FIELD_NAMES for alias in _extra(name)["aliases"]}
+PER_PASS_NAMES: tuple[str, ...] = tuple(name for name in FIELD_NAMES if _extra(name)["per_pass"])
+
+SecondPass = create_model(  # type: ignore[call-overload]
+    "SecondPass",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (Optional[Config.model_fields[name].annotation], None) for name in PER_PASS_NAMES},
+)
+
+# Keys the reference trainers write that carry no meaning here; accepted so presets load unchanged.
+IGNORED_KEYS = frozenset({"mode_specific", "neg_prompt", "original_prompt_weight"})
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def canonical_keys(data: dict[str, Any], names: tuple[str, ...] = FIELD_NAMES, where: str = "config")\
+        -> dict[str, Any]:
+    """Rename aliases to canonical names; unknown or doubled keys are ConfigErrors."""
+    allowed = set(names)
+    known = sorted(allowed | {alias for alias, name in ALIASES.items() if name in allowed})
+    result: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in data.items():
+        if key in IGNORED_KEYS:
+            continue
+        name = key if key in allowed else ALIASES.get(key)
+        if name is None or name not in allowed:
+            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, known)} "
+                              "Every key is listed in configs/schema.json and the README.")
+        if name in result:
+            raise ConfigError(f"{where}: '{key}' and '{given_as[name]}' set the same setting "
+                              f"'{name}'; keep one of them.")
+        result[name] = value
+        given_as[name] = key
+    return result
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+
+
+def _describe_type(annotation: Any) -> str:
+    # list[int] has __name__ 'list'; str() keeps the element type, which is what the user needs.
+    text = str(annotation) if get_args(annotation) else getattr(annotation, "__name__", str(annotation))
+    return text.replace("typing.", "")
+
+
+def validate_config_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a parsed JSON config (canonical names, aliases, or both) into a Config."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a JSON object {{...}}, "
+                          f"not {type(data).__name__}.")
+    canonical = canonical_keys(data, FIELD_NAMES, source)
+    if isinstance(canonical.get("second_pass"), dict):
+        # Checked here too, so that a typo inside "2nd pass" names the file it is in.
+        canonical_keys(canonical["second_pass"], PER_PASS_NAMES, f"{source}: '{SECOND_PASS_KEY}'")
+    try:
+        return Config.model_validate(canonical)
+    except ValidationError as error:
+        raise ConfigError(_explain(error, source)) from None
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    lines = []
+    for problem in error.errors():
+        loc = list(problem["loc"])
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        field = Config.model_fields.get(str(loc[0])) if loc else None
+        expected = f" (expected {_describe_type(field.annotation)})" if field is not None and len(loc) == 1 else ""
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}: key '{key}'{expected}: {message}; got {problem.get('input')!r}.")
+    return "\n".join(lines)
+
+
+def read_json_config(path: Union[str, Path]) -> dict[str, Any]:
+    """Read a JSON file; syntax errors name file, line and column (and the backslash fix)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"'{path}' is a folder, not a JSON config file.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text; save it as UTF-8.") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = ""
+        if "escape" in error.msg:
+            hint = (" A single backslash starts an escape in JSON: write Windows paths with "
+                    "double backslashes (C:\\\\data) or forward slashes (C:/data).")
+        raise ConfigError(f"{path}: line {error.lineno}, column {error.colno}: invalid JSON "
+                          f"({error.msg}).{hint}") from None
+
+
+def load_config(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> Config:
+    """Read and validate a JSON config, then apply already-canonical overrides (e.g. CLI flags)."""
+    data = read_json_config(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object {{...}}.")
+    merged = canonical_keys(data, FIELD_NAMES, str(path))
+    merged.update(overrides or {})
+    return validate_config_dict(merged, str(path))
+
+
+# --- JSON Schema for editors --------------------------------------------------------------------------
+
+def export_json_schema() -> dict[str, Any]:
+    """JSON Schema of a config file: canonical keys plus every alias, each with its help text."""
+    schema = Config.model_json_schema()
+    properties = schema["properties"]
+    for name in FIELD_NAMES:
+        properties[name].pop("aliases", None)
+        properties[name].pop("per_pass", None)
+    for alias, name in ALIASES.items():
+        alias_schema = dict(properties[name])
+        alias_schema["description"] = f"Alias of '{name}'. {properties[name].get('description', '')}"
+        properties[alias] = alias_schema
+    for ignored in sorted(IGNORED_KEYS):
+        properties[ignored] = {"description": "Accepted for TrainTrain compatibility; unused."}
+    properties[SECOND_PASS_KEY]["description"] = Config.model_fields["second_pass"].description
+    properties[SECOND_PASS_KEY].pop("anyOf", None)
+    properties[SECOND_PASS_KEY]["type"] = "object"
+    properties[SECOND_PASS_KEY]["properties"] = {
+        key: properties[key] for key in sorted(set(PER_PASS_NAMES) | {a for a, n in ALIASES.items()
+                                                                       if n in PER_PASS_NAMES})}
+    properties[SECOND_PASS_KEY]["additionalProperties"] = False
+    schema["additionalProperties"] = False
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "difftrain config"
+    return schema
+
+
+if __name__ == "__main__":  # python -m difftrain.config > configs/schema.json
+    print(json.dumps(export_json_schema(), indent=2, ensure_ascii=False))
