@@ -1,0 +1,567 @@
+"""The launcher behind ``train_json_edit.py``: base JSON + overrides -> temp config -> train script.
+
+It owns a handful of options and passes everything else to the train script unchanged and in
+order. It imports nothing heavy (no torch), so it starts at once; the schema (pydantic) is only
+imported when the train script is one of this repo's trainers, to fail bad values before a
+multi-minute model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Optional, Sequence
+
+from difftrain.errors import ConfigError, exit_on_user_error
+from difftrain.overrides import (
+    MISSING,
+    Change,
+    Override,
+    Sweep,
+    apply_overrides,
+    format_value,
+    load_json_file,
+    parse_override,
+    parse_sweep,
+)
+
+PROGRAM = "train_json_edit.py"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TRAIN_SCRIPT = REPO_ROOT / "train_j.py"
+DEFAULT_TEMP_CONFIG_DIR = REPO_ROOT / "temp_configs"
+OUR_TRAINERS = ("train_j.py", "train.py")
+RUN_FOLDER_LINE = re.compile(r"^run folder: (.+?)\s*$")
+
+# How many command-line values each launcher option takes ("+" means one or more). Anything not
+# listed here belongs to the train script.
+_OWNED_OPTIONS: dict[str, Any] = {
+    "-h": 0, "--help": 0,
+    "--override": "+", "--sweep": "+",
+    "--train-script-path": 1, "--temp-config-dir": 1,
+    "--delete-temp-config": 0, "--dry-run": 0,
+    "--jobs": 1, "--runs": 1,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's own options (used for --help and for checking them)."""
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        usage=f"{PROGRAM} json_path [--override KEY:VALUE ...] [launcher options] "
+              "[train script arguments]",
+        description="Run a train script on a base JSON config edited from the command line. "
+                    "The edited config is written to a new file in the temp config folder, and "
+                    "the train script gets its path as first argument, followed by every argument "
+                    "this launcher does not own (--models-dir, --ckpt-dir, --vae-dir, --lora-dir, "
+                    "--te-dir, ...), unchanged and in order. Arguments after '--' always go to "
+                    "the train script.",
+        epilog="Values are typed: 4 -> int, 1e-4 -> float, true/True/false/False -> bool, "
+               "null/None -> null, [1,2] -> list, {\"a\": 1} -> dict, quoted ('\"0001\"') or "
+               "anything else -> string. Keys are dot-paths ('2nd pass.train_learning_rate', "
+               "list.0); '+KEY:VALUE' adds a key that does not exist yet. See docs/launcher.md.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("json_path", help="base JSON config (never modified)")
+    parser.add_argument(
+        "--override", nargs="+", action="extend", default=[], metavar="KEY:VALUE",
+        help="set a key of the config; repeatable, several pairs per flag, the last value for "
+             "a key wins",
+    )
+    parser.add_argument(
+        "--train-script-path", default=None, metavar="PATH",
+        help=f"train script to run (default: train_j.py beside {PROGRAM})",
+    )
+    parser.add_argument(
+        "--temp-config-dir", default=None, metavar="DIR",
+        help=f"where edited configs are written (default: temp_configs beside {PROGRAM})",
+    )
+    parser.add_argument(
+        "--delete-temp-config", action="store_true",
+        help="delete the edited config after the run (also when it fails or is interrupted)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="print the changed keys and the command, write nothing and run nothing",
+    )
+    parser.add_argument(
+        "--sweep", nargs="+", action="extend", default=[], metavar="KEY:[V1,V2,...]",
+        help="run once per value; several sweeps make a grid (every combination)",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=1, metavar="N",
+        help="repeat each configuration N times (independent runs)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="how many runs go at once on this machine (default 1: one after another)",
+    )
+    return parser
+
+
+def split_command_line(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate the launcher's arguments from the train script's, keeping the latter's order.
+
+    argparse's parse_known_args cannot do this reliably: it gives ``json_path`` the value of an
+    unknown option written before it, and it accepts abbreviations of our options that are really
+    the train script's. Here, the first bare argument is the base JSON unless it directly follows
+    an unknown option (then it is that option's value).
+    """
+    ours: list[str] = []
+    theirs: list[str] = []
+    have_json_path = False
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if token == "--":
+            theirs.extend(argv[index:])
+            break
+        name, has_inline_value, _ = token.partition("=") if token.startswith("--") else (
+            token, "", "")
+        if name in _OWNED_OPTIONS:
+            ours.append(token)
+            arity = _OWNED_OPTIONS[name]
+            if has_inline_value or arity == 0:
+                continue
+            if arity == 1:
+                if index < len(argv):
+                    ours.append(argv[index])
+                    index += 1
+                continue
+            while index < len(argv) and not argv[index].startswith("-"):
+                ours.append(argv[index])
+                index += 1
+            continue
+        if token.startswith("-") and token != "-":
+            theirs.append(token)
+            takes_next = (not have_json_path and not has_inline_value and index < len(argv)
+                          and not argv[index].startswith("-"))
+            if takes_next:
+                theirs.append(argv[index])
+                index += 1
+            continue
+        if have_json_path:
+            theirs.append(token)
+        else:
+            ours.append(token)
+            have_json_path = True
+    return ours, theirs
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: every run's config is resolved (and validated) before anything starts
+
+
+@dataclass
+class PlannedRun:
+    """One launch: its config, where it will be written, and what happened to it."""
+
+    number: int
+    settings: dict[str, Any]
+    repeat: int
+    config: dict[str, Any]
+    changes: list[Change]
+    temp_path: Optional[Path] = None
+    exit_code: Optional[int] = None
+    run_folder: Optional[str] = None
+
+    def label(self, repeats: int) -> str:
+        parts = [f"{key}={format_value(value)}" for key, value in self.settings.items()]
+        if repeats > 1:
+            parts.append(f"repeat {self.repeat}/{repeats}")
+        return ", ".join(parts) or "base"
+
+
+@dataclass
+class Plan:
+    """Everything decided before launching."""
+
+    base_path: Path
+    train_script: Path
+    temp_dir: Path
+    passthrough: list[str]
+    runs: list[PlannedRun]
+    repeats: int
+    jobs: int
+    delete_temp_config: bool
+    override_changes: list[Change]
+
+
+def make_plan(options: argparse.Namespace, passthrough: list[str]) -> Plan:
+    """Resolve every run's config; raises ConfigError before anything is written or launched."""
+    if options.runs < 1:
+        raise ConfigError(f"--runs must be at least 1, got {options.runs}")
+    if options.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {options.jobs}")
+    base_path = Path(options.json_path)
+    base = load_json_file(base_path)
+    overrides = [parse_override(text) for text in options.override]
+    sweeps = [parse_sweep(text) for text in options.sweep]
+    _check_sweeps_do_not_clash(overrides, sweeps)
+
+    source = str(base_path)
+    overridden, override_changes = apply_overrides(base, overrides, source)
+    runs: list[PlannedRun] = []
+    combinations = itertools.product(*(sweep.values for sweep in sweeps))
+    for combination in combinations:
+        sweep_overrides = [
+            Override(key=sweep.key, value=value, create=sweep.create, text=sweep.text)
+            for sweep, value in zip(sweeps, combination)
+        ]
+        config, sweep_changes = apply_overrides(overridden, sweep_overrides, source)
+        settings = {sweep.key: value for sweep, value in zip(sweeps, combination)}
+        for repeat in range(1, options.runs + 1):
+            runs.append(PlannedRun(number=len(runs) + 1, settings=settings, repeat=repeat,
+                                   config=config, changes=override_changes + sweep_changes))
+
+    train_script = Path(options.train_script_path or DEFAULT_TRAIN_SCRIPT)
+    if _is_our_trainer(train_script):
+        _validate_with_schema(runs, source, options.runs)
+    if not train_script.is_file():
+        raise ConfigError(
+            f"train script not found: {train_script}. Pass the right one with "
+            "--train-script-path PATH"
+        )
+    temp_dir = Path(options.temp_config_dir or DEFAULT_TEMP_CONFIG_DIR)
+    if temp_dir.exists() and not temp_dir.is_dir():
+        raise ConfigError(f"--temp-config-dir {temp_dir} exists and is not a folder")
+    return Plan(base_path=base_path, train_script=train_script, temp_dir=temp_dir,
+                passthrough=passthrough, runs=runs, repeats=options.runs, jobs=options.jobs,
+                delete_temp_config=options.delete_temp_config,
+                override_changes=override_changes)
+
+
+def _check_sweeps_do_not_clash(overrides: list[Override], sweeps: list[Sweep]) -> None:
+    overridden = {override.key for override in overrides}
+    seen: set[str] = set()
+    for sweep in sweeps:
+        if sweep.key in overridden:
+            raise ConfigError(
+                f"{sweep.key!r} is both swept (--sweep) and overridden (--override); keep one"
+            )
+        if sweep.key in seen:
+            raise ConfigError(f"{sweep.key!r} is swept twice; put all its values in one list")
+        seen.add(sweep.key)
+
+
+def _is_our_trainer(train_script: Path) -> bool:
+    resolved = train_script.resolve()
+    return any(resolved == (REPO_ROOT / name).resolve() for name in OUR_TRAINERS)
+
+
+def _validate_with_schema(runs: list[PlannedRun], source: str, repeats: int) -> None:
+    # Lazy: pydantic is light but not free, and other train scripts have their own schema.
+    from difftrain.config import validate_config_dict
+
+    checked_first_of_each = (run for run in runs if run.repeat == 1)
+    for run in checked_first_of_each:
+        where = f"{source} with the command-line overrides"
+        if run.settings:
+            where += f" ({run.label(repeats)})"
+        validate_config_dict(run.config, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Temp configs
+
+
+def temp_config_path(plan: Plan, run: PlannedRun) -> Path:
+    """A fresh name: base stem, local time, pid and random characters (unique under races)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_part = f"_run{run.number}" if len(plan.runs) > 1 else ""
+    name = f"{plan.base_path.stem}_{stamp}_{os.getpid()}_{secrets.token_hex(3)}{run_part}.json"
+    return Path(os.path.abspath(plan.temp_dir / name))
+
+
+def write_temp_config(plan: Plan, run: PlannedRun) -> Path:
+    """Write the run's config to a new file and return its path; never overwrites a file."""
+    try:
+        plan.temp_dir.mkdir(parents=True, exist_ok=True)
+        return _write_new_file(plan, run)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write the temp config in {plan.temp_dir}: {error.strerror or error}. "
+            "Choose another folder with --temp-config-dir DIR"
+        ) from None
+
+
+def _write_new_file(plan: Plan, run: PlannedRun) -> Path:
+    text = json.dumps(run.config, indent=2, ensure_ascii=False) + "\n"
+    for _ in range(20):
+        path = temp_config_path(plan, run)
+        try:
+            # Exclusive creation reserves the name; the content arrives by an atomic rename, so
+            # a reader never sees half a file.
+            with open(path, "x", encoding="utf-8"):
+                pass
+        except FileExistsError:
+            continue
+        staging = path.with_name(f".{path.name}.partial")
+        try:
+            with open(staging, "w", encoding="utf-8", newline="\n") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, path)
+        except BaseException:
+            _remove_quietly(staging)
+            _remove_quietly(path)
+            raise
+        return path
+    raise ConfigError(f"could not find a free file name in {plan.temp_dir}")
+
+
+def _remove_quietly(path: Optional[Path]) -> None:
+    if path is None:
+        return
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def command_for(plan: Plan, config_path: Path) -> list[str]:
+    """The child's argv: same Python, train script, config path, then the pass-through args."""
+    return [sys.executable, str(plan.train_script), str(config_path), *plan.passthrough]
+
+
+def format_command(command: Sequence[str]) -> str:
+    """A command line the user can paste into their shell."""
+    if os.name == "nt":
+        return subprocess.list2cmdline(list(command))
+    return shlex.join(command)
+
+
+def _exit_status(returncode: int) -> int:
+    # Popen reports death by signal N as -N; shells say 128 + N, which also fits an exit status.
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class _SignalRelay:
+    """While children run: Ctrl-C reaches them directly (same process group), so the launcher
+    only notes it and stops starting new runs; SIGTERM is sent to us alone, so we pass it on.
+
+    A Python handler, not SIG_IGN, because an ignored signal stays ignored in the child after
+    exec and the trainer could then never be interrupted.
+    """
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen] = []
+        self.stop_signal: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalRelay":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        if signum == signal.SIGTERM:
+            for child in self.children:
+                if child.poll() is None:
+                    try:
+                        child.send_signal(signal.SIGTERM)
+                    except OSError:
+                        pass
+
+
+class _OutputPump(threading.Thread):
+    """Copies a child's stdout to ours (with a prefix when runs overlap) and spots its run folder."""
+
+    def __init__(self, run: PlannedRun, stream: IO[bytes], prefix: str, lock: threading.Lock):
+        super().__init__(daemon=True)
+        self.run_record = run
+        self.stream = stream
+        self.prefix = prefix.encode()
+        self.lock = lock
+
+    def run(self) -> None:
+        target = getattr(sys.stdout, "buffer", None)
+        for line in iter(self.stream.readline, b""):
+            decoded = line.decode("utf-8", errors="replace")
+            match = RUN_FOLDER_LINE.match(decoded)
+            if match:
+                self.run_record.run_folder = match.group(1)
+            with self.lock:
+                if target is not None:
+                    target.write(self.prefix + line)
+                    target.flush()
+                else:
+                    sys.stdout.write(self.prefix.decode() + decoded)
+                    sys.stdout.flush()
+        self.stream.close()
+
+
+def execute(plan: Plan) -> int:
+    """Run every planned run (``plan.jobs`` at a time); return the launcher's exit status."""
+    single = len(plan.runs) == 1
+    pending = list(plan.runs)
+    active: list[tuple[PlannedRun, subprocess.Popen, Optional[_OutputPump]]] = []
+    output_lock = threading.Lock()
+    child_env = dict(os.environ)
+    if not single:
+        # Piped stdout is block-buffered in a Python child; lines must arrive as printed.
+        child_env["PYTHONUNBUFFERED"] = "1"
+    with _SignalRelay() as relay:
+        try:
+            while active or (pending and relay.stop_signal is None):
+                while pending and len(active) < plan.jobs and relay.stop_signal is None:
+                    run = pending.pop(0)
+                    active.append(_start(plan, run, single, child_env, relay, output_lock))
+                if single:
+                    run, process, _ = active[0]
+                    run.exit_code = _exit_status(process.wait())
+                    active.clear()
+                    _finish(plan, run)
+                    continue
+                time.sleep(0.05)
+                for entry in list(active):
+                    run, process, pump = entry
+                    if process.poll() is None:
+                        continue
+                    if pump is not None:
+                        pump.join()
+                    run.exit_code = _exit_status(process.returncode)
+                    active.remove(entry)
+                    _finish(plan, run)
+                    if plan.jobs == 1:
+                        print(f"{PROGRAM}: run {run.number}/{len(plan.runs)} ended with exit "
+                              f"code {run.exit_code}", flush=True)
+        finally:
+            # Only reached with children alive if the launcher itself crashed: do not orphan them.
+            for run, process, _ in active:
+                if process.poll() is None:
+                    process.terminate()
+                    process.wait()
+                _finish(plan, run)
+    if not single:
+        print_summary(plan)
+    return _overall_status(plan, relay.stop_signal)
+
+
+def _start(plan: Plan, run: PlannedRun, single: bool, env: dict[str, str], relay: _SignalRelay,
+           output_lock: threading.Lock) -> tuple[PlannedRun, subprocess.Popen,
+                                                  Optional[_OutputPump]]:
+    run.temp_path = write_temp_config(plan, run)
+    command = command_for(plan, run.temp_path)
+    if not single:
+        print(f"{PROGRAM}: run {run.number}/{len(plan.runs)} [{run.label(plan.repeats)}]",
+              flush=True)
+    print(f"{PROGRAM}: config {run.temp_path}", flush=True)
+    print(f"{PROGRAM}: running {format_command(command)}", flush=True)
+    try:
+        process = subprocess.Popen(command, env=env,
+                                   stdout=None if single else subprocess.PIPE)
+    except OSError as error:
+        _finish(plan, run)
+        raise ConfigError(f"cannot start {command[0]}: {error}") from None
+    relay.children.append(process)
+    pump = None
+    if not single:
+        prefix = f"[{run.number}] " if plan.jobs > 1 else ""
+        pump = _OutputPump(run, process.stdout, prefix, output_lock)
+        pump.start()
+    return run, process, pump
+
+
+def _finish(plan: Plan, run: PlannedRun) -> None:
+    if plan.delete_temp_config and run.temp_path is not None:
+        _remove_quietly(run.temp_path)
+
+
+def _overall_status(plan: Plan, stop_signal: Optional[int]) -> int:
+    for run in plan.runs:
+        if run.exit_code:
+            return run.exit_code
+    if stop_signal is not None and any(run.exit_code is None for run in plan.runs):
+        return 128 + stop_signal
+    return 0
+
+
+def print_summary(plan: Plan) -> None:
+    """A table of every run: its settings, exit code, run folder and config file."""
+    header = ("run", "settings", "exit", "run folder", "config")
+    rows = []
+    for run in plan.runs:
+        exit_text = "not run" if run.exit_code is None else str(run.exit_code)
+        config_text = "-" if run.temp_path is None else (
+            f"{run.temp_path} (deleted)" if plan.delete_temp_config else str(run.temp_path))
+        rows.append((str(run.number), run.label(plan.repeats), exit_text,
+                     run.run_folder or "-", config_text))
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [header, *rows]]
+    print(f"\n{PROGRAM}: summary of {len(plan.runs)} runs", flush=False)
+    print("\n".join(lines), flush=True)
+
+
+def print_changes(changes: list[Change]) -> None:
+    """Show old -> new for each key the overrides touched."""
+    if not changes:
+        print(f"{PROGRAM}: no keys changed", flush=True)
+        return
+    print(f"{PROGRAM}: changed keys (old -> new):")
+    for change in changes:
+        note = "" if change.changed else "  (unchanged)"
+        old = "(new key)" if change.old is MISSING else format_value(change.old)
+        print(f"  {change.key}: {old} -> {format_value(change.new)}{note}")
+    sys.stdout.flush()
+
+
+def print_dry_run(plan: Plan) -> None:
+    """What would happen, without writing or running anything."""
+    for run in plan.runs:
+        if len(plan.runs) > 1:
+            print(f"{PROGRAM}: run {run.number}/{len(plan.runs)} [{run.label(plan.repeats)}]")
+        print_changes(run.changes)
+        planned = temp_config_path(plan, run)
+        print(f"{PROGRAM}: would write {planned}")
+        print(f"{PROGRAM}: would run {format_command(command_for(plan, planned))}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, plan, and run; returns the exit status (the train script's, or 2 for a mistake)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    ours, theirs = split_command_line(arguments)
+    options = build_parser().parse_args(ours)
+    with exit_on_user_error(PROGRAM):
+        plan = make_plan(options, theirs)
+        if options.dry_run:
+            print_dry_run(plan)
+            return 0
+        if len(plan.runs) == 1:
+            print_changes(plan.runs[0].changes)
+        else:
+            print_changes(plan.override_changes)
+        return execute(plan)
