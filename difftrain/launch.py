@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Optional, Sequence
 
@@ -213,10 +213,16 @@ def make_plan(options: argparse.Namespace, passthrough: list[str]) -> Plan:
     base = load_json_file(base_path)
     overrides = [parse_override(text) for text in options.override]
     sweeps = [parse_sweep(text) for text in options.sweep]
-    _check_sweeps_do_not_clash(overrides, sweeps)
 
     source = str(base_path)
+    train_script = Path(options.train_script_path or DEFAULT_TRAIN_SCRIPT)
+    ours = _is_our_trainer(train_script)
+    if ours:
+        overrides = _resolve_schema_names(overrides, base)
     overridden, override_changes = apply_overrides(base, overrides, source)
+    if ours:
+        sweeps = _resolve_schema_names(sweeps, overridden)
+    _check_sweeps_do_not_clash(overrides, sweeps)
     runs: list[PlannedRun] = []
     combinations = itertools.product(*(sweep.values for sweep in sweeps))
     for combination in combinations:
@@ -230,8 +236,7 @@ def make_plan(options: argparse.Namespace, passthrough: list[str]) -> Plan:
             runs.append(PlannedRun(number=len(runs) + 1, settings=settings, repeat=repeat,
                                    config=config, changes=override_changes + sweep_changes))
 
-    train_script = Path(options.train_script_path or DEFAULT_TRAIN_SCRIPT)
-    if _is_our_trainer(train_script):
+    if ours:
         _validate_with_schema(runs, source, options.runs)
     if not train_script.is_file():
         raise ConfigError(
@@ -253,11 +258,47 @@ def _check_sweeps_do_not_clash(overrides: list[Override], sweeps: list[Sweep]) -
     for sweep in sweeps:
         if sweep.key in overridden:
             raise ConfigError(
-                f"{sweep.key!r} is both swept (--sweep) and overridden (--override); keep one"
+                f"--sweep {sweep.text!r} sets {sweep.key!r}, which --override also sets; "
+                "keep one of them"
             )
         if sweep.key in seen:
             raise ConfigError(f"{sweep.key!r} is swept twice; put all its values in one list")
         seen.add(sweep.key)
+
+
+def _resolve_schema_names(items: list[Any], base: dict[str, Any]) -> list[Any]:
+    """For our trainers, a key the schema knows need not be in the file to be overridden.
+
+    ``lr:1e-4`` on a TrainTrain preset sets its ``train_learning_rate`` (the same setting under
+    another name, so the config never holds both), and a known setting the preset leaves at its
+    default is added. A missing "2nd pass" object is still an error: creating one would be
+    silently ignored unless use_2nd_pass_settings is on.
+    """
+    from difftrain.config import ALIASES, FIELD_NAMES, PER_PASS_NAMES, SECOND_PASS_KEY
+
+    def canonical(name: str) -> Optional[str]:
+        return name if name in FIELD_NAMES else ALIASES.get(name)
+
+    resolved = []
+    for item in items:
+        head, dot, rest = item.key.partition(".")
+        scope, names, prefix, key = base, FIELD_NAMES, "", head
+        if dot and head == SECOND_PASS_KEY and isinstance(base.get(head), dict) and "." not in rest:
+            scope, names, prefix, key = base[head], PER_PASS_NAMES, f"{head}.", rest
+        elif dot:
+            resolved.append(item)
+            continue
+        setting = canonical(key)
+        if item.create or key in scope or setting is None or setting not in names \
+                or setting == "second_pass":
+            resolved.append(item)
+            continue
+        same_setting = [existing for existing in scope if canonical(existing) == setting]
+        if same_setting:
+            resolved.append(replace(item, key=prefix + same_setting[0]))
+        else:
+            resolved.append(replace(item, create=True))
+    return resolved
 
 
 def _is_our_trainer(train_script: Path) -> bool:

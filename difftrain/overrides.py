@@ -532,7 +532,7 @@ def _syntax_error_message(path: Path, text: str, error: json.JSONDecodeError) ->
     )
     if "escape" in error.msg:
         message += "\n" + _BACKSLASH_HINT
-    elif error.msg.startswith("Expecting property name") and shown.rstrip().endswith(","):
+    elif text[:error.pos].rstrip().endswith(",") and text[error.pos:error.pos + 1] in ("}", "]"):
         message += "\nJSON allows no comma after the last item of an object or list."
     return message
 

@@ -3,6 +3,7 @@
 Behaviour is steered by environment variables so one script covers every case:
   STANDIN_RECORD      append one JSON line {argv, config, config_path, pid, ...} to this file
   STANDIN_EXIT_CODE   exit with this status (default 0)
+  STANDIN_EXIT_CODE_KEY  exit with the status stored under this key of the config (for sweeps)
   STANDIN_RUN_FOLDER  print "run folder: <value>" (the line our trainers print)
   STANDIN_WAIT_FILE   write this file once started, then wait (up to 30 s) for a signal;
                       on SIGINT/SIGTERM record which one arrived and exit 130/143
@@ -34,7 +35,7 @@ def main() -> int:
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
     entry = {"argv": sys.argv[1:], "config_path": config_path, "config": config,
-             "pid": os.getpid(), "started": time.time(),
+             "pid": os.getpid(), "python": sys.executable, "started": time.time(),
              "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
     folder = os.environ.get("STANDIN_RUN_FOLDER")
     if folder:
@@ -60,6 +61,9 @@ def main() -> int:
     time.sleep(float(os.environ.get("STANDIN_SLEEP", "0")))
     entry["ended"] = time.time()
     record(entry)
+    exit_code_key = os.environ.get("STANDIN_EXIT_CODE_KEY")
+    if exit_code_key:
+        return int(config[exit_code_key])
     return int(os.environ.get("STANDIN_EXIT_CODE", "0"))
 
 
