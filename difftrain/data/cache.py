@@ -258,18 +258,19 @@ def fingerprint_module(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-_sha256_memo: dict[tuple[str, int, int], str] = {}
+_sha256_memo: dict[tuple[str, int, int, int], str] = {}
 
 
 def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """sha256 hex of a file's content, read in chunks.
 
-    Remembered per (path, size, modification time) so that looking up a cached latent every
+    Remembered per (path, size, modification and change time) so that looking up a cached latent every
     epoch does not re-read the image.
     """
     real = os.path.realpath(path)
     status = os.stat(real)
-    memo_key = (real, status.st_size, status.st_mtime_ns)
+    # ctime too: it changes on every write and, unlike mtime, cannot be set back by tools.
+    memo_key = (real, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
     known = _sha256_memo.get(memo_key)
     if known is not None:
         return known

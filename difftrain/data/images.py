@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from difftrain.data.buckets import Bucket, mix_seed
 from difftrain.errors import ConfigError
@@ -219,17 +219,21 @@ def _probe_image(path: Path) -> tuple[int, int] | str:
     if size_on_disk == 0:
         return "empty file (0 bytes)"
     try:
+        # verify() must come straight after open, and leaves the image unusable: open twice.
+        with Image.open(path) as image:
+            image.verify()
         with Image.open(path) as image:
             width, height = image.size
             image_format = image.format
             orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-            image.verify()
         if image_format == "JPEG" and not _tail_contains(path, b"\xff\xd9"):
             _decode_fully(path)
         elif image_format == "WEBP" and not _riff_size_matches(path, size_on_disk):
             return "truncated WebP file"
         elif image_format == "BMP":
             _decode_fully(path)
+    except UnidentifiedImageError:
+        return "not an image Pillow can read (unknown or damaged format)"
     # Pillow signals damage with many exception types (OSError, SyntaxError, ValueError,
     # struct.error, DecompressionBombError...); any of them means this file is unusable.
     except Exception as error:  # noqa: BLE001

@@ -1,0 +1,289 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difftrain.data.buckets import BucketBatchSampler, assign_buckets, make_buckets
+from difftrain.data.images import (
+    ImageBucketDataset,
+    ImageItem,
+    collate_image_batch,
+    scan_image_folder,
+)
+from difftrain.errors import ConfigError
+
+
+def save_image(path, size=(64, 48), color=(200, 30, 30), mode="RGB", **save_args):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **save_args)
+    return path
+
+
+def captions_by_name(items):
+    return {item.path.name: item.caption for item in items}
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def test_captions_sidecar_txt_beats_caption_beats_filename(tmp_path):
+    save_image(tmp_path / "a cat_001.png")
+    save_image(tmp_path / "a dog_002.jpg")
+    (tmp_path / "a dog_002.caption").write_text("from caption file", encoding="utf-8")
+    save_image(tmp_path / "bird_3.webp")
+    (tmp_path / "bird_3.caption").write_text("loses", encoding="utf-8")
+    (tmp_path / "bird_3.txt").write_text("  a blue\nbird  \n", encoding="utf-8")
+    items = scan_image_folder(tmp_path)
+    assert captions_by_name(items) == {
+        "a cat_001.png": "a cat",
+        "a dog_002.jpg": "from caption file",
+        "bird_3.webp": "a blue bird",
+    }
+
+
+def test_scan_is_recursive_sorted_and_case_insensitive(tmp_path):
+    save_image(tmp_path / "sub" / "deeper" / "Zebra.PNG")
+    save_image(tmp_path / "apple.JPEG")
+    save_image(tmp_path / "sub" / "pear.bmp")
+    (tmp_path / "notes.txt").write_text("not an image")
+    save_image(tmp_path / ".hidden" / "skip.png")
+    items = scan_image_folder(tmp_path)
+    assert [item.path.relative_to(tmp_path).as_posix() for item in items] == [
+        "apple.JPEG",
+        "sub/deeper/Zebra.PNG",
+        "sub/pear.bmp",
+    ]
+    assert items[0] == ImageItem(path=tmp_path / "apple.JPEG", caption="apple", width=64, height=48)
+
+
+def test_trigger_word_is_prepended_once(tmp_path):
+    save_image(tmp_path / "red car_1.png")
+    save_image(tmp_path / "sks red car_2.png")
+    save_image(tmp_path / "_3.png")  # empty file-name caption
+    captions = captions_by_name(scan_image_folder(tmp_path, trigger_word=" sks "))
+    assert captions == {"red car_1.png": "sks, red car", "sks red car_2.png": "sks red car", "_3.png": "sks"}
+
+
+def test_without_filename_captions_only_sidecars_count(tmp_path):
+    save_image(tmp_path / "a cat_001.png")
+    captions = captions_by_name(scan_image_folder(tmp_path, caption_from_filename=False, trigger_word="tw"))
+    assert captions == {"a cat_001.png": "tw"}
+
+
+def test_caption_bom_and_utf16_are_read(tmp_path):
+    save_image(tmp_path / "x.png")
+    (tmp_path / "x.txt").write_bytes("\ufeffcafé au lait".encode("utf-8"))
+    save_image(tmp_path / "y.png")
+    (tmp_path / "y.txt").write_bytes("猫と犬".encode("utf-16"))
+    assert captions_by_name(scan_image_folder(tmp_path)) == {"x.png": "café au lait", "y.png": "猫と犬"}
+
+
+def test_caption_in_wrong_encoding_is_a_config_error_naming_every_file(tmp_path):
+    save_image(tmp_path / "one.png")
+    (tmp_path / "one.txt").write_bytes("café".encode("latin-1"))
+    save_image(tmp_path / "two.png")
+    (tmp_path / "two.caption").write_bytes("猫".encode("shift_jis"))
+    save_image(tmp_path / "fine.png")
+    with pytest.raises(ConfigError) as excinfo:
+        scan_image_folder(tmp_path)
+    message = str(excinfo.value)
+    assert "one.txt" in message and "two.caption" in message and "fine" not in message
+    assert "UTF-8" in message and "save" in message
+
+
+# ----------------------------------------------------------------------------- broken images
+
+
+def test_damaged_images_are_skipped_with_one_warning_naming_each(tmp_path, caplog):
+    save_image(tmp_path / "good.png")
+    save_image(tmp_path / "good.jpg", size=(300, 200))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("this is not a jpeg")
+    full_png = save_image(tmp_path / "full.png", size=(120, 90), color=(1, 2, 3)).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(full_png[: len(full_png) // 2])
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8))
+    noisy.save(tmp_path / "whole.jpg", quality=90)
+    jpeg = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    with caplog.at_level(logging.WARNING, logger="difftrain.data.images"):
+        items = scan_image_folder(tmp_path)
+    assert sorted(item.path.name for item in items) == ["full.png", "good.jpg", "good.png", "whole.jpg"]
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    for name in ("empty.png", "text.jpg", "truncated.png", "truncated.jpg"):
+        assert name in message
+    assert "good" not in message and "whole" not in message and "full" not in message
+    assert "4 unreadable" in message
+
+
+def test_only_damaged_images_is_a_config_error(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="none of the 1 image"):
+        scan_image_folder(tmp_path)
+
+
+def test_missing_or_empty_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        scan_image_folder(tmp_path / "nope", setting_name="lora_data_directory")
+    assert "lora_data_directory" in str(excinfo.value) and "does not exist" in str(excinfo.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("hi")
+    with pytest.raises(ConfigError, match="contains no images"):
+        scan_image_folder(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="not a folder"):
+        scan_image_folder(tmp_path / "empty" / "readme.txt")
+
+
+def test_single_backslash_json_path_gets_a_hint(tmp_path):
+    with pytest.raises(ConfigError, match="single backslash"):
+        scan_image_folder("x:\new\training")
+
+
+def test_exif_rotation_swaps_the_reported_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    save_image(tmp_path / "phone.jpg", size=(80, 40), exif=exif)
+    (item,) = scan_image_folder(tmp_path)
+    assert (item.width, item.height) == (40, 80)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def make_dataset(tmp_path, **kwargs):
+    items = scan_image_folder(tmp_path)
+    buckets = assign_buckets([(item.width, item.height) for item in items], make_buckets(256))
+    return ImageBucketDataset(items, buckets, seed=kwargs.pop("seed", 0), **kwargs)
+
+
+def test_dataset_resizes_to_cover_center_crops_and_normalises(tmp_path):
+    # Left half black, right half white, wide image -> wide bucket.
+    pixels = np.zeros((100, 400, 3), dtype=np.uint8)
+    pixels[:, 200:] = 255
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    dataset = make_dataset(tmp_path)
+    assert dataset.buckets[0] == (512, 128)
+    sample = dataset[0]
+    image = sample["pixel_values"]
+    assert image.shape == (3, 128, 512) and image.dtype == torch.float32
+    assert image.min() >= -1 and image.max() <= 1
+    assert torch.allclose(image[:, :, :240], torch.tensor(-1.0))
+    assert torch.allclose(image[:, :, 272:], torch.tensor(1.0))
+    assert sample["caption"] == "wide" and sample["index"] == 0 and sample["flipped"] is False
+    flipped = dataset.load_pixels(0, flip=True)
+    assert torch.equal(flipped, image.flip(-1))
+
+
+def test_random_crop_moves_the_window(tmp_path):
+    gradient = np.tile(np.arange(256, dtype=np.uint8), (64, 1))
+    Image.fromarray(np.stack([gradient] * 3, axis=-1)).save(tmp_path / "g.png")
+    items = scan_image_folder(tmp_path)
+    dataset = ImageBucketDataset(items, [(128, 128)], seed=0)
+    left = dataset.load_pixels(0, crop_position=(0.0, 0.5))
+    right = dataset.load_pixels(0, crop_position=(1.0, 0.5))
+    assert left.mean() < -0.4 and right.mean() > 0.4
+    random_crops = ImageBucketDataset(items, [(128, 128)], seed=0, random_crop=True)
+    positions = {random_crops.augmentation(0, epoch).crop_position for epoch in range(5)}
+    assert len(positions) == 5
+
+
+def test_transparency_becomes_white_and_grey_becomes_rgb(tmp_path):
+    save_image(tmp_path / "clear.png", size=(64, 64), color=(0, 0, 0, 0), mode="RGBA")
+    save_image(tmp_path / "grey.png", size=(64, 64), color=0, mode="L")
+    dataset = make_dataset(tmp_path)
+    clear = dataset.load_pixels(0)
+    grey = dataset.load_pixels(1)
+    assert clear.shape == grey.shape == (3, 256, 256)
+    assert torch.allclose(clear, torch.tensor(1.0)) and torch.allclose(grey, torch.tensor(-1.0))
+
+
+def test_exif_rotation_is_applied_when_loading(tmp_path):
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[:, :40] = 255  # left half white before rotation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif)
+    dataset = make_dataset(tmp_path)
+    image = dataset[0]["pixel_values"]
+    assert image.shape[1] > image.shape[2]  # portrait after rotation
+    # Rotating 90 degrees clockwise puts the original left half on top.
+    assert image[:, : image.shape[1] // 2 - 8].mean() > 0.9 and image[:, image.shape[1] // 2 + 8 :].mean() < -0.9
+
+
+def test_large_jpeg_decodes_with_draft_and_still_covers_the_bucket(tmp_path):
+    save_image(tmp_path / "big.jpg", size=(2048, 1536), color=(10, 200, 10), quality=80)
+    dataset = make_dataset(tmp_path)
+    image = dataset[0]["pixel_values"]
+    assert image.shape == (3, 192, 320)
+    assert image[1].mean() > 0.5
+
+
+def test_augmentation_is_reproducible_and_follows_probabilities(tmp_path):
+    for index in range(4):
+        save_image(tmp_path / f"img{index}.png", color=(index * 40, 0, 0))
+    dataset = make_dataset(tmp_path, seed=11, flip_p=0.5, caption_dropout=0.3)
+    again = make_dataset(tmp_path, seed=11, flip_p=0.5, caption_dropout=0.3)
+    other_seed = make_dataset(tmp_path, seed=12, flip_p=0.5, caption_dropout=0.3)
+    draws = [dataset.augmentation(i, epoch) for epoch in range(250) for i in range(4)]
+    assert draws == [again.augmentation(i, epoch) for epoch in range(250) for i in range(4)]
+    assert draws != [other_seed.augmentation(i, epoch) for epoch in range(250) for i in range(4)]
+    flip_rate = sum(d.flip for d in draws) / len(draws)
+    drop_rate = sum(d.drop_caption for d in draws) / len(draws)
+    assert 0.44 < flip_rate < 0.56 and 0.25 < drop_rate < 0.35
+    dataset.set_epoch(3)
+    sample = dataset[2]
+    choice = dataset.augmentation(2, 3)
+    assert sample["flipped"] == choice.flip
+    assert sample["caption"] == ("" if choice.drop_caption else "img2")
+    never = make_dataset(tmp_path, seed=11)
+    assert not any(never.augmentation(i, e).flip or never.augmentation(i, e).drop_caption for e in range(50) for i in range(4))
+
+
+def test_dataloader_with_bucket_sampler_and_workers_matches_main_process(tmp_path):
+    for index, size in enumerate([(64, 64), (60, 64), (128, 40), (120, 44), (64, 62)]):
+        save_image(tmp_path / f"im{index}.png", size=size, color=(index * 50, 10, 10))
+    dataset = make_dataset(tmp_path, seed=5, flip_p=0.5, caption_dropout=0.5)
+    dataset.set_epoch(2)
+    sampler = BucketBatchSampler(dataset.buckets, 2, seed=5)
+    sampler.set_epoch(2)
+
+    def load(num_workers):
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate_image_batch, num_workers=num_workers
+        )
+        return list(loader)
+
+    in_process, with_workers = load(0), load(2)
+    assert len(in_process) == len(with_workers) == 3
+    for one, two in zip(in_process, with_workers):
+        assert torch.equal(one["pixel_values"], two["pixel_values"])
+        assert one["captions"] == two["captions"] and torch.equal(one["flipped"], two["flipped"])
+        assert one["pixel_values"].shape[0] == len(one["captions"]) == one["indices"].shape[0]
+
+
+def test_collate_refuses_mixed_shapes():
+    samples = [
+        {"pixel_values": torch.zeros(3, 64, 64), "caption": "", "index": 0, "flipped": False},
+        {"pixel_values": torch.zeros(3, 64, 128), "caption": "", "index": 1, "flipped": False},
+    ]
+    with pytest.raises(ValueError, match="BucketBatchSampler"):
+        collate_image_batch(samples)
+
+
+def test_image_removed_after_scan_is_a_config_error_naming_it(tmp_path):
+    path = save_image(tmp_path / "gone.png")
+    dataset = make_dataset(tmp_path)
+    path.unlink()
+    with pytest.raises(ConfigError, match="gone.png"):
+        dataset[0]
+
+
+def test_probabilities_outside_0_1_are_config_errors(tmp_path):
+    save_image(tmp_path / "a.png")
+    with pytest.raises(ConfigError, match="flip_p"):
+        make_dataset(tmp_path, flip_p=1.5)
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        make_dataset(tmp_path, caption_dropout=-0.1)
