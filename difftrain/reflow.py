@@ -1,0 +1,366 @@
+"""Reflow: straighten a rectified flow by retraining on its own (noise, endpoint) couplings.
+
+Each reflow stage simulates the current model from fresh noise to its endpoints, stores the
+pairs on disk, and trains on them with the same flow loss as stage 0
+(``RectifiedFlowObjective.flow_loss(model, x0=endpoint, noise=noise, flow_time)``). Time
+convention as in ``difftrain.objectives``: s = 1 noise, s = 0 data, velocity = noise - data.
+
+Pair shards are safetensors files written atomically (temp file + rename) with a JSON manifest,
+so an interrupted generation resumes without recomputing finished shards.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from difftrain.errors import ConfigError
+from difftrain.sampling import Cond, euler_flow_path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "difftrain.reflow_pairs"
+MANIFEST_VERSION = 1
+_COND_PREFIX = "cond/"
+
+
+def _shard_name(index: int) -> str:
+    return f"pairs-{index:05d}.safetensors"
+
+
+def _flatten_cond(cond: Mapping[str, Any], prefix: str = _COND_PREFIX) -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in cond.items():
+        if "/" in key:
+            raise ValueError(f"condition key {key!r} may not contain '/' (used as the nesting separator)")
+        if isinstance(value, Mapping):
+            flat.update(_flatten_cond(value, f"{prefix}{key}/"))
+        elif isinstance(value, torch.Tensor):
+            flat[f"{prefix}{key}"] = value
+        else:
+            raise ValueError(f"condition {prefix}{key} is a {type(value).__name__}; only tensors can be stored")
+    return flat
+
+
+def _unflatten_cond(flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key[len(_COND_PREFIX) :].split("/")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
+
+
+def _write_json_atomically(path: Path, payload: Mapping[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _shard_matches(path: Path, noise: torch.Tensor) -> bool:
+    """True when ``path`` is a finished shard simulated from exactly this ``noise``.
+
+    Comparing the stored noise (not just the row count) catches a resume whose noise stream
+    changed, e.g. another seed, whose old endpoints would no longer pair with the new noise.
+    """
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as shard:
+            if "x0" not in shard.keys():
+                return False
+            stored = shard.get_tensor("noise")
+    except Exception:  # noqa: BLE001 - an unreadable shard is simply regenerated
+        return False
+    expected = noise.detach().to("cpu", stored.dtype)
+    return stored.shape == expected.shape and torch.equal(stored, expected)
+
+
+@dataclass(frozen=True)
+class ReflowGeneration:
+    """What ``generate_reflow_pairs`` did: shards generated now, shards kept, pairs in total."""
+
+    generated_shards: int
+    skipped_shards: int
+    num_pairs: int
+    manifest_path: Path
+
+
+def generate_reflow_pairs(
+    velocity_fn: Callable[..., torch.Tensor],
+    noise_batches: Iterable[torch.Tensor],
+    steps: int,
+    cond_batches: Iterable[Cond | None] | None,
+    out_dir: str | os.PathLike[str],
+    *,
+    cfg_scale: float = 1.0,
+    uncond_batches: Iterable[Cond] | None = None,
+    storage_dtype: torch.dtype | None = None,
+) -> ReflowGeneration:
+    """Simulate ``velocity_fn`` from each noise batch and store (noise, endpoint, cond) shards.
+
+    Args:
+        velocity_fn: ``velocity_fn(z, flow_time, **cond)`` (see ``RectifiedFlowObjective.velocity_fn``).
+        noise_batches: iterable of noise tensors (B, ...); shard i comes from the i-th batch.
+            Make it deterministic (seeded) so a resumed generation pairs shards with the same noise.
+        steps: Euler steps per simulation (``ReflowSchedule.simulation_steps``).
+        cond_batches: iterable of keyword inputs per batch (nested dicts of tensors with
+            batch dim B), or None for an unconditional model.
+        out_dir: folder for ``pairs-NNNNN.safetensors`` and ``manifest.json``.
+        cfg_scale, uncond_batches: classifier-free guidance during simulation.
+        storage_dtype: dtype of the stored tensors (default: as produced).
+
+    A readable shard on disk that was made from the same noise is kept and its batch is not
+    simulated (any other file of that name is replaced); a manifest written with other ``steps`` or ``cfg_scale`` is refused (its pairs would come
+    from a different flow). Only the main process should call this. Returns a ReflowGeneration.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST_NAME
+    settings = {"sample_steps": int(steps), "cfg_scale": float(cfg_scale)}
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+        recorded = {key: previous.get(key) for key in settings}
+        if recorded != settings:
+            raise ConfigError(
+                f"{out} holds reflow pairs made with {recorded}, not {settings}; delete that "
+                "folder or point the run at a fresh one to regenerate the pairs."
+            )
+
+    cond_iter = iter(cond_batches) if cond_batches is not None else None
+    uncond_iter = iter(uncond_batches) if uncond_batches is not None else None
+    shards: list[dict[str, Any]] = []
+    generated = skipped = 0
+    for index, noise in enumerate(noise_batches):
+        cond = dict(next(cond_iter) or {}) if cond_iter is not None else {}
+        uncond = next(uncond_iter) if uncond_iter is not None else None
+        shard_path = out / _shard_name(index)
+        if _shard_matches(shard_path, noise):
+            skipped += 1
+        else:
+            states, _ = euler_flow_path(velocity_fn, noise, steps, cfg_scale=cfg_scale, cond=cond, uncond=uncond)
+            tensors = {"noise": noise, "x0": states[-1], **_flatten_cond(cond)}
+            tensors = {
+                key: value.detach().to("cpu", storage_dtype or value.dtype).contiguous()
+                for key, value in tensors.items()
+            }
+            temporary = shard_path.with_name(f".{shard_path.name}.tmp-{os.getpid()}")
+            save_file(tensors, str(temporary), metadata={"format": MANIFEST_FORMAT, "index": str(index), **{
+                key: str(value) for key, value in settings.items()
+            }})
+            os.replace(temporary, shard_path)
+            generated += 1
+        shards.append({"file": shard_path.name, "num_pairs": int(noise.shape[0])})
+        _write_json_atomically(
+            manifest_path,
+            {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **settings, "complete": False, "shards": shards},
+        )
+    _write_json_atomically(
+        manifest_path,
+        {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **settings, "complete": True, "shards": shards},
+    )
+    return ReflowGeneration(generated, skipped, sum(shard["num_pairs"] for shard in shards), manifest_path)
+
+
+class ReflowPairDataset(torch.utils.data.Dataset):
+    """Pairs written by ``generate_reflow_pairs``: item i is
+    ``{"x0": endpoint (...), "noise": noise (...), "cond": nested dict of tensors}``.
+
+    Rows are read lazily from the memory-mapped shards, so the set need not fit in memory.
+    An unfinished generation is refused unless ``require_complete=False``.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, require_complete: bool = True) -> None:
+        self.root = Path(out_dir)
+        manifest_path = self.root / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise ConfigError(
+                f"no reflow pairs in {self.root} ({MANIFEST_NAME} is missing); generate them "
+                "with generate_reflow_pairs first."
+            )
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ConfigError(f"{manifest_path} is not a reflow-pair manifest (format {manifest.get('format')!r}).")
+        if require_complete and not manifest.get("complete"):
+            raise ConfigError(
+                f"reflow pair generation in {self.root} was interrupted; resume it (finished "
+                "shards are kept) before training on the pairs."
+            )
+        self.sample_steps = int(manifest["sample_steps"])
+        self.shard_paths = [self.root / shard["file"] for shard in manifest["shards"]]
+        self._row_starts: list[int] = []
+        total = 0
+        for shard in manifest["shards"]:
+            self._row_starts.append(total)
+            total += int(shard["num_pairs"])
+        self._length = total
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -self._length <= index < self._length:
+            raise IndexError(f"pair {index} out of range for {self._length} pairs")
+        index %= self._length
+        shard_index = bisect.bisect_right(self._row_starts, index) - 1
+        row = index - self._row_starts[shard_index]
+        with safe_open(str(self.shard_paths[shard_index]), framework="pt") as shard:
+            values = {key: shard.get_slice(key)[row : row + 1][0] for key in shard.keys()}
+        cond = _unflatten_cond({key: value for key, value in values.items() if key.startswith(_COND_PREFIX)})
+        return {"x0": values["x0"], "noise": values["noise"], "cond": cond}
+
+
+@torch.no_grad()
+def straightness(
+    velocity_fn: Callable[..., torch.Tensor],
+    z_noise: torch.Tensor,
+    steps: int,
+    *,
+    cfg_scale: float = 1.0,
+    cond: Cond | None = None,
+    uncond: Cond | None = None,
+) -> float:
+    """Straightness S of the simulated flow from ``z_noise`` (B, ...); 0 means perfectly straight.
+
+    S = mean over the ``steps`` Euler evaluations of E||(z_noise - x_final) - v(z_s, s)||^2,
+    where z_noise - x_final is the straight displacement per unit flow time (the path runs
+    from the noise at s = 1 to x_final at s = 0) and ||.||^2 is averaged over elements, so
+    values compare across resolutions (Liu et al. 2022 use the sum).
+    """
+    states, velocities = euler_flow_path(velocity_fn, z_noise, steps, cfg_scale=cfg_scale, cond=cond, uncond=uncond)
+    straight = (states[0] - states[-1]).float()
+    return float(((velocities.float() - straight) ** 2).mean())
+
+
+@torch.no_grad()
+def one_step_vs_n_step_distance(
+    velocity_fn: Callable[..., torch.Tensor],
+    z_noise: torch.Tensor,
+    steps: int,
+    *,
+    cfg_scale: float = 1.0,
+    cond: Cond | None = None,
+    uncond: Cond | None = None,
+) -> float:
+    """Mean squared distance (over batch and elements) between the 1-step and the ``steps``-step
+    Euler samples from the same ``z_noise`` (B, ...): how much reflow has bought one-step sampling."""
+    guided = dict(cfg_scale=cfg_scale, cond=cond, uncond=uncond)
+    one_step = euler_flow_path(velocity_fn, z_noise, 1, **guided)[0][-1]
+    many_steps = euler_flow_path(velocity_fn, z_noise, steps, **guided)[0][-1]
+    return float(((one_step.float() - many_steps.float()) ** 2).mean())
+
+
+@dataclass(frozen=True)
+class StagePosition:
+    """Where a global epoch falls: stage 0 is the initial flow training, 1.. are reflow stages."""
+
+    stage: int
+    epoch_in_stage: int
+    stage_start_epoch: int
+    stage_epochs: int
+
+    @property
+    def is_reflow(self) -> bool:
+        return self.stage > 0
+
+    @property
+    def needs_new_pairs(self) -> bool:
+        """True on a reflow stage's first epoch: its pairs must exist before training on them."""
+        return self.is_reflow and self.epoch_in_stage == 0
+
+
+@dataclass(frozen=True)
+class ReflowSchedule:
+    """Epoch arithmetic of rectified-flow training with ``reflow_steps`` reflow stages.
+
+    Stage 0 trains ``max_epochs`` epochs on data; each of stages 1..reflow_steps trains
+    ``reflow_train_epochs`` epochs on ``samples_per_iteration`` freshly generated pairs.
+    Field names follow the train.py flags.
+    """
+
+    max_epochs: int
+    reflow_steps: int = 0
+    reflow_train_epochs: int = 1
+    reflow_sample_steps: int = 0
+    sample_steps: int = 0
+    reflow_gen_batches: int = 1
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "reflow_steps", "reflow_sample_steps", "sample_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"--{name} is {getattr(self, name)}; it must be 0 or more.")
+        for name in ("reflow_gen_batches", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name} is {getattr(self, name)}; it must be at least 1.")
+        if self.reflow_steps > 0 and self.reflow_train_epochs < 1:
+            raise ConfigError(
+                f"--reflow_train_epochs is {self.reflow_train_epochs}; each of the "
+                f"{self.reflow_steps} reflow steps needs at least 1 epoch (or set --reflow_steps 0)."
+            )
+
+    @property
+    def simulation_steps(self) -> int:
+        """Euler steps per pair: reflow_sample_steps, else sample_steps, else 50."""
+        return self.reflow_sample_steps or self.sample_steps or 50
+
+    @property
+    def samples_per_iteration(self) -> int:
+        """Pairs generated per reflow stage: reflow_gen_batches * batch_size."""
+        return self.reflow_gen_batches * self.batch_size
+
+    @property
+    def num_stages(self) -> int:
+        return 1 + self.reflow_steps
+
+    @property
+    def total_epochs(self) -> int:
+        return self.max_epochs + self.reflow_steps * self.reflow_train_epochs
+
+    def stage_epochs(self, stage: int) -> int:
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"stage {stage} outside 0..{self.num_stages - 1}")
+        return self.max_epochs if stage == 0 else self.reflow_train_epochs
+
+    def stage_start_epoch(self, stage: int) -> int:
+        """Global epoch at which ``stage`` begins."""
+        self.stage_epochs(stage)
+        return 0 if stage == 0 else self.max_epochs + (stage - 1) * self.reflow_train_epochs
+
+    def position(self, global_epoch: int) -> StagePosition:
+        """Stage and epoch-within-stage of a 0-based ``global_epoch`` < total_epochs (for resume)."""
+        if not 0 <= global_epoch < self.total_epochs:
+            raise ValueError(f"epoch {global_epoch} outside the schedule's 0..{self.total_epochs - 1}")
+        if global_epoch < self.max_epochs:
+            stage = 0
+        else:
+            stage = 1 + (global_epoch - self.max_epochs) // self.reflow_train_epochs
+        start = self.stage_start_epoch(stage)
+        return StagePosition(stage, global_epoch - start, start, self.stage_epochs(stage))
+
+    @staticmethod
+    def pairs_dir(root: str | os.PathLike[str], stage: int) -> Path:
+        """Folder holding the generated pairs of reflow ``stage`` (>= 1) under ``root``."""
+        if stage < 1:
+            raise ValueError("stage 0 trains on data and has no generated pairs")
+        return Path(root) / f"reflow_stage_{stage:02d}"
+
+
+__all__ = [
+    "ReflowGeneration",
+    "ReflowPairDataset",
+    "ReflowSchedule",
+    "StagePosition",
+    "generate_reflow_pairs",
+    "one_step_vs_n_step_distance",
+    "straightness",
+]
