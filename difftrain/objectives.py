@@ -178,8 +178,9 @@ class DiffusionObjective:
         self._elementwise_loss = elementwise_loss(loss_function)
 
     def _schedule(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # float32 coefficients: float64 ones would promote whole latent batches to float64.
         abar = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
-        return abar.sqrt(), (1.0 - abar).sqrt()
+        return abar.sqrt().float(), (1.0 - abar).sqrt().float()
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio abar / (1 - abar) at integer ``timesteps`` (B,), float64."""
@@ -498,6 +499,23 @@ class RectifiedFlowObjective:
         return self.flow_loss(model, x0, noise, flow_time, **cond)
 
 
+def pretrained_flow_objective(
+    prediction_type: str, alphas_cumprod: torch.Tensor, **flow_settings: Any
+) -> RectifiedFlowObjective:
+    """Rectified-flow objective for fine-tuning a pretrained DDPM network through the v bridge.
+
+    ``prediction_type`` is the base model's; only 'v_prediction' can be bridged, because an
+    epsilon model's output does not determine the flow velocity near pure noise. Raises
+    ConfigError otherwise. ``flow_settings`` are RectifiedFlowObjective's keyword arguments.
+    """
+    if prediction_type != "v_prediction":
+        raise ConfigError(
+            f"--rectified_flow needs a v-prediction base model, but the model is {prediction_type!r}; "
+            "start from a v-prediction checkpoint (e.g. SD 2.x 768-v) or turn rectified_flow off."
+        )
+    return RectifiedFlowObjective(v_bridge=VPredictionFlowBridge(alphas_cumprod), **flow_settings)
+
+
 def fixed_validation_noise(
     objective: DiffusionObjective | RectifiedFlowObjective,
     shape: tuple[int, ...],
@@ -506,3 +524,17 @@ def fixed_validation_noise(
 ) -> dict[str, torch.Tensor]:
     """Seeded validation draws for either objective; see ``fixed_validation_draws``."""
     return objective.fixed_validation_draws(tuple(shape), seed, device)
+
+
+__all__ = [
+    "DiffusionObjective",
+    "RectifiedFlowObjective",
+    "VPredictionFlowBridge",
+    "broadcast_to_sample",
+    "elementwise_loss",
+    "fixed_validation_noise",
+    "pretrained_flow_objective",
+    "rand",
+    "randn",
+    "rescale_zero_terminal_snr",
+]

@@ -13,6 +13,7 @@ from difftrain.objectives import (
     VPredictionFlowBridge,
     elementwise_loss,
     fixed_validation_noise,
+    pretrained_flow_objective,
     randn,
     rescale_zero_terminal_snr,
 )
@@ -342,3 +343,11 @@ def test_bridge_feeds_the_network_x_t_at_the_matching_timestep():
     alpha, sigma = table[400].sqrt().item(), (1 - table[400]).sqrt().item()
     assert fed_timestep.item() == pytest.approx(400.0, abs=1e-3)
     assert torch.allclose(x_t, z * (alpha + sigma), atol=1e-5)
+
+
+def test_pretrained_flow_objective_requires_a_v_prediction_base():
+    with pytest.raises(ConfigError, match="v-prediction base"):
+        pretrained_flow_objective("epsilon", sd_schedule())
+    objective = pretrained_flow_objective("v_prediction", sd_schedule(), time_sampling="logit_normal")
+    assert objective.v_bridge is not None and objective.time_sampling == "logit_normal"
+    assert objective.flow_time_to_timestep(torch.tensor([1.0])).item() == 999.0
