@@ -340,13 +340,13 @@ def test_concurrent_launches_get_distinct_configs(configs, record, tmp_path):
 # --- signals ------------------------------------------------------------------------------------
 
 
-def _start_waiting_launch(configs, record, tmp_path):
+def _start_waiting_launch(configs, record, tmp_path, *extra):
     wait_file = tmp_path / "started"
     env = {**os.environ, "STANDIN_RECORD": str(record), "STANDIN_WAIT_FILE": str(wait_file)}
     process = subprocess.Popen(
         [sys.executable, str(LAUNCHER), str(configs / "base_settings.json"),
          "--train-script-path", STANDIN, "--temp-config-dir", str(tmp_path / "temp"),
-         "--delete-temp-config"],
+         "--delete-temp-config", *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True)  # its own process group, like a shell job
     deadline = time.time() + 30
@@ -380,6 +380,18 @@ def test_sigterm_to_the_launcher_is_forwarded(configs, record, tmp_path):
     assert received["signal"] == "SIGTERM"
     assert process.returncode == 143
     assert list((tmp_path / "temp").iterdir()) == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_ctrl_c_during_a_sweep_starts_no_further_runs(configs, record, tmp_path):
+    process = _start_waiting_launch(configs, record, tmp_path,
+                                    "--sweep", "train_batch_size:[1,2,3]")
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, _ = process.communicate(timeout=30)
+    assert [r["config"]["train_batch_size"] for r in records(record)] == [1]
+    assert process.returncode == 130
+    summary = stdout.decode().split("summary of 3 runs")[1]
+    assert summary.count("not run") == 2
 
 
 # --- sweeps and repeats -------------------------------------------------------------------------
