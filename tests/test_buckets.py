@@ -40,7 +40,11 @@ def test_bucket_areas_tighten_with_resolution():
         assert abs(width * height / 1024**2 - 1) < 0.06
 
 
-@pytest.mark.parametrize("bad", [500, 128, 1600, "512", 512.0])
+def test_resolution_given_as_text_is_accepted():
+    assert make_buckets("512") == make_buckets(512) == make_buckets(512.0)
+
+
+@pytest.mark.parametrize("bad", [500, 128, 1600, "big", 512.5, True, None])
 def test_resolution_outside_classes_is_a_config_error_listing_valid_ones(bad):
     with pytest.raises(ConfigError) as excinfo:
         make_buckets(bad)
@@ -77,7 +81,13 @@ def test_traintrain_buckets():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(size=512, step=100), dict(size=512, step=0), dict(size=512, max_ratio=0.5), dict(size="big"), dict(size=513)],
+    [
+        dict(size=512, step=100),
+        dict(size=512, step=0),
+        dict(size=512, max_ratio=0.5),
+        dict(size="big"),
+        dict(size=513),
+    ],
 )
 def test_traintrain_bucket_mistakes_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
@@ -147,6 +157,15 @@ def test_sampler_exact_resume_mid_epoch():
     assert produced == expected
 
 
+def test_sampler_resume_at_the_end_of_an_epoch_goes_on_with_the_next():
+    sampler = BucketBatchSampler(BUCKETS_OF_ITEMS, 2, seed=3)
+    _epoch(sampler, 0)
+    resumed = BucketBatchSampler(BUCKETS_OF_ITEMS, 2, seed=3)
+    resumed.load_state_dict(sampler.state_dict(batches_consumed=sampler.batches_per_epoch))
+    assert _epoch(resumed, 0) == []
+    assert _epoch(resumed, 1) == sampler.epoch_batches(1)
+
+
 def test_sampler_resume_position_can_come_from_the_training_loop():
     sampler = BucketBatchSampler(BUCKETS_OF_ITEMS, 2, seed=3)
     sampler.set_epoch(2)
@@ -190,7 +209,8 @@ def test_two_replicas_cover_disjoint_batches_of_the_single_process_order():
 
 def test_sampler_feeds_a_dataloader():
     dataset = torch.arange(len(BUCKETS_OF_ITEMS))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=BucketBatchSampler(BUCKETS_OF_ITEMS, 3, seed=0))
+    sampler = BucketBatchSampler(BUCKETS_OF_ITEMS, 3, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
     batches = list(loader)
     assert sum(len(batch) for batch in batches) == len(BUCKETS_OF_ITEMS)
 

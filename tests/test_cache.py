@@ -194,7 +194,9 @@ def test_flip_survives_caching(tmp_path):
     indices = [0, 1, 2, 3]
     seen_flips = set()
     for epoch in range(6):
-        latents = encode_images_cached(cache, dataset, indices, model_fingerprint="fp", encode=encoder, epoch=epoch)
+        latents = encode_images_cached(
+            cache, dataset, indices, model_fingerprint="fp", encode=encoder, epoch=epoch
+        )
         assert latents["mean"].shape == (4, 3, 8, 8) and set(latents) == {"mean", "std"}
         for row, index in enumerate(indices):
             flip = dataset.augmentation(index, epoch).flip

@@ -210,7 +210,8 @@ def test_exif_rotation_is_applied_when_loading(tmp_path):
     image = dataset[0]["pixel_values"]
     assert image.shape[1] > image.shape[2]  # portrait after rotation
     # Rotating 90 degrees clockwise puts the original left half on top.
-    assert image[:, : image.shape[1] // 2 - 8].mean() > 0.9 and image[:, image.shape[1] // 2 + 8 :].mean() < -0.9
+    middle = image.shape[1] // 2
+    assert image[:, : middle - 8].mean() > 0.9 and image[:, middle + 8 :].mean() < -0.9
 
 
 def test_large_jpeg_decodes_with_draft_and_still_covers_the_bucket(tmp_path):
@@ -239,7 +240,8 @@ def test_augmentation_is_reproducible_and_follows_probabilities(tmp_path):
     assert sample["flipped"] == choice.flip
     assert sample["caption"] == ("" if choice.drop_caption else "img2")
     never = make_dataset(tmp_path, seed=11)
-    assert not any(never.augmentation(i, e).flip or never.augmentation(i, e).drop_caption for e in range(50) for i in range(4))
+    never_draws = [never.augmentation(i, epoch) for epoch in range(50) for i in range(4)]
+    assert not any(draw.flip or draw.drop_caption for draw in never_draws)
 
 
 def test_dataloader_with_bucket_sampler_and_workers_matches_main_process(tmp_path):

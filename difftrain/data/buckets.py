@@ -48,11 +48,15 @@ def make_buckets(resolution: int) -> list[Bucket]:
         12.5% at R=256, 6% from R=1024 up), and
         every ratio lies within 1:4 .. 4:1. The square (R, R) is always present.
     """
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution not in RESOLUTION_CLASSES:
-        valid = ", ".join(str(r) for r in RESOLUTION_CLASSES)
+    valid = ", ".join(str(r) for r in RESOLUTION_CLASSES)
+    requested = resolution
+    try:
+        resolution = _positive_int("resolution", resolution)
+    except ConfigError:
+        resolution = 0
+    if resolution not in RESOLUTION_CLASSES:
         raise ConfigError(
-            f"resolution {resolution!r} is not a resolution class; "
-            f"set resolution to one of: {valid}"
+            f"resolution {requested!r} is not a resolution class; set resolution to one of: {valid}"
         )
     target_area = resolution * resolution
     landscape: set[Bucket] = set()
@@ -319,13 +323,16 @@ def _round_up_to_multiple(value: int, multiple: int) -> int:
 
 
 def _positive_int(name: str, value: Any) -> int:
+    """``value`` as a positive int; presets store numbers as strings ("256", "256.0")."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
     try:
-        number = int(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} {value!r} is not a whole number") from None
-    if number != float(value) or number <= 0:
+    if not number.is_integer() or number <= 0:
         raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
-    return number
+    return int(number)
 
 
 def _parse_size(size: int | str | Sequence[int]) -> Bucket:
@@ -342,5 +349,7 @@ def _parse_size(size: int | str | Sequence[int]) -> Bucket:
         raise ConfigError(f"image_size {size!r} must be one number or width,height (e.g. 512 or 832,1216)")
     width, height = (_positive_int("image_size", p) for p in parts)
     if width % 8 or height % 8:
-        raise ConfigError(f"image_size {size!r} has a side that is not a multiple of 8; the VAE needs multiples of 8")
+        raise ConfigError(
+            f"image_size {size!r} has a side that is not a multiple of 8; the VAE needs multiples of 8"
+        )
     return width, height

@@ -104,7 +104,9 @@ class LatentCache:
         _atomic_save(stored, path, {_KEY_METADATA: _canonical_json(key_parts)})
         return stored
 
-    def get_or_compute(self, key_parts: Mapping[str, Any], compute_fn: Callable[[], Mapping[str, torch.Tensor]]) -> TensorDict:
+    def get_or_compute(
+        self, key_parts: Mapping[str, Any], compute_fn: Callable[[], Mapping[str, torch.Tensor]]
+    ) -> TensorDict:
         """The cached tensors for ``key_parts``; on a miss, ``compute_fn()`` is run and stored.
 
         Args:
@@ -151,7 +153,12 @@ def image_latent_key(
 
 def text_embedding_key(*, caption: str, model_fingerprint: str) -> dict[str, Any]:
     """Key parts for a caption's text-encoder output (``model_fingerprint`` of the encoder(s))."""
-    return {"kind": "text_embedding", "version": CACHE_FORMAT_VERSION, "caption": caption, "model": model_fingerprint}
+    return {
+        "kind": "text_embedding",
+        "version": CACHE_FORMAT_VERSION,
+        "caption": caption,
+        "model": model_fingerprint,
+    }
 
 
 def encode_images_cached(
@@ -215,16 +222,21 @@ def encode_images_cached(
         for position, index in enumerate(missing):
             entry = {name: value[position] for name, value in encoded.items()}
             if flip_pair:
-                entry.update({FLIPPED_PREFIX + name: value[count + position] for name, value in encoded.items()})
+                for name, value in encoded.items():
+                    entry[FLIPPED_PREFIX + name] = value[count + position]
             entries[index] = cache.put(key_by_index[index], entry)
 
     chosen: list[TensorDict] = []
     for index in indices:
         entry = entries[index]
-        if dataset.augmentation(index, epoch).flip:
-            chosen.append({name.removeprefix(FLIPPED_PREFIX): value for name, value in entry.items() if name.startswith(FLIPPED_PREFIX)})
-        else:
-            chosen.append({name: value for name, value in entry.items() if not name.startswith(FLIPPED_PREFIX)})
+        flipped = dataset.augmentation(index, epoch).flip
+        chosen.append(
+            {
+                name.removeprefix(FLIPPED_PREFIX): value
+                for name, value in entry.items()
+                if name.startswith(FLIPPED_PREFIX) == flipped
+            }
+        )
     return {name: torch.stack([entry[name] for entry in chosen]) for name in chosen[0]}
 
 
@@ -291,19 +303,28 @@ def _module_config(module: torch.nn.Module) -> Any:
     if isinstance(config, Mapping):
         # Underscored entries (_name_or_path, _diffusers_version) say where a model came from,
         # not what it computes; the same weights loaded from elsewhere must still hit.
-        return {key: value for key, value in config.items() if not str(key).startswith("_") and key != "transformers_version"}
+        return {
+            key: value
+            for key, value in config.items()
+            if not str(key).startswith("_") and key != "transformers_version"
+        }
     return repr(config)
 
 
 def _canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_key_part_to_json)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_key_part_to_json
+    )
 
 
 def _key_part_to_json(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     # str() of most objects (a tensor's repr is abridged) would let different keys collide.
-    raise TypeError(f"cache key part {value!r:.80} of type {type(value).__name__} is not JSON data; pass strings and numbers")
+    raise TypeError(
+        f"cache key part {value!r:.80} of type {type(value).__name__} is not JSON data; "
+        "pass strings and numbers"
+    )
 
 
 def _read_safetensors_metadata(handle: Any) -> dict[str, str]:
