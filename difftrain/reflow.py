@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -85,6 +85,13 @@ def _shard_matches(path: Path, noise: torch.Tensor) -> bool:
     return stored.shape == expected.shape and torch.equal(stored, expected)
 
 
+def _next_batch(batches: Iterator[Any], name: str, index: int) -> Any:
+    try:
+        return next(batches)
+    except StopIteration:
+        raise ValueError(f"{name} ran out at batch {index}; it must yield one entry per noise batch") from None
+
+
 @dataclass(frozen=True)
 class ReflowGeneration:
     """What ``generate_reflow_pairs`` did: shards generated now, shards kept, pairs in total."""
@@ -141,8 +148,8 @@ def generate_reflow_pairs(
     shards: list[dict[str, Any]] = []
     generated = skipped = 0
     for index, noise in enumerate(noise_batches):
-        cond = dict(next(cond_iter) or {}) if cond_iter is not None else {}
-        uncond = next(uncond_iter) if uncond_iter is not None else None
+        cond = dict(_next_batch(cond_iter, "cond_batches", index) or {}) if cond_iter is not None else {}
+        uncond = _next_batch(uncond_iter, "uncond_batches", index) if uncond_iter is not None else None
         shard_path = out / _shard_name(index)
         if _shard_matches(shard_path, noise):
             skipped += 1

@@ -139,6 +139,12 @@ def test_pairs_from_other_settings_are_refused(tmp_path):
         generate_reflow_pairs(CountingVelocity(), noise, 3, conds, tmp_path)
 
 
+def test_short_cond_batches_are_reported(tmp_path):
+    noise, conds = batches(2)
+    with pytest.raises(ValueError, match="cond_batches ran out at batch 1"):
+        generate_reflow_pairs(CountingVelocity(), noise, 2, conds[:1], tmp_path)
+
+
 def test_missing_pairs_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="manifest.json"):
         ReflowPairDataset(tmp_path)
