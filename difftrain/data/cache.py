@@ -180,7 +180,8 @@ def encode_images_cached(
         cache: where entries live.
         dataset: an ``ImageBucketDataset``; ``indices`` must share one bucket.
         model_fingerprint: ``fingerprint_module(vae)``.
-        encode: pixels (N, 3, H, W) in [-1, 1] -> ``{name: (N, ...)}``, e.g. the VAE's
+        encode: pixels (N, 3, H, W) in [-1, 1], float32 on the CPU (move them to the VAE's
+            device and dtype) -> ``{name: (N, ...)}``, e.g. the VAE's
             ``{"mean": ..., "std": ...}`` so every epoch can draw a fresh latent sample.
         epoch: whose flip draws to use (default: the dataset's current epoch).
 
@@ -254,7 +255,7 @@ def fingerprint_module(module: torch.nn.Module) -> str:
     digest.update(f"{kind.__module__}.{kind.__qualname__}\n".encode())
     # Configs may hold dtypes and enums; their str() is exact enough to tell configs apart.
     digest.update(json.dumps(_module_config(module), sort_keys=True, default=str).encode())
-    samples: list[torch.Tensor] = []
+    samples_by_device: dict[torch.device, list[torch.Tensor]] = {}
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         digest.update(f"\n{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         if tensor.numel() == 0 or tensor.is_meta:
@@ -264,9 +265,11 @@ def fingerprint_module(module: torch.nn.Module) -> str:
         stride = flat.numel() // count
         positions = torch.arange(count, device=flat.device) * stride
         picked = torch.cat([flat[positions], flat[-1:]])
-        samples.append(picked.real.float() if picked.is_complex() else picked.float())
-    if samples:
-        digest.update(torch.cat(samples).cpu().numpy().tobytes())
+        picked = picked.real.float() if picked.is_complex() else picked.float()
+        samples_by_device.setdefault(picked.device, []).append(picked)
+    # One transfer per device rather than one synchronisation per tensor.
+    for device in sorted(samples_by_device, key=str):
+        digest.update(torch.cat(samples_by_device[device]).cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -276,8 +279,8 @@ _sha256_memo: dict[tuple[str, int, int, int], str] = {}
 def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """sha256 hex of a file's content, read in chunks.
 
-    Remembered per (path, size, modification and change time) so that looking up a cached latent every
-    epoch does not re-read the image.
+    Remembered per (path, size, modification and change time) so that looking up a cached
+    latent every epoch does not re-read the image.
     """
     real = os.path.realpath(path)
     status = os.stat(real)
