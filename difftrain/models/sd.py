@@ -468,7 +468,14 @@ def _empty_module(factory):
 
 def _load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, source: Path) -> None:
     """Assign ``state`` to an empty module, refusing silently missing or surplus weights."""
-    result = module.load_state_dict(dict(state), strict=False, assign=True)
+    try:
+        result = module.load_state_dict(dict(state), strict=False, assign=True)
+    except RuntimeError as error:  # shape mismatches
+        first_lines = " ".join(str(error).splitlines()[:3])
+        raise ConfigError(
+            f"the {what} weights in {source} do not fit its architecture ({first_lines}); the file "
+            "is of another model size or family than its configs say."
+        ) from None
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
     if missing or unexpected:
@@ -541,40 +548,52 @@ def _load_tokenizer_folder(folder: Path, pad_token: str):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, pad_token=pad_token)
 
 
-def _find_tokenizers(family: str, tokenizers_from: str | Path | None, source: Path) -> list:
+def _find_tokenizers(family: str, config_from: Path | None, source: Path) -> list:
     """Tokenizers for a real single file, from a user-given folder or the local HF cache.
 
     All SD tokenizers share CLIP's BPE vocabulary; they differ only in the padding token,
-    which is set per family here, so any SD folder's tokenizer serves.
+    which is set per family here, so the tokenizer of any SD folder serves.
     """
     count = len(_tokenizer_names(family))
-    if tokenizers_from is not None:
-        root = Path(tokenizers_from)
-        candidates = [root / "tokenizer", root / "tokenizer_2", root]
+    if config_from is not None:
+        candidates = [config_from / "tokenizer", config_from / "tokenizer_2", config_from]
         folders = [c for c in candidates if c.is_dir() and any(c.glob("*.json"))]
         if not folders:
-            raise ConfigError(f"tokenizers_from={root} holds no tokenizer (expected tokenizer/ with vocab or tokenizer.json)")
+            raise ConfigError(f"config_from={config_from} holds no tokenizer (expected a diffusers folder with tokenizer/)")
         try:
             return [_load_tokenizer_folder(folders[min(i, len(folders) - 1)], _pad_token(family, i)) for i in range(count)]
         except (OSError, ValueError) as error:
-            raise ConfigError(f"cannot load a CLIP tokenizer from {root}: {error}") from None
+            raise ConfigError(f"cannot load a CLIP tokenizer from {config_from}: {error}") from None
     from transformers import CLIPTokenizer
 
-    for repo, subfolder in _CACHED_TOKENIZER_REPOS[family]:
+    for repo, subfolder in _CACHED_TOKENIZER_REPOS.get(family, []):
         try:
-            first = CLIPTokenizer.from_pretrained(repo, subfolder=subfolder, local_files_only=True)
-        except Exception:  # noqa: BLE001 - any failure just means "not cached"
+            tokenizers = [
+                CLIPTokenizer.from_pretrained(repo, subfolder=subfolder, local_files_only=True, pad_token=_pad_token(family, i))
+                for i in range(count)
+            ]
+        except Exception:  # noqa: BLE001 - any failure only means "not in the local cache"
             continue
-        tokenizers = [first]
-        for index in range(1, count):
-            tokenizers.append(CLIPTokenizer.from_pretrained(repo, subfolder=subfolder, local_files_only=True, pad_token=_pad_token(family, index)))
         return tokenizers
     raise ConfigError(
-        f"{source} has no tokenizer inside and none is available offline. Pass the tokenizer "
-        f"of any Stable Diffusion diffusers folder (tokenizers_from=<folder with tokenizer/>; "
-        f"for {family} e.g. a saved {family} pipeline), or convert the model once to a diffusers "
-        "folder on a machine with network access and load that folder instead."
+        f"{source} carries no tokenizer and none is available offline (nothing is downloaded). "
+        f"Pass config_from=<a diffusers folder of a {family} model, or of any Stable Diffusion "
+        "model: they share CLIP's vocabulary> to take its tokenizer, or convert the model "
+        "once to a diffusers folder and load that folder instead."
     )
+
+
+def _configs_from_folder(folder: Path, family: str) -> dict[str, dict[str, Any]]:
+    """Component configs of a diffusers folder, by component name."""
+    names = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
+    names.update({name: "config.json" for name in _text_encoder_names(family)})
+    configs = {}
+    for name, file_name in names.items():
+        path = folder / name / file_name
+        if not path.exists():
+            raise ConfigError(f"config_from={folder} lacks {name}/{file_name}; give a complete diffusers folder of a {family} model")
+        configs[name] = json.loads(path.read_text(encoding="utf-8"))
+    return configs
 
 
 def _read_embedded_description(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
@@ -601,7 +620,7 @@ def _load_single_file(
     *,
     family: str | None,
     prediction_type: str | None,
-    tokenizers_from: str | Path | None,
+    config_from: Path | None,
 ) -> SDModel:
     tensors, metadata = read_state_dict(path)
     detected = sf.detect_family(tensors.keys())
@@ -614,25 +633,31 @@ def _load_single_file(
     if family is not None and detected != family:
         raise ConfigError(f"{path} is an {detected} checkpoint, but an {family} model was asked for; use a matching model or family")
     description = _read_embedded_description(metadata, path)
-    if description is not None:
-        configs = description["configs"]
-        file_prediction_type = description.get("prediction_type")
-    else:
-        configs = None
-        file_prediction_type = _prediction_type_from_metadata(metadata)
+    file_prediction_type = description.get("prediction_type") if description else _prediction_type_from_metadata(metadata)
     if prediction_type is None:
         prediction_type = file_prediction_type
     if prediction_type is None:
         if detected == "sd2":
             # The keys of SD2-base (512, epsilon) and SD2.x-768 (v) files are identical.
             print(
-                f"note: {path.name} is an SD2 checkpoint; assuming v-prediction (SD2.x 768). "
-                "For SD2-base 512 models set the prediction type to epsilon (model_v_pred false)."
+                f"note: {path.name} is an SD2 checkpoint that does not state its prediction type; "
+                "assuming v-prediction (SD2.x 768). For SD2-base 512 models set the prediction "
+                "type to epsilon (model_v_pred false)."
             )
             prediction_type = "v_prediction"
         else:
             prediction_type = "epsilon"
-    if configs is None:
+
+    # Tokenizers first: failing on them should not cost loading gigabytes of weights.
+    if description is not None and description.get("tokenizers"):
+        tokenizers = _tokenizers_from_files(description["tokenizers"], _tokenizer_names(detected))
+    else:
+        tokenizers = _find_tokenizers(detected, config_from, path)
+    if description is not None:
+        configs = description["configs"]
+    elif config_from is not None:
+        configs = _configs_from_folder(config_from, detected)
+    else:
         configs = _shipped_configs(detected, prediction_type)
 
     unet = _build_unet(configs["unet"])
@@ -647,11 +672,6 @@ def _load_single_file(
     _load_into(vae, components["vae"], "VAE", path)
     for name, encoder in zip(encoder_names, text_encoders):
         _load_into(encoder, _text_encoder_state_for_module(encoder, components[name]), name, path)
-
-    if description is not None and description.get("tokenizers"):
-        tokenizers = _tokenizers_from_files(description["tokenizers"], _tokenizer_names(detected))
-    else:
-        tokenizers = _find_tokenizers(detected, tokenizers_from, path)
 
     scheduler_config = dict(configs.get("scheduler") or {})
     scheduler_config.setdefault("_class_name", "EulerDiscreteScheduler")
@@ -819,7 +839,7 @@ def load_sd(
     search_dirs: Iterable[str | Path] = (),
     vae_search_dirs: Iterable[str | Path] | None = None,
     text_encoder_search_dirs: Iterable[str | Path] | None = None,
-    tokenizers_from: str | Path | None = None,
+    config_from: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> SDModel:
@@ -839,8 +859,10 @@ def load_sd(
             ``text_encoder_search_dirs``) replacing the matching one of the model's.
         search_dirs: folders where a bare ``source`` name is looked up (in order);
             ``vae_search_dirs``/``text_encoder_search_dirs`` default to it.
-        tokenizers_from: a diffusers folder (any SD family) whose tokenizer serves a real
-            single file that carries none; without it only the local HF cache is tried.
+        config_from: for a single file that does not describe itself (a real A1111
+            checkpoint), a diffusers folder of the same family whose component configs and
+            tokenizers are used. Without it the standard configs in ``component_configs/``
+            are used, and tokenizers only from the local Hugging Face cache.
         dtype, device: where the modules end up.
 
     Raises:
@@ -857,7 +879,10 @@ def load_sd(
         if demanded_family is not None and model.family != demanded_family:
             raise ConfigError(f"{path} is an {model.family} model, but an {demanded_family} model was asked for; use a matching model or family")
     else:
-        model = _load_single_file(path, family=demanded_family, prediction_type=prediction_type, tokenizers_from=tokenizers_from)
+        reference = None
+        if config_from is not None and str(config_from).strip():
+            reference = resolve_model_path(config_from, search_dirs, what="config_from folder")
+        model = _load_single_file(path, family=demanded_family, prediction_type=prediction_type, config_from=reference)
     if vae is not None and str(vae).strip():
         vae_path = resolve_model_path(vae, search_dirs if vae_search_dirs is None else vae_search_dirs, what="VAE")
         model.vae = load_vae(vae_path, _plain_config(model.vae.config))
