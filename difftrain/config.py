@@ -303,6 +303,13 @@ SecondPass = create_model(  # type: ignore[call-overload]
     **{name: (Optional[Config.model_fields[name].annotation], None) for name in PER_PASS_NAMES},
 )
 
+# train_j.py starts from TrainTrain's defaults where they differ from the engine's (EveryDream2's),
+# so a TrainTrain preset that leaves a key out trains as it did there.
+TRAINTRAIN_DEFAULTS: dict[str, Any] = {
+    "mode": "LoRA", "max_steps": 1000, "lr": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 0,
+    "seed": -1, "min_snr_gamma": 5.0, "sample_steps": 0, "tracker": "none",
+}
+
 # Keys the reference trainers write that carry no meaning here; accepted so presets load unchanged.
 IGNORED_KEYS = frozenset({"mode_specific", "neg_prompt", "original_prompt_weight"})
 

@@ -384,13 +384,9 @@ def _remove_quietly(path: Optional[Path]) -> None:
 def command_for(plan: Plan, config_path: Path) -> list[str]:
     """The child's argv: same Python, train script, config path, then the pass-through args.
 
-    This repo's EveryDream2-style train.py takes its config as ``--config PATH`` (its only
-    positional-free form); every other script gets the path as its first argument.
+    Both of our trainers (and TrainTrain's) take the config path as their first argument.
     """
-    config_arguments = [str(config_path)]
-    if plan.train_script.resolve() == (REPO_ROOT / "train.py").resolve():
-        config_arguments = ["--config", str(config_path)]
-    return [sys.executable, str(plan.train_script), *config_arguments, *plan.passthrough]
+    return [sys.executable, str(plan.train_script), str(config_path), *plan.passthrough]
 
 
 def format_command(command: Sequence[str]) -> str:

@@ -524,7 +524,7 @@ def test_our_trainers_get_the_config_their_way_and_schema_names_work(configs, re
     result = launch_cli([str(edtrainer), "--override", "batch_size:4", "--dry-run",
                          "--train-script-path", "train.py"], record, standin=False)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"train\.py --config \S+ed_\S+\.json$", result.stdout.strip())
+    assert re.search(r"train\.py \S+ed_\S+\.json$", result.stdout.strip())
 
 
 def test_stand_in_train_script_is_not_validated(configs, record, tmp_path):

@@ -1,7 +1,7 @@
 """The score network of the Kolmogorov experiment: a periodic U-Net conditioned on the noise level.
 
 Input: `window` consecutive velocity states flattened to (B, window * 2, H, W), plus a fixed
-forcing channel sin(k y) appended inside the network (the flow is forced along y, so giving
+forcing channel sin(k y) appended inside the network (the flow is forced as a function of y, so giving
 the network the forcing pattern saves it from learning where the bands are). Every
 convolution pads circularly because the domain is periodic.
 """
@@ -101,10 +101,13 @@ class ScoreUNet(nn.Module):
                                   periodic_conv(hidden_channels[0], self.channels, kernel_size))
 
     def forcing(self, x: Tensor) -> Tensor:
-        """The forcing pattern sin(k y) on cell centres, y along rows: (B, 1, H, W)."""
+        """The forcing pattern sin(k y) on cell centres: (B, 1, H, W).
+
+        The data generator stores fields with y along the last dim, so the pattern varies along it.
+        """
         height, width = x.shape[-2:]
-        y = (torch.arange(height, device=x.device, dtype=x.dtype) + 0.5) * (2 * math.pi / height)
-        pattern = torch.sin(self.forcing_wavenumber * y)[:, None].expand(height, width)
+        y = (torch.arange(width, device=x.device, dtype=x.dtype) + 0.5) * (2 * math.pi / width)
+        pattern = torch.sin(self.forcing_wavenumber * y).expand(height, width)
         return pattern.expand(x.shape[0], 1, height, width)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:

@@ -1,0 +1,31 @@
+"""The one engine behind both front doors: pick the task for a Config and run the trainer."""
+
+from __future__ import annotations
+
+import sys
+
+from difftrain.config import Config
+from difftrain.errors import ConfigError
+from difftrain.trainer import Trainer, TrainingStopped
+
+TRAINING_FAILED_EXIT_CODE = 1
+
+
+def task_factory(config: Config):
+    """The class that owns the model, data and loss of `config.task` / `config.mode`."""
+    if config.task == "kolmogorov":
+        from difftrain.tasks.kolmogorov import KolmogorovTask
+
+        return KolmogorovTask
+    raise ConfigError(f"task '{config.task}' with mode '{config.mode}' is not available in this "
+                      "version yet; 'kolmogorov' is (see configs/quickstart.json).")
+
+
+def run(config: Config, program: str = "difftrain") -> int:
+    """Train `config` to the end; returns the exit code for the front door."""
+    factory = task_factory(config)
+    try:
+        return Trainer(config, factory, program=program).run()
+    except TrainingStopped as stop:
+        print(f"{program}: training stopped: {stop}", file=sys.stderr)
+        return TRAINING_FAILED_EXIT_CODE

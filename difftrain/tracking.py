@@ -1,0 +1,126 @@
+"""Run folders, run names and metrics: runs/<name>_<id>/ with metrics.jsonl, mirrored to wandb.
+
+wandb runs offline by default, so nobody needs an account or a network. Offline wandb gives a
+run no name, so we make one in wandb's style (adjective-noun-N) and an 8-character id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import string
+from pathlib import Path
+from typing import Any, Optional
+
+from difftrain.errors import ConfigError
+
+ADJECTIVES = (
+    "amber", "ancient", "autumn", "bold", "brisk", "calm", "clever", "cosmic", "crimson", "curious",
+    "dainty", "dashing", "dazzling", "distinctive", "eager", "elegant", "fearless", "fiery", "fluent",
+    "gallant", "gentle", "glorious", "golden", "graceful", "hardy", "honest", "icy", "jolly", "keen",
+    "lively", "lucky", "misty", "noble", "olive", "polished", "proud", "quiet", "rosy", "royal",
+    "sage", "scarlet", "serene", "silver", "smooth", "solar", "spring", "stellar", "sunny", "swift",
+    "treasured", "vibrant", "vivid", "wandering", "warm", "wise", "youthful", "zesty",
+)
+NOUNS = (
+    "aurora", "bird", "blaze", "breeze", "brook", "butterfly", "cloud", "comet", "dawn", "dew",
+    "dream", "durian", "eclipse", "elm", "feather", "fern", "field", "firefly", "flower", "fog",
+    "forest", "frost", "galaxy", "glade", "grass", "haze", "hill", "lake", "leaf", "meadow", "moon",
+    "morning", "mountain", "night", "ocean", "paper", "pine", "planet", "pond", "rain", "river",
+    "sea", "shadow", "sky", "smoke", "snow", "sound", "spaceship", "star", "sun", "sunset", "thunder",
+    "tree", "violet", "voice", "water", "wave", "wind", "wood",
+)
+RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def make_run_id() -> str:
+    return "".join(secrets.choice(RUN_ID_ALPHABET) for _ in range(8))
+
+
+def make_run_name(runs_dir: Path) -> str:
+    """adjective-noun-N where N counts the runs already in runs_dir, like wandb's run number."""
+    existing = sum(1 for entry in runs_dir.iterdir() if entry.is_dir()) if runs_dir.is_dir() else 0
+    return f"{secrets.choice(ADJECTIVES)}-{secrets.choice(NOUNS)}-{existing + 1}"
+
+
+def write_json_exclusive(path: Path, data: Any) -> None:
+    """Create `path` with JSON content; never overwrite (mode 'x' fails if it exists)."""
+    with open(path, "x", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def create_run_folder(runs_dir: Path, name: str, config: dict[str, Any]) -> tuple[Path, str]:
+    """Make runs/<name>_<id>/ with config.json; retries on the (rare) id collision, never overwrites."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create the runs folder '{runs_dir}': {error.strerror}. "
+                          "Set runs_dir to a writable folder.") from None
+    for _ in range(100):
+        run_id = make_run_id()
+        folder = runs_dir / f"{name}_{run_id}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise ConfigError(f"cannot create '{folder}': {error.strerror}. "
+                              "Set runs_dir to a writable folder.") from None
+        write_json_exclusive(folder / "config.json", config)
+        return folder, run_id
+    raise ConfigError(f"could not find a free run folder name under '{runs_dir}'.")
+
+
+class Tracker:
+    """metrics.jsonl in the run folder, plus wandb unless tracker is 'none'.
+
+    Only the main process makes a Tracker; other processes get a `NullTracker`.
+    """
+
+    def __init__(self, run_dir: Path, *, run_name: str, run_id: str, project: str,
+                 config: dict[str, Any], use_wandb: bool, wandb_mode: str):
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
+        self._wandb = None
+        if use_wandb:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            # WANDB_MODE, when the user set it, wins over the config (the usual wandb convention).
+            mode = os.environ.get("WANDB_MODE", wandb_mode)
+            self._wandb = wandb.init(project=project, name=run_name, id=run_id, config=config,
+                                     dir=str(run_dir), mode=mode, resume="allow")
+
+    def log(self, metrics: dict[str, Any], *, step: int, images: Optional[dict[str, Any]] = None) -> None:
+        """Append one event to metrics.jsonl and wandb. `images`: key -> PIL image or list of them."""
+        record = {"step": step, **metrics}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._wandb is not None:
+            import wandb
+
+            payload = dict(metrics)
+            for key, value in (images or {}).items():
+                items = value if isinstance(value, list) else [value]
+                payload[key] = [wandb.Image(image) for image in items]
+            self._wandb.log(payload, step=step)
+
+    def close(self) -> None:
+        self._metrics.close()
+        if self._wandb is not None:
+            self._wandb.finish(quiet=True)
+
+
+class NullTracker:
+    """What non-main processes log to: nothing."""
+
+    def log(self, metrics: dict[str, Any], *, step: int, images: Optional[dict[str, Any]] = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,398 @@
+"""The training loop, shared by every task (Kolmogorov score network, Stable Diffusion, LoRA modes).
+
+A task owns its model, data and loss (`Task` below); the loop owns everything else: devices and
+precision (through accelerate), optimizer and LR schedule, gradient accumulation, logging,
+samples, checkpoints, exact resume, and clean stops on Ctrl-C / SIGTERM / NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from difftrain.checkpoint import (Progress, checkpoint_name, load_trainer_tensors, new_log_folder,
+                                  read_progress, resolve_resume, save_checkpoint)
+from difftrain.config import Config
+from difftrain.errors import ConfigError
+from difftrain.tracking import NullTracker, Tracker, create_run_folder, make_run_name
+
+INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Task(Protocol):
+    """What a task gives the loop. Batches are lists of item indices drawn by `epoch_batches`."""
+
+    model: nn.Module  # the module whose parameters train (wrapped by accelerate)
+
+    def parameter_groups(self) -> list[dict[str, Any]]: ...
+    def epoch_batches(self, epoch: int, rank: int, world_size: int) -> Sequence[Sequence[int]]: ...
+    def collate(self, indices: Sequence[int], epoch: int) -> Any: ...
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor: ...
+    def validation_loss(self, model: nn.Module) -> Optional[float]: ...
+    def samples(self, model: nn.Module) -> dict[str, Any]: ...
+    def write_model(self, model: nn.Module, folder: Path) -> None: ...
+    def load_model(self, model: nn.Module, folder: Path) -> None: ...
+    def run_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (NaN loss); the last good checkpoint stays the newest."""
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_seed(config: Config) -> Config:
+    if config.seed >= 0:
+        return config
+    # TrainTrain's -1: pick a seed, and record it so the run can be reproduced from config.json.
+    return config.model_copy(update={"seed": int.from_bytes(os.urandom(4), "little") >> 1})
+
+
+def parse_key_values(text: str, where: str) -> dict[str, Any]:
+    """'k=v;k=v' (TrainTrain optimizer/scheduler settings) -> dict with Python literals."""
+    import ast
+
+    result: dict[str, Any] = {}
+    for part in filter(None, (piece.strip() for piece in text.split(";"))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where}: '{part}' is not of the form key=value (separate pairs with ';').")
+        try:
+            result[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            result[key.strip()] = value.strip()
+    return result
+
+
+def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW by default; AdamW8bit through bitsandbytes on CUDA; any torch.optim class by name."""
+    settings = parse_key_values(config.optimizer_settings, "optimizer_settings")
+    settings.setdefault("weight_decay", config.weight_decay)
+    name = config.optimizer
+    if name.lower() in ("adamw8bit", "adamw_8bit"):
+        try:
+            import bitsandbytes  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError("optimizer 'AdamW8bit' needs the bitsandbytes package and a CUDA GPU; "
+                              "install bitsandbytes or use 'AdamW'.") from None
+        return bitsandbytes.optim.AdamW8bit(groups, lr=config.lr, **settings)
+    if name.lower() == "lion":
+        try:
+            from lion_pytorch import Lion  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError("optimizer 'Lion' needs the lion-pytorch package; install it or use 'AdamW'.") from None
+        return Lion(groups, lr=config.lr, **settings)
+    matches = [attr for attr in dir(torch.optim) if attr.lower() == name.lower()]
+    optimizer_class = getattr(torch.optim, matches[0], None) if matches else None
+    if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer '{name}' is unknown; use AdamW, AdamW8bit, Adam, SGD, Lion or "
+                          "another torch.optim class name.")
+    if optimizer_class is torch.optim.SGD:
+        settings.pop("weight_decay") if settings.get("weight_decay") == config.weight_decay else None
+    try:
+        return optimizer_class(groups, lr=config.lr, **settings)
+    except TypeError as error:
+        raise ConfigError(f"optimizer_settings '{config.optimizer_settings}' do not fit {name}: {error}.") from None
+
+
+def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_units: int):
+    """diffusers' get_scheduler; a unit is an optimizer step or an epoch (scheduler_interval)."""
+    from diffusers.optimization import get_scheduler
+
+    decay = config.lr_decay_steps or total_units
+    warmup = config.lr_warmup_steps
+    if warmup is None:
+        warmup = 0 if config.mode != "Full" or config.task == "kolmogorov" else int(0.02 * decay)
+    extra = parse_key_values(config.lr_scheduler_settings, "lr_scheduler_settings")
+    unknown = set(extra) - {"num_cycles", "power"}
+    if unknown:
+        raise ConfigError(f"lr_scheduler_settings: unknown setting(s) {sorted(unknown)}; "
+                          "only num_cycles and power exist.")
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=decay,
+                         num_cycles=int(extra.get("num_cycles", config.lr_num_cycles)),
+                         power=float(extra.get("power", config.lr_power)))
+
+
+class StopRequest:
+    """First Ctrl-C / SIGTERM asks the loop to save and stop; a second Ctrl-C exits at once."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in INTERRUPT_EXIT_CODES:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            os._exit(INTERRUPT_EXIT_CODES.get(signum, 130))
+        self.signal = signum
+        _say(f"\n{signal.Signals(signum).name} received: saving an interrupted- checkpoint "
+             "(press Ctrl-C again to quit at once).")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+class Trainer:
+    """Runs one task to the end (or to a stop), writing logs/, runs/ and checkpoints."""
+
+    def __init__(self, config: Config, task_factory, *, program: str = "difftrain"):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = resolve_seed(config)
+        self.program = program
+        precision = self.config.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = Accelerator(mixed_precision=precision,
+                                       gradient_accumulation_steps=self.config.gradient_accumulation_steps)
+        self.is_main = self.accelerator.is_main_process
+        set_seed(self.config.seed)
+        self.logdir = Path(self.config.logdir)
+        self.resume_from = self._find_resume()
+        self.task = task_factory(self.config, self.accelerator)
+
+    # ---- run ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Train; returns the process exit code (0, or 130/143 after an interrupt)."""
+        config, accelerator, task = self.config, self.accelerator, self.task
+        device = accelerator.device
+        progress = Progress(seed=config.seed, project_name=config.project_name, task=config.task)
+        model = task.model
+        optimizer = make_optimizer(config, task.parameter_groups())
+        rank, world = accelerator.process_index, accelerator.num_processes
+        micro_per_epoch = len(task.epoch_batches(0, rank, world))
+        if micro_per_epoch == 0:
+            raise ConfigError(f"batch_size {config.batch_size} x {world} process(es) is larger than the "
+                              "training set; lower batch_size or add data.")
+        steps_per_epoch = max(1, micro_per_epoch // config.gradient_accumulation_steps)
+        total_steps = config.max_steps or steps_per_epoch * config.max_epochs
+        max_epochs = math.ceil(total_steps / steps_per_epoch) if config.max_steps else config.max_epochs
+        units = max_epochs if config.scheduler_interval == "epoch" else total_steps
+        scheduler = make_scheduler(config, optimizer, units)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
+        generator.manual_seed(config.seed * 1000 + rank)
+
+        if self.resume_from is not None:
+            progress = self._resume(model, optimizer, scheduler, generator)
+
+        run_dir, tracker, log_folder = self._open_outputs()
+        ckpts_dir = log_folder / "ckpts" if log_folder else None
+        ckpt_minutes = config.ckpt_every_n_minutes or (20.0 if not config.save_every_n_epochs else 0.0)
+        last_save = time.monotonic()
+        last_checkpoint: Optional[Path] = self.resume_from
+
+        def checkpoint(prefix: str = "") -> Optional[Path]:
+            nonlocal last_save, last_checkpoint
+            accelerator.wait_for_everyone()
+            last_save = time.monotonic()
+            if not self.is_main or ckpts_dir is None:
+                return None
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "generator": generator.get_state(), "cpu_rng": torch.get_rng_state()}
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
+            name = checkpoint_name(config.project_name, progress, prefix)
+            unwrapped = accelerator.unwrap_model(model)
+            last_checkpoint = save_checkpoint(ckpts_dir, name, progress, state,
+                                              lambda folder: task.write_model(unwrapped, folder),
+                                              config.model_dump(mode="json"))
+            return last_checkpoint
+
+        bar = self._progress_bar(total_steps, progress.global_step)
+        exit_code = 0
+        with StopRequest() as stop:
+            try:
+                while progress.epoch < max_epochs and progress.global_step < total_steps:
+                    model.train()
+                    batches = task.epoch_batches(progress.epoch, rank, world)
+                    for index in range(progress.batch_in_epoch, len(batches)):
+                        batch = task.collate(batches[index], progress.epoch)
+                        with accelerator.accumulate(model):
+                            with accelerator.autocast():
+                                loss = task.loss(model, batch, generator)
+                            if not torch.isfinite(loss.detach()):
+                                raise TrainingStopped(
+                                    f"the loss became {loss.item()} at epoch {progress.epoch}, step "
+                                    f"{progress.global_step}. Lower lr, enable clip_grad_norm, or check "
+                                    "the data; the last good checkpoint is "
+                                    f"'{last_checkpoint or 'none (no checkpoint was saved yet)'}'.")
+                            accelerator.backward(loss)
+                            if accelerator.sync_gradients and config.clip_grad_norm:
+                                accelerator.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                        progress.batch_in_epoch = index + 1
+                        if not accelerator.sync_gradients:
+                            continue
+                        if config.scheduler_interval == "step":
+                            scheduler.step()
+                        progress.global_step += 1
+                        loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+                        lr = scheduler.get_last_lr()[0]
+                        tracker.log({"epoch": progress.epoch, "loss_train": loss_value, "lr": lr},
+                                    step=progress.global_step)
+                        bar.set_postfix(epoch=progress.epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                        bar.update(1)
+                        if config.sample_steps and progress.global_step % config.sample_steps == 0:
+                            self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
+                        if stop.signal is not None:
+                            break
+                        if ckpt_minutes and time.monotonic() - last_save >= ckpt_minutes * 60:
+                            checkpoint()
+                        if progress.global_step >= total_steps:
+                            break
+                    if stop.signal is not None:
+                        break
+                    if progress.batch_in_epoch >= len(batches):
+                        progress.epoch += 1
+                        progress.batch_in_epoch = 0
+                        if config.scheduler_interval == "epoch":
+                            scheduler.step()
+                        self._validate(model, tracker, progress)
+                        if config.save_every_n_epochs and progress.epoch % config.save_every_n_epochs == 0:
+                            checkpoint()
+                if stop.signal is not None:
+                    saved = checkpoint("interrupted-")
+                    exit_code = INTERRUPT_EXIT_CODES[stop.signal]
+                    bar.close()
+                    _say(f"stopped by {signal.Signals(stop.signal).name}; resume with "
+                         f"--resume_ckpt \"{saved}\"")
+                else:
+                    saved = checkpoint("last-")
+                    bar.close()
+                    self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
+            finally:
+                bar.close()
+                tracker.close()
+        if self.is_main:
+            unwrapped = accelerator.unwrap_model(model)
+            if run_dir is not None:
+                torch.save(task.run_state_dict(unwrapped), run_dir / "state.pth")
+            self._print_summary(run_dir, log_folder, saved)
+        accelerator.end_training()
+        return exit_code
+
+    # ---- pieces -----------------------------------------------------------------------------------
+    def _find_resume(self) -> Optional[Path]:
+        """The checkpoint to continue from; None when resume_ckpt names a base model (or nothing)."""
+        name = self.config.resume_ckpt
+        from_scratch = self.config.task == "kolmogorov"
+        if from_scratch and name in ("", Config.model_fields["resume_ckpt"].default):
+            return None
+        found = resolve_resume(name, self.logdir, self.config.project_name, _say)
+        if found is None and from_scratch:
+            raise ConfigError(f"resume_ckpt '{name}' is not a checkpoint folder (it has no "
+                              "trainer_state.json). Point it at logs/<run>/ckpts/<folder> or use 'findlast'.")
+        return found
+
+    def _resume(self, model, optimizer, scheduler, generator) -> Progress:
+        folder = self.resume_from
+        assert folder is not None
+        progress = read_progress(folder)
+        if progress.task and progress.task != self.config.task:
+            raise ConfigError(f"checkpoint '{folder}' was made by a '{progress.task}' run; this config "
+                              f"trains '{self.config.task}'. Pick a checkpoint of this task.")
+        if progress.project_name and progress.project_name != self.config.project_name:
+            _say(f"note: resuming a checkpoint of project '{progress.project_name}' in project "
+                 f"'{self.config.project_name}'.")
+        saved_config = folder / "config.json"
+        if saved_config.is_file():
+            import json
+
+            before = json.loads(saved_config.read_text(encoding="utf-8"))
+            for key in ("batch_size", "gradient_accumulation_steps", "data_root", "seed"):
+                if key in before and before[key] != getattr(self.config, key):
+                    _say(f"warning: {key} changed from {before[key]!r} to {getattr(self.config, key)!r} "
+                         "since the checkpoint; the data order after resume cannot match the "
+                         "original run exactly.")
+        self.task.load_model(self.accelerator.unwrap_model(model), folder)
+        state = load_trainer_tensors(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["cpu_rng"])
+        if "scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        _say(f"resumed from '{folder}' at epoch {progress.epoch}, step {progress.global_step}.")
+        return progress
+
+    def _open_outputs(self):
+        if not self.is_main:
+            return None, NullTracker(), None
+        config = self.config
+        runs_dir = Path(config.runs_dir)
+        name = config.run_name or make_run_name(runs_dir)
+        run_dir, run_id = create_run_folder(runs_dir, name, config.model_dump(mode="json"))
+        log_folder = new_log_folder(self.logdir, config.project_name)
+        (log_folder / "settings.json").write_text(
+            config.model_dump_json(indent=2), encoding="utf-8")
+        tracker = Tracker(run_dir, run_name=name, run_id=run_id,
+                          project=config.wandb_project or config.project_name,
+                          config=config.model_dump(mode="json"), use_wandb=config.tracker == "wandb",
+                          wandb_mode=config.wandb_mode)
+        _say(f"run folder: {run_dir}")
+        return run_dir, tracker, log_folder
+
+    def _progress_bar(self, total: int, initial: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                    disable=not self.is_main, desc=self.config.project_name)
+
+    def _validate(self, model, tracker, progress: Progress) -> None:
+        if progress.epoch % self.config.validate_every_n_epochs:
+            return
+        model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            value = self.task.validation_loss(self.accelerator.unwrap_model(model))
+        model.train()
+        if value is not None:
+            tracker.log({"epoch": progress.epoch, "loss_valid": value}, step=progress.global_step)
+
+    def _log_samples(self, model, tracker, step: int, run_dir: Optional[Path], log_folder: Optional[Path]) -> None:
+        if not self.is_main:
+            return
+        model.eval()
+        with torch.no_grad():
+            images = self.task.samples(self.accelerator.unwrap_model(model))
+        model.train()
+        if not images:
+            return
+        for folder in filter(None, (run_dir, log_folder)):
+            (folder / "samples").mkdir(exist_ok=True)
+            for key, image in images.items():
+                image.save(folder / "samples" / f"{key}-gs{step:05d}.png")
+        tracker.log({}, step=step, images={"samples": list(images.values())})
+
+    def _print_summary(self, run_dir, log_folder, checkpoint_folder) -> None:
+        lines = ["", "done."]
+        if run_dir is not None:
+            lines.append(f"run folder: {run_dir}")
+            lines.append("  config.json, state.pth, metrics.jsonl, samples/")
+        if log_folder is not None:
+            lines.append(f"log folder: {log_folder}")
+        if checkpoint_folder is not None:
+            lines.append(f"checkpoint: {checkpoint_folder}")
+        _say("\n".join(lines))
