@@ -202,6 +202,7 @@ class Config(BaseModel):
     validate_every_n_epochs: int = setting(1, "loss_valid every N epochs.", ge=1)
     ckpt_every_n_minutes: float = setting(0.0, "Save a checkpoint every N minutes; 0 with no "
                                           "save_every_n_epochs means every 20 minutes.", ge=0)
+    ckpt_every_n_steps: int = setting(0, "Save a checkpoint every N optimizer steps; 0: off.", ge=0)
     save_every_n_epochs: int = setting(0, "Save a checkpoint every N epochs; 0: off.", ge=0)
     save_full_precision: bool = setting(False, "Also export checkpoints as one .safetensors file.")
     tracker: Literal["wandb", "none"] = setting("wandb", "Metrics tracker; 'none' turns wandb off.")

@@ -199,7 +199,9 @@ class Trainer:
 
         run_dir, tracker, log_folder = self._open_outputs()
         ckpts_dir = log_folder / "ckpts" if log_folder else None
-        ckpt_minutes = config.ckpt_every_n_minutes or (20.0 if not config.save_every_n_epochs else 0.0)
+        # EveryDream2: with no save interval at all, save every 20 minutes.
+        no_interval = not (config.save_every_n_epochs or config.ckpt_every_n_steps)
+        ckpt_minutes = config.ckpt_every_n_minutes or (20.0 if no_interval else 0.0)
         last_save = time.monotonic()
         last_checkpoint: Optional[Path] = self.resume_from
 
@@ -259,7 +261,8 @@ class Trainer:
                             self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
                         if stop.signal is not None:
                             break
-                        if ckpt_minutes and time.monotonic() - last_save >= ckpt_minutes * 60:
+                        if (ckpt_minutes and time.monotonic() - last_save >= ckpt_minutes * 60) or \
+                                (config.ckpt_every_n_steps and progress.global_step % config.ckpt_every_n_steps == 0):
                             checkpoint()
                         if progress.global_step >= total_steps:
                             break

@@ -1,0 +1,127 @@
+"""The one schema: loading JSON with good errors, aliases, both front doors, schema.json."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from difftrain.cli import config_from_argv
+from difftrain.config import (ALIASES, FIELD_NAMES, TRAINTRAIN_DEFAULTS, Config, export_json_schema,
+                              load_config, read_json_config, validate_config_dict)
+from difftrain.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "c.json") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_syntax_error_names_file_line_and_column(tmp_path):
+    path = write(tmp_path, '{\n  "lr": 1e-4,\n  "batch_size": ,\n}')
+    with pytest.raises(ConfigError) as error:
+        read_json_config(path)
+    message = str(error.value)
+    assert str(path) in message and "line 3" in message and "column 17" in message
+
+
+def test_single_backslash_gets_the_fix(tmp_path):
+    path = write(tmp_path, '{"data_root": "x:\\mydata"}')
+    with pytest.raises(ConfigError) as error:
+        read_json_config(path)
+    assert "\\\\" in str(error.value) and "forward slashes" in str(error.value)
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, '{"max_epoch": 3}'))
+    assert "unknown key 'max_epoch'" in str(error.value) and "'max_epochs'" in str(error.value)
+
+
+def test_wrong_type_names_key_expected_type_and_value():
+    with pytest.raises(ConfigError) as error:
+        validate_config_dict({"batch_size": "four"}, "my.json")
+    message = str(error.value)
+    assert "my.json" in message and "'batch_size'" in message and "int" in message and "'four'" in message
+
+
+def test_out_of_range_values_are_refused():
+    for bad in ({"lr": -1}, {"batch_size": 0}, {"network_rank": 0}, {"kernel_size": 4}):
+        with pytest.raises(ConfigError):
+            validate_config_dict(bad)
+
+
+def test_traintrain_presets_with_numbers_as_strings_and_aliases():
+    config = validate_config_dict({"train_learning_rate": "0.0002", "train_batch_size": "4",
+                                   "model": "x.safetensors", "original prompt": "a cat",
+                                   "model_v_pred": "true"})
+    assert config.lr == 2e-4 and config.batch_size == 4 and config.resume_ckpt == "x.safetensors"
+    assert config.original_prompt == "a cat" and config.resolved_prediction_type() == "v_prediction"
+
+
+def test_alias_and_canonical_name_together_is_an_error():
+    with pytest.raises(ConfigError, match="same setting 'lr'"):
+        validate_config_dict({"lr": 1e-4, "train_learning_rate": 2e-4})
+
+
+def test_second_pass_settings_apply_only_when_enabled(tmp_path):
+    data = {"train_learning_rate": 1e-4, "2nd pass": {"train_learning_rate": "3e-4", "train_iterations": 7}}
+    config = validate_config_dict(data)
+    assert config.for_second_pass().lr == 1e-4
+    config = validate_config_dict({**data, "use_2nd_pass_settings": True})
+    assert config.for_second_pass().lr == 3e-4 and config.for_second_pass().max_steps == 7
+    with pytest.raises(ConfigError, match="2nd pass.*unknown key 'train_learing_rate'"):
+        validate_config_dict({"2nd pass": {"train_learing_rate": 1}}, "preset.json")
+
+
+def test_schema_json_is_in_sync_with_the_code():
+    on_disk = json.loads((REPO / "configs" / "schema.json").read_text(encoding="utf-8"))
+    assert on_disk == export_json_schema(), "regenerate: python -m difftrain.config > configs/schema.json"
+
+
+def test_schema_lists_every_key_and_alias_with_help():
+    properties = export_json_schema()["properties"]
+    for name in (*FIELD_NAMES, *ALIASES):
+        assert name in properties
+    assert properties["train_learning_rate"]["description"].startswith("Alias of 'lr'")
+
+
+def test_train_py_flags_come_from_the_schema_and_win_over_the_json(tmp_path):
+    path = write(tmp_path, '{"lr": 0.001, "batch_size": 3, "task": "kolmogorov"}')
+    config = config_from_argv(["--config", str(path), "--lr", "3e-6", "--max_epochs", "50",
+                               "--hidden_channels", "8", "16", "--rectified_flow"], "train")
+    assert (config.lr, config.batch_size, config.max_epochs) == (3e-6, 3, 50)
+    assert config.hidden_channels == [8, 16] and config.rectified_flow is True
+    assert config_from_argv([str(path), "--max-epochs", "2"], "train").max_epochs == 2
+
+
+def test_every_key_is_a_flag_of_both_doors():
+    from difftrain.cli import build_parser
+
+    for door in ("train", "train_j"):
+        destinations = {action.dest for action in build_parser(door)._actions}
+        assert set(FIELD_NAMES) <= destinations
+
+
+def test_train_j_applies_traintrain_defaults_for_missing_keys(tmp_path):
+    path = write(tmp_path, '{"mode": "ADDifT", "train_batch_size": 1}')
+    config = config_from_argv([str(path), "--models-dir", "/models"], "train_j")
+    assert config.lr == TRAINTRAIN_DEFAULTS["lr"] and config.max_steps == 1000
+    assert config.batch_size == 1 and config.models_dir == "/models"
+    assert Config().lr != TRAINTRAIN_DEFAULTS["lr"]  # the engine's own default is EveryDream2's
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lr", "abc"], "'lr'"),
+    (["--bogus_flag", "1"], "unrecognized arguments"),
+    (["missing.json"], "missing.json"),
+])
+def test_front_door_mistakes_exit_2_without_traceback(argv, expected):
+    result = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr

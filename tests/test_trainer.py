@@ -1,0 +1,140 @@
+"""The training loop end to end on a tiny Kolmogorov task: outputs, exact resume, stops."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from difftrain.checkpoint import find_last, read_progress
+from difftrain.config import validate_config_dict
+from difftrain.engine import run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SIMULATION = {"size": 16, "coarsen": 1, "trajectories": 10, "steps": 8, "keep": 6}
+
+
+@pytest.fixture(scope="session")
+def tiny_field_data(tmp_path_factory):
+    from difftrain.data.kolmogorov import KolmogorovParams, ensure_dataset
+
+    folder = tmp_path_factory.mktemp("kolmogorov")
+    ensure_dataset(folder, KolmogorovParams(**TINY_SIMULATION), seed=0)
+    return folder
+
+
+def tiny_config(tmp_path: Path, data: Path, **changes):
+    settings = {
+        "task": "kolmogorov", "project_name": "tiny", "data_root": str(data),
+        "simulation": TINY_SIMULATION, "window": 2, "embedding": 8, "hidden_channels": [4, 8],
+        "hidden_blocks": [1, 1], "max_epochs": 3, "batch_size": 4, "lr": 1e-3,
+        "lr_scheduler": "linear", "sample_steps": 0, "sample_inference_steps": 4,
+        "tracker": "none", "logdir": str(tmp_path / "logs"), "runs_dir": str(tmp_path / "runs"),
+        "ckpt_every_n_minutes": 0, "seed": 7,
+    }
+    settings.update(changes)
+    return validate_config_dict(settings)
+
+
+def only_run_folder(tmp_path: Path) -> Path:
+    (folder,) = (tmp_path / "runs").iterdir()
+    return folder
+
+
+def test_a_run_writes_its_run_folder_and_log_folder(tmp_path, tiny_field_data):
+    assert run(tiny_config(tmp_path, tiny_field_data, save_every_n_epochs=1)) == 0
+    folder = only_run_folder(tmp_path)
+    name, run_id = folder.name.rsplit("_", 1)
+    assert len(run_id) == 8 and name.count("-") == 2 and name.endswith("-1")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["task"] == "kolmogorov" and config["seed"] == 7
+    state = torch.load(folder / "state.pth", weights_only=True)
+    assert any(key.startswith("stem.") for key in state)
+    events = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_train", "lr", "epoch"} <= set(events[0])
+    assert sum("loss_valid" in event for event in events) == 3  # one per epoch
+    assert list((folder / "samples").glob("*.png"))
+    (log_folder,) = (tmp_path / "logs").iterdir()
+    names = sorted(path.name for path in (log_folder / "ckpts").iterdir())
+    # 8 training trajectories x 5 windows of 2 states = 40 items: 10 steps per epoch of 4.
+    assert names == ["last-tiny-ep03-gs00030", "tiny-ep01-gs00010", "tiny-ep02-gs00020", "tiny-ep03-gs00030"]
+    assert (log_folder / "settings.json").is_file()
+
+
+def test_the_saved_config_reproduces_the_run_bitwise(tmp_path, tiny_field_data):
+    assert run(tiny_config(tmp_path / "a", tiny_field_data)) == 0
+    first = only_run_folder(tmp_path / "a")
+    replay = validate_config_dict({**json.loads((first / "config.json").read_text()),
+                                   "runs_dir": str(tmp_path / "b" / "runs"),
+                                   "logdir": str(tmp_path / "b" / "logs")})
+    assert run(replay) == 0
+    second = only_run_folder(tmp_path / "b")
+    a = torch.load(first / "state.pth", weights_only=True)
+    b = torch.load(second / "state.pth", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_resume_mid_epoch_gives_bitwise_identical_weights(tmp_path, tiny_field_data):
+    full = tiny_config(tmp_path / "full", tiny_field_data, ckpt_every_n_steps=3)
+    assert run(full) == 0
+    ckpts = next((tmp_path / "full" / "logs").iterdir()) / "ckpts"
+    middle = ckpts / "tiny-ep00-gs00003"  # 10 batches per epoch: step 3 is inside epoch 0
+    assert read_progress(middle).batch_in_epoch == 3
+    resumed = tiny_config(tmp_path / "resumed", tiny_field_data, resume_ckpt=str(middle))
+    assert run(resumed) == 0
+    a = torch.load(only_run_folder(tmp_path / "full") / "state.pth", weights_only=True)
+    b = torch.load(only_run_folder(tmp_path / "resumed") / "state.pth", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    found, skipped = find_last(tmp_path / "full" / "logs", "tiny")
+    assert found is not None and found.name.startswith("last-") and not skipped
+
+
+def test_findlast_skips_incomplete_checkpoints(tmp_path, tiny_field_data):
+    assert run(tiny_config(tmp_path, tiny_field_data, ckpt_every_n_steps=5)) == 0
+    ckpts = next((tmp_path / "logs").iterdir()) / "ckpts"
+    half_written = ckpts / "tiny-ep09-gs99999"
+    half_written.mkdir()
+    (half_written / "model.safetensors").write_bytes(b"partial")
+    found, skipped = find_last(tmp_path / "logs", "tiny")
+    assert found is not None and found != half_written and half_written in skipped
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, tiny_field_data, monkeypatch, capsys):
+    from difftrain.tasks.kolmogorov import KolmogorovTask
+
+    original = KolmogorovTask.loss
+    calls = {"n": 0}
+
+    def loss_that_breaks(self, model, batch, generator):
+        calls["n"] += 1
+        value = original(self, model, batch, generator)
+        return value * float("nan") if calls["n"] == 8 else value
+
+    monkeypatch.setattr(KolmogorovTask, "loss", loss_that_breaks)
+    assert run(tiny_config(tmp_path, tiny_field_data, ckpt_every_n_steps=5)) == 1
+    assert "loss became nan" in capsys.readouterr().err
+    found, _ = find_last(tmp_path / "logs", "tiny")
+    assert found is not None and found.name == "tiny-ep00-gs00005"
+
+
+def test_ctrl_c_saves_an_interrupted_checkpoint_and_exits_130(tmp_path, tiny_field_data):
+    config = tiny_config(tmp_path, tiny_field_data, max_epochs=100000).model_dump(mode="json")
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(config))
+    process = subprocess.Popen([sys.executable, "train.py", str(path)], cwd=REPO,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "runs").glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    found, _ = find_last(tmp_path / "logs", "tiny")
+    assert found is not None and found.name.startswith("interrupted-tiny-")
+    assert "--resume_ckpt" in stderr and "Traceback" not in stderr
