@@ -82,11 +82,13 @@ def test_energy_spectrum_looks_like_2d_turbulence(turbulent_run):
     assert slope < -2.5
 
 
-def test_vorticity_shows_the_forcing_bands(turbulent_run):
-    w = vorticity(turbulent_run[:, -50:])
+@pytest.mark.parametrize("coarsen", [1, 2])
+def test_vorticity_shows_the_forcing_bands(turbulent_run, coarsen):
+    size = TURBULENT.size // coarsen
+    w = vorticity(kolmogorov.coarsen_mean(turbulent_run[:, -50:], coarsen))
     profile = w.double().mean(dim=(0, 1, 2))  # average over trajectories, time and x: a function of y
-    y = cell_centres(TURBULENT.size)
-    # The forcing (sin 4y, 0) drives vorticity -4 cos(4y): the mean profile must be that band.
+    y = cell_centres(size)
+    # The forcing (sin 4y, 0) drives vorticity -4 cos(4y): the mean profile must be those 4 bands.
     cosine_amplitude = 2 * (profile * torch.cos(TURBULENT.wavenumber * y)).mean()
     assert cosine_amplitude < -0.5
     assert cosine_amplitude.square() / 2 > 0.7 * profile.square().mean()
@@ -110,7 +112,7 @@ def test_advection_matches_an_independent_tendency():
     n = 32
     params = KolmogorovParams(size=n, coarsen=1, steps=2, keep=2, dt=1e-3, reynolds=1e12, drag=0.0, forcing_amplitude=0.0)
     states = simulate(params, 1, seed=1, device="cpu", progress=False)[0].double()
-    first, second = vorticity(states[0]), vorticity(states[1])
+    first, second = vorticity(states[0], method="spectral"), vorticity(states[1], method="spectral")
     middle = (states[0] + states[1]) / 2
     w_dx, w_dy = spectral_derivatives((first + second) / 2)
     k = torch.fft.fftfreq(n, 1.0 / n)
@@ -271,7 +273,13 @@ def test_vorticity_of_known_fields():
     y = cell_centres(n)[None, :].expand(n, n)
     velocity = torch.stack((torch.sin(2 * y), torch.cos(3 * x))).float()
     expected = -3 * torch.sin(3 * x) - 2 * torch.cos(2 * y)
-    torch.testing.assert_close(vorticity(velocity[None, None]), expected.float()[None, None], atol=1e-4, rtol=0)
+    torch.testing.assert_close(vorticity(velocity[None, None], method="spectral"), expected.float()[None, None], atol=1e-4, rtol=0)
+    # Centred differences damp wavenumber k by sin(k h) / (k h).
+    h = 2 * math.pi / n
+    damped = -3 * math.sin(3 * h) / (3 * h) * torch.sin(3 * x) - 2 * math.sin(2 * h) / (2 * h) * torch.cos(2 * y)
+    torch.testing.assert_close(vorticity(velocity), damped.float(), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="method"):
+        vorticity(velocity, method="upwind")
 
 
 def test_forcing_pattern_varies_along_the_last_dim():
@@ -291,3 +299,14 @@ def test_render_vorticity_grid_and_colors():
     red, white, blue = pixels[5, 5], pixels[5, 40], pixels[40, 2 * 34 + 5]
     assert red[0] > red[2] + 80 and blue[2] > blue[0] + 80
     assert (white > 240).all()
+
+
+@pytest.mark.slow
+def test_quickstart_data_shows_the_four_bands():
+    params = kolmogorov.QUICKSTART_PARAMS
+    x = simulate(params, 8, seed=0, device="cpu", progress=False)
+    assert x.shape == (8, params.keep, 2, 32, 32)
+    profile = vorticity(x).double().mean(dim=(0, 1, 2))
+    cosine_amplitude = 2 * (profile * torch.cos(params.wavenumber * cell_centres(32))).mean()
+    assert cosine_amplitude < -0.8
+    assert cosine_amplitude.square() / 2 > 0.8 * profile.square().mean()
