@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from sd_fixtures import tiny_sd15, tiny_sd2v, tiny_sdxl  # noqa: F401  (fixtures)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -336,7 +336,9 @@ def sdxl_time_ids(
 
 def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A diffusers FrozenDict config as plain JSON-compatible data."""
-    return json.loads(json.dumps({k: v for k, v in dict(config).items()}, default=list))
+    # Where a module was loaded from is no part of its architecture (and not JSON).
+    kept = {k: v for k, v in dict(config).items() if k not in ("_name_or_path", "_use_default_values")}
+    return json.loads(json.dumps(kept, default=lambda value: list(value) if isinstance(value, (tuple, set)) else str(value)))
 
 
 def _noise_scheduler(scheduler_config: Mapping[str, Any], prediction_type: str):
@@ -391,7 +393,8 @@ def resolve_model_path(name: str | Path, search_dirs: Iterable[str | Path] = (),
                 return candidate
     for folder in dirs:
         if folder.is_dir():
-            matches = [p for p in folder.rglob(Path(name).name) if _is_model_candidate(p)]
+            wanted = {Path(name).name} | {Path(name).name + suffix for suffix in SINGLE_FILE_SUFFIXES}
+            matches = [p for p in folder.rglob("*") if p.name in wanted and _is_model_candidate(p)]
             if len(matches) == 1:
                 return matches[0]
     listing = []
@@ -773,15 +776,19 @@ def _vae_from_original(flat: Mapping[str, torch.Tensor], config: Mapping[str, An
     return state
 
 
-def _canonical_text_encoder_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Any supported text-encoder file layout to canonical HF CLIP keys."""
+def _canonical_text_encoder_state(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Any supported text-encoder file layout to canonical HF CLIP keys, and its layout name.
+
+    The layout ('hf' or 'openclip') tells which SDXL encoder a file is for when the shapes
+    alone cannot (SDXL's second encoder is the OpenCLIP one).
+    """
     for prefix in ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.", "cond_stage_model.model.", "conditioner.embedders.1.model."):
         if any(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             break
     if any(k.startswith("transformer.resblocks.") for k in tensors):
-        return sf.openclip_text_encoder_to_hf(tensors)
-    return {sf.canonical_text_encoder_key(k): v for k, v in tensors.items() if not k.endswith("position_ids")}
+        return sf.openclip_text_encoder_to_hf(tensors), "openclip"
+    return {sf.canonical_text_encoder_key(k): v for k, v in tensors.items() if not k.endswith("position_ids")}, "hf"
 
 
 def replace_text_encoder(model: SDModel, source: Path) -> None:
@@ -809,8 +816,12 @@ def replace_text_encoder(model: SDModel, source: Path) -> None:
             tensors.update(read_state_dict(weights)[0])
     else:
         tensors = read_state_dict(source)[0]
-    canonical = _canonical_text_encoder_state(tensors)
-    for index, encoder in enumerate(model.text_encoders):
+    canonical, layout = _canonical_text_encoder_state(tensors)
+    order = list(range(len(model.text_encoders)))
+    if model.family == "sdxl" and (layout == "openclip" or "text_projection.weight" in canonical):
+        order.reverse()  # the OpenCLIP / projected one is SDXL's second encoder
+    for index in order:
+        encoder = model.text_encoders[index]
         own = {sf.canonical_text_encoder_key(k): v for k, v in encoder.state_dict().items() if not k.endswith("position_ids")}
         own_layers = {k for k in own if k != "text_projection.weight"}
         given = {k: v for k, v in canonical.items() if k in own}
