@@ -43,6 +43,12 @@ class Task(Protocol):
     def load_model(self, model: nn.Module, folder: Path) -> None: ...
     def run_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
 
+    # Only with rectified_flow (velocity_fn(z, s, **cond) in difftrain.objectives' time convention):
+    def flow_velocity_fn(self, model: nn.Module) -> Any: ...
+    def flow_probe(self) -> tuple[torch.Tensor, Optional[dict[str, Any]]]: ...  # fixed noise, cond
+    def reflow_inputs(self, stage: int, batches: int) -> tuple[list[torch.Tensor], Optional[list[Any]]]: ...
+    def use_reflow_pairs(self, pairs: Optional[Any]) -> None: ...  # None: train on the data again
+
 
 class TrainingStopped(Exception):
     """The run cannot go on (NaN loss); the last good checkpoint stays the newest."""
@@ -185,9 +191,15 @@ class Trainer:
         if micro_per_epoch == 0:
             raise ConfigError(f"batch_size {config.batch_size} x {world} process(es) is larger than the "
                               "training set; lower batch_size or add data.")
-        steps_per_epoch = max(1, micro_per_epoch // config.gradient_accumulation_steps)
-        total_steps = config.max_steps or steps_per_epoch * config.max_epochs
-        max_epochs = math.ceil(total_steps / steps_per_epoch) if config.max_steps else config.max_epochs
+        accumulation = config.gradient_accumulation_steps
+        steps_per_epoch = max(1, micro_per_epoch // accumulation)
+        stage0_steps = config.max_steps or steps_per_epoch * config.max_epochs
+        stage0_epochs = math.ceil(stage0_steps / steps_per_epoch) if config.max_steps else config.max_epochs
+        schedule = self._reflow_schedule(stage0_epochs)
+        # Each reflow epoch trains on reflow_gen_batches batches of generated pairs, split over processes.
+        reflow_steps_per_epoch = max(1, config.reflow_gen_batches // world // accumulation)
+        total_steps = stage0_steps + config.reflow_steps * config.reflow_train_epochs * reflow_steps_per_epoch
+        max_epochs = schedule.total_epochs
         units = max_epochs if config.scheduler_interval == "epoch" else total_steps
         scheduler = make_scheduler(config, optimizer, units)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -227,6 +239,8 @@ class Trainer:
         with StopRequest() as stop:
             try:
                 while progress.epoch < max_epochs and progress.global_step < total_steps:
+                    if config.rectified_flow:
+                        self._enter_stage(schedule, progress, model, log_folder, tracker)
                     model.train()
                     batches = task.epoch_batches(progress.epoch, rank, world)
                     for index in range(progress.batch_in_epoch, len(batches)):
@@ -266,14 +280,20 @@ class Trainer:
                             checkpoint()
                         if progress.global_step >= total_steps:
                             break
+                        if progress.global_step == stage0_steps and schedule.reflow_steps and \
+                                progress.epoch < schedule.max_epochs:
+                            break  # max_steps ended stage 0 inside an epoch: go on to reflow
                     if stop.signal is not None:
                         break
-                    if progress.batch_in_epoch >= len(batches):
+                    if progress.batch_in_epoch >= len(batches) or progress.global_step == stage0_steps:
                         progress.epoch += 1
                         progress.batch_in_epoch = 0
                         if config.scheduler_interval == "epoch":
                             scheduler.step()
                         self._validate(model, tracker, progress)
+                        if config.rectified_flow and (progress.epoch == max_epochs or
+                                                      schedule.position(progress.epoch).epoch_in_stage == 0):
+                            self._measure_flow(model, tracker, progress)
                         if config.save_every_n_epochs and progress.epoch % config.save_every_n_epochs == 0:
                             checkpoint()
                 if stop.signal is not None:
@@ -309,6 +329,67 @@ class Trainer:
             raise ConfigError(f"resume_ckpt '{name}' is not a checkpoint folder (it has no "
                               "trainer_state.json). Point it at logs/<run>/ckpts/<folder> or use 'findlast'.")
         return found
+
+    def _reflow_schedule(self, stage0_epochs: int):
+        from difftrain.reflow import ReflowSchedule
+
+        config = self.config
+        if config.reflow_steps and not config.rectified_flow:
+            raise ConfigError("reflow_steps needs rectified_flow: reflow straightens a rectified flow. "
+                              "Add --rectified_flow or set reflow_steps to 0.")
+        return ReflowSchedule(max_epochs=stage0_epochs, reflow_steps=config.reflow_steps,
+                              reflow_train_epochs=config.reflow_train_epochs,
+                              reflow_sample_steps=config.reflow_sample_steps,
+                              sample_steps=config.sample_steps, reflow_gen_batches=config.reflow_gen_batches,
+                              batch_size=config.batch_size)
+
+    def _enter_stage(self, schedule, progress: Progress, model, log_folder: Optional[Path], tracker) -> None:
+        """Point the task at this epoch's training data: the data set, or a reflow stage's pairs.
+
+        Pairs live under the log folder of the run that generated them; the path travels in the
+        checkpoint, so a resumed run trains on the very same pairs instead of regenerating them.
+        """
+        from difftrain.reflow import ReflowPairDataset, ReflowSchedule, generate_reflow_pairs
+
+        position = schedule.position(progress.epoch)
+        progress.stage, progress.epoch_in_stage = position.stage, position.epoch_in_stage
+        if position.stage == 0:
+            self.task.use_reflow_pairs(None)
+            return
+        if "reflow_root" not in progress.extra:
+            progress.extra["reflow_root"] = str((log_folder or Path(self.config.logdir)) / "reflow")
+        pairs_dir = ReflowSchedule.pairs_dir(progress.extra["reflow_root"], position.stage)
+        if position.needs_new_pairs and progress.batch_in_epoch == 0:
+            if self.is_main:
+                _say(f"reflow {position.stage}/{schedule.reflow_steps}: generating "
+                     f"{schedule.samples_per_iteration} pairs with {schedule.simulation_steps} Euler steps")
+                model.eval()
+                velocity = self.task.flow_velocity_fn(self.accelerator.unwrap_model(model))
+                noise, cond = self.task.reflow_inputs(position.stage, self.config.reflow_gen_batches)
+                with torch.no_grad(), self.accelerator.autocast():
+                    generate_reflow_pairs(velocity, noise, schedule.simulation_steps, cond, pairs_dir)
+                model.train()
+            self.accelerator.wait_for_everyone()
+        self.task.use_reflow_pairs(ReflowPairDataset(pairs_dir))
+
+    def _measure_flow(self, model, tracker, progress: Progress) -> None:
+        """Straightness and 1-step vs N-step distance on fixed noise, at the end of each stage."""
+        if not self.is_main:
+            return
+        from difftrain.reflow import one_step_vs_n_step_distance, straightness
+
+        model.eval()
+        velocity = self.task.flow_velocity_fn(self.accelerator.unwrap_model(model))
+        noise, cond = self.task.flow_probe()
+        steps = self.config.sample_inference_steps
+        with torch.no_grad(), self.accelerator.autocast():
+            metrics = {"straightness": straightness(velocity, noise, steps, cond=cond),
+                       "one_vs_n_step_distance": one_step_vs_n_step_distance(velocity, noise, steps, cond=cond),
+                       "reflow_stage": progress.stage}
+        model.train()
+        tracker.log(metrics, step=progress.global_step)
+        _say(f"after stage {progress.stage}: straightness {metrics['straightness']:.4f}, "
+             f"1-step vs {steps}-step distance {metrics['one_vs_n_step_distance']:.4f}")
 
     def _resume(self, model, optimizer, scheduler, generator) -> Progress:
         folder = self.resume_from

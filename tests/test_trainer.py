@@ -138,3 +138,35 @@ def test_ctrl_c_saves_an_interrupted_checkpoint_and_exits_130(tmp_path, tiny_fie
     found, _ = find_last(tmp_path / "logs", "tiny")
     assert found is not None and found.name.startswith("interrupted-tiny-")
     assert "--resume_ckpt" in stderr and "Traceback" not in stderr
+
+
+def test_reflow_runs_every_stage_and_resumes_inside_a_reflow_iteration_exactly(tmp_path, tiny_field_data):
+    settings = dict(rectified_flow=True, reflow_steps=2, reflow_gen_batches=3, max_epochs=2,
+                    reflow_sample_steps=4, ckpt_every_n_steps=7)
+    assert run(tiny_config(tmp_path / "full", tiny_field_data, **settings)) == 0
+    log_folder = next((tmp_path / "full" / "logs").iterdir())
+    pairs = sorted(path.name for path in (log_folder / "reflow").iterdir())
+    assert pairs == ["reflow_stage_01", "reflow_stage_02"]
+    events = [json.loads(line) for line in (only_run_folder(tmp_path / "full") / "metrics.jsonl").open()]
+    measured = [event for event in events if "straightness" in event]
+    assert [event["reflow_stage"] for event in measured] == [0, 1, 2]
+    assert all(event["straightness"] >= 0 and event["one_vs_n_step_distance"] >= 0 for event in measured)
+    # 20 steps of stage 0, then 3 per reflow epoch: step 21 is inside reflow iteration 1.
+    inside = log_folder / "ckpts" / "tiny-ep02-gs00021"
+    progress = read_progress(inside)
+    assert (progress.stage, progress.batch_in_epoch) == (1, 1)
+    shard = next((log_folder / "reflow" / "reflow_stage_01").glob("pairs-*.safetensors"))
+    before = shard.stat().st_mtime_ns
+    resumed = tiny_config(tmp_path / "resumed", tiny_field_data, resume_ckpt=str(inside), **settings)
+    assert run(resumed) == 0
+    assert shard.stat().st_mtime_ns == before  # the resumed run trained on the stored pairs
+    a = torch.load(only_run_folder(tmp_path / "full") / "state.pth", weights_only=True)
+    b = torch.load(only_run_folder(tmp_path / "resumed") / "state.pth", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_reflow_without_rectified_flow_is_refused(tmp_path, tiny_field_data):
+    from difftrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reflow_steps needs rectified_flow"):
+        run(tiny_config(tmp_path, tiny_field_data, reflow_steps=1))

@@ -16,6 +16,8 @@ from difftrain.config import Config
 from difftrain.data.fields import TrajectoryDataset
 from difftrain.data.kolmogorov import KolmogorovParams, dataset_paths, ensure_dataset, render_vorticity, vorticity
 from difftrain.models.score import ScoreUNet
+from difftrain.objectives import RectifiedFlowObjective
+from difftrain.sampling import sample_flow_euler
 from difftrain.sde import VPSDE
 
 MODEL_FILE = "model.safetensors"
@@ -47,7 +49,9 @@ def epoch_permutation_batches(num_items: int, batch_size: int, seed: int, epoch:
 
 
 class KolmogorovTask:
-    """Epsilon-prediction training of the score network on windows of Kolmogorov trajectories."""
+    """The score network on windows of Kolmogorov trajectories: VP-SDE epsilon loss, or with
+    `rectified_flow` the velocity of the straight path from data (s=0) to noise (s=1), the
+    network's time input being s itself (timestep_scale 1, same as the VP-SDE's t in [0, 1])."""
 
     def __init__(self, config: Config, accelerator: Any):
         self.config = config
@@ -64,21 +68,38 @@ class KolmogorovTask:
         self.valid_set = TrajectoryDataset(paths["valid"], config.window)
         self.model = build_score_network(config)
         self.sde = VPSDE()
+        self.flow = RectifiedFlowObjective(time_sampling=config.timestep_sampling, timestep_scale=1.0) \
+            if config.rectified_flow else None
+        self.pairs: Optional[Any] = None  # a ReflowPairDataset while a reflow stage trains
 
     # ---- data ---------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def epoch_batches(self, epoch: int, rank: int, world_size: int) -> Sequence[Sequence[int]]:
-        return epoch_permutation_batches(len(self.train_set), self.config.batch_size, self.config.seed,
-                                         epoch, rank, world_size)
+        items = len(self.pairs) if self.pairs is not None else len(self.train_set)
+        return epoch_permutation_batches(items, self.config.batch_size, self.config.seed, epoch, rank, world_size)
 
-    def collate(self, indices: Sequence[int], epoch: int) -> torch.Tensor:
+    def collate(self, indices: Sequence[int], epoch: int) -> Any:
+        if self.pairs is not None:
+            pairs = [self.pairs[i] for i in indices]
+            return {"x0": torch.stack([p["x0"] for p in pairs]).to(self.device),
+                    "noise": torch.stack([p["noise"] for p in pairs]).to(self.device)}
         return torch.stack([self.train_set[i] for i in indices]).to(self.device)
 
     # ---- objective ----------------------------------------------------------------------------------
-    def loss(self, model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.sde.loss(model, batch, generator)
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        if self.flow is None:
+            return self.sde.loss(model, batch, generator)
+        if isinstance(batch, dict):  # reflow: the coupling (noise, endpoint) is given
+            flow_time = self.flow.sample_flow_time(batch["x0"].shape[0], generator, self.device)
+            return self.flow.flow_loss(model, batch["x0"], batch["noise"], flow_time)[0]
+        return self.flow.loss(model, batch, generator)[0]
+
+    def _loss_with_fixed_draws(self, model: nn.Module, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.flow is None:
+            return self.sde.loss(model, batch, generator)
+        return self.flow.loss(model, batch, generator)[0]
 
     def validation_loss(self, model: nn.Module) -> Optional[float]:
         count = min(len(self.valid_set), MAX_VALIDATION_ITEMS)
@@ -91,7 +112,7 @@ class KolmogorovTask:
         for start in range(0, count, self.config.batch_size):
             chunk = indices[start:start + self.config.batch_size]
             batch = torch.stack([self.valid_set[i] for i in chunk]).to(self.device)
-            total += self.sde.loss(model, batch, generator).item() * len(chunk)
+            total += self._loss_with_fixed_draws(model, batch, generator).item() * len(chunk)
             seen += len(chunk)
         return total / seen
 
@@ -100,9 +121,33 @@ class KolmogorovTask:
         example = self.train_set[0]
         shape = (self.config.num_samples, *example.shape)
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        x = self.sde.sample(model, shape, self.config.sample_inference_steps, generator, self.device)
+        if self.flow is None:
+            x = self.sde.sample(model, shape, self.config.sample_inference_steps, generator, self.device)
+        else:
+            noise = torch.randn(shape, generator=generator, device=self.device)
+            x = sample_flow_euler(self.flow.velocity_fn(model), noise, self.config.sample_inference_steps)
         states = x.float().cpu().unflatten(1, (self.config.window, 2))  # (samples, window, 2, H, W)
         return {"vorticity": render_vorticity(vorticity(states))}
+
+    # ---- rectified flow and reflow -------------------------------------------------------------------
+    def flow_velocity_fn(self, model: nn.Module):
+        assert self.flow is not None
+        return self.flow.velocity_fn(model)
+
+    def _noise(self, count: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn((count, *self.train_set[0].shape), generator=generator).to(self.device)
+
+    def flow_probe(self) -> tuple[torch.Tensor, None]:
+        return self._noise(16, VALIDATION_SEED), None
+
+    def reflow_inputs(self, stage: int, batches: int) -> tuple[list[torch.Tensor], None]:
+        # Seeded by (seed, stage): a generation resumed after a crash pairs shards with the same noise.
+        return [self._noise(self.config.batch_size, self.config.seed * 1000 + stage * 100 + index)
+                for index in range(batches)], None
+
+    def use_reflow_pairs(self, pairs: Optional[Any]) -> None:
+        self.pairs = pairs
 
     # ---- persistence ------------------------------------------------------------------------------
     def write_model(self, model: nn.Module, folder: Path) -> None:
