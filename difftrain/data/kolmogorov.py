@@ -294,9 +294,10 @@ def _simulate_batches(
 def _cpu_threads_for(params: KolmogorovParams, device: torch.device) -> Iterator[None]:
     """Run small CPU simulations single-threaded, restoring the thread count afterwards.
 
-    FFTs of 128^2 and below are too small to gain from intra-op threads, and when the cores are
-    shared (CI, a laptop running other jobs) OpenMP threads waiting on each other made a 64^2
-    run 30x slower in measurements (0.96 s with one thread vs 29 s with two).
+    FFTs of 128^2 and below gain little from intra-op threads and lose badly when the cores are
+    shared (CI, a laptop running other jobs), because OpenMP threads wait on each other.
+    Measured on 2 cores at 64^2: quiet machine, batch 64, two threads 1.3x faster; with two
+    other busy processes, two threads 3.3x slower at batch 64 and 13-30x slower at batch 2.
     """
     if device.type != "cpu" or params.size > 128:
         yield
