@@ -491,7 +491,7 @@ def render_vorticity(w: torch.Tensor | np.ndarray, *, vmax: float | None = None,
         for col in range(cols):
             top, left = row * (cell_height + gap), col * (cell_width + gap)
             canvas[top : top + cell_height, left : left + cell_width] = cells[row, col]
-    return Image.fromarray(canvas, mode="RGB")
+    return Image.fromarray(canvas)  # uint8 (H, W, 3) is RGB
 
 
 def split_sizes(num_trajectories: int) -> dict[str, int]:
