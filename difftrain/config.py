@@ -50,7 +50,8 @@ class SimulationConfig(BaseModel):
 
     size: int = Field(256, gt=7, description="Simulation grid size (square, periodic).")
     coarsen: int = Field(4, ge=1, description="Spatial coarsening factor applied to the saved fields.")
-    trajectories: int = Field(1024, ge=3, description="Number of trajectories (split 80/10/10).")
+    trajectories: int = Field(1024, ge=6, description="Number of trajectories (split 80/10/10; at "
+                              "least 6 so each split gets one).")
     steps: int = Field(128, ge=1, description="Saved time steps simulated per trajectory.")
     keep: int = Field(64, ge=1, description="Last saved steps kept per trajectory.")
     dt: float = Field(0.2, gt=0, description="Time between saved states.")

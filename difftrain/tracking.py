@@ -113,7 +113,7 @@ class Tracker:
     def close(self) -> None:
         self._metrics.close()
         if self._wandb is not None:
-            self._wandb.finish(quiet=True)
+            self._wandb.finish()
 
 
 class NullTracker:

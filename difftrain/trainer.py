@@ -460,15 +460,16 @@ class Trainer:
             return
         model.eval()
         with torch.no_grad():
-            images = self.task.samples(self.accelerator.unwrap_model(model))
+            images = self.task.samples(self.accelerator.unwrap_model(model))  # images and metrics
         model.train()
-        if not images:
-            return
+        pictures = {key: value for key, value in images.items() if hasattr(value, "save")}
+        numbers = {key: value for key, value in images.items() if not hasattr(value, "save")}
         for folder in filter(None, (run_dir, log_folder)):
             (folder / "samples").mkdir(exist_ok=True)
-            for key, image in images.items():
+            for key, image in pictures.items():
                 image.save(folder / "samples" / f"{key}-gs{step:05d}.png")
-        tracker.log({}, step=step, images={"samples": list(images.values())})
+        if pictures or numbers:
+            tracker.log(numbers, step=step, images={"samples": list(pictures.values())} if pictures else None)
 
     def _print_summary(self, run_dir, log_folder, checkpoint_folder) -> None:
         lines = ["", "done."]

@@ -170,3 +170,11 @@ def test_reflow_without_rectified_flow_is_refused(tmp_path, tiny_field_data):
 
     with pytest.raises(ConfigError, match="reflow_steps needs rectified_flow"):
         run(tiny_config(tmp_path, tiny_field_data, reflow_steps=1))
+
+
+def test_wandb_offline_run_records_the_metrics(tmp_path, tiny_field_data):
+    assert run(tiny_config(tmp_path, tiny_field_data, tracker="wandb", max_epochs=1)) == 0
+    folder = only_run_folder(tmp_path)
+    run_id = folder.name.rsplit("_", 1)[1]
+    (offline,) = (folder / "wandb").glob(f"offline-run-*-{run_id}")
+    assert list(offline.glob("*.wandb")) and (folder / "state.pth").is_file()
