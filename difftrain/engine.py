@@ -17,8 +17,13 @@ def task_factory(config: Config):
         from difftrain.tasks.kolmogorov import KolmogorovTask
 
         return KolmogorovTask
+    if config.task == "sd" and config.mode in ("Full", "LoRA"):
+        from difftrain.tasks.sd import SDTask
+
+        return SDTask
     raise ConfigError(f"task '{config.task}' with mode '{config.mode}' is not available in this "
-                      "version yet; 'kolmogorov' is (see configs/quickstart.json).")
+                      "version yet; 'kolmogorov' and 'sd' with mode 'Full' or 'LoRA' are "
+                      "(see configs/quickstart.json, configs/sd15_finetune.json).")
 
 
 def run(config: Config, program: str = "difftrain") -> int:
