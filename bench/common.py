@@ -36,14 +36,11 @@ CACHE_ROOT = Path(tempfile.gettempdir()) / "difftrain-bench"
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "4090": 165.2e12}
 
-# The quickstart's network and data size (configs/quickstart.json): what a CPU user trains.
-QUICKSTART_SIMULATION = {"size": 64, "coarsen": 2, "trajectories": 64, "steps": 48, "keep": 24}
-QUICKSTART_NETWORK = {"window": 3, "embedding": 32, "hidden_channels": [16, 32, 64],
-                      "hidden_blocks": [1, 1, 1], "batch_size": 16}
+QUICKSTART = REPO / "configs" / "quickstart.json"  # what a CPU user trains: the engine's CPU size
 # The test suite's tiny size, for --smoke.
-SMOKE_SIMULATION = {"size": 16, "coarsen": 1, "trajectories": 10, "steps": 8, "keep": 6}
-SMOKE_NETWORK = {"window": 2, "embedding": 8, "hidden_channels": [4, 8], "hidden_blocks": [1, 1],
-                 "batch_size": 4}
+SMOKE_SETTINGS = {"simulation": {"size": 16, "coarsen": 1, "trajectories": 10, "steps": 8, "keep": 6},
+                  "window": 2, "embedding": 8, "hidden_channels": [4, 8], "hidden_blocks": [1, 1],
+                  "batch_size": 4}
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -74,9 +71,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="the engine's mixed_precision; the bare loop mirrors what it resolves to")
     parser.add_argument("--tracker", default=None, choices=["wandb", "none"],
                         help="the engine's tracker (default: wandb, as a user's run; none under --smoke)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice); 1 is steadier on "
+                             "cores shared with other work")
     parser.add_argument("--data-root", default=None,
                         help="Kolmogorov data folder (generated once when missing; default in "
                              f"{CACHE_ROOT})")
+
+
+def apply_threads(args) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
 
 def pick_device(name: str):
@@ -208,30 +215,35 @@ def current_memory_bytes(device) -> int:
 def kolmogorov_data_root(args) -> Path:
     if args.data_root:
         return Path(args.data_root)
-    return CACHE_ROOT / ("kolmogorov-smoke" if args.smoke else "kolmogorov-quickstart")
+    simulation = SMOKE_SETTINGS["simulation"] if args.smoke else \
+        json.loads(QUICKSTART.read_text(encoding="utf-8")).get("simulation", {})
+    # Keyed by the simulation settings: data made for an older quickstart is never reused.
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(simulation, sort_keys=True).encode()).hexdigest()[:10]
+    return CACHE_ROOT / f"kolmogorov-{'smoke' if args.smoke else 'quickstart'}-{key}"
 
 
 def engine_config(args, workdir: Path, *, max_steps: int):
-    """The Config the engine runs: the quickstart's Kolmogorov settings (or the test suite's tiny
-    ones under --smoke), with outputs in `workdir` and nothing periodic inside the timed steps
+    """The Config the engine runs: configs/quickstart.json's Kolmogorov settings (or the test
+    suite's tiny ones under --smoke), with outputs in `workdir` and nothing periodic inside the timed steps
     (no samples, no time-based checkpoints)."""
     from difftrain.config import validate_config_dict
 
-    network = SMOKE_NETWORK if args.smoke else QUICKSTART_NETWORK
-    simulation = SMOKE_SIMULATION if args.smoke else QUICKSTART_SIMULATION
+    settings = json.loads(QUICKSTART.read_text(encoding="utf-8"))
+    if args.smoke:
+        settings.update(SMOKE_SETTINGS)
     tracker = args.tracker or ("none" if args.smoke else "wandb")
-    settings = {
-        "task": "kolmogorov", "project_name": "bench", "data_root": str(kolmogorov_data_root(args)),
-        "simulation": simulation, **network, "kernel_size": 3, "activation": "SiLU",
-        "optimizer": "AdamW", "lr": 1e-4, "weight_decay": 1e-3, "lr_scheduler": "linear",
-        "scheduler_interval": "epoch", "max_steps": max_steps, "sample_steps": 0,
+    settings.update({
+        "project_name": "bench", "data_root": str(kolmogorov_data_root(args)),
+        "max_steps": max_steps, "sample_steps": 0,
         "sample_inference_steps": 1, "num_samples": 1, "tracker": tracker,
         "logdir": str(workdir / "logs"), "runs_dir": str(workdir / "runs"),
         # A save interval that never falls inside the measurement; without one the loop would
         # save every 20 minutes.
         "save_every_n_epochs": 10_000, "ckpt_every_n_minutes": 0,
         "validate_every_n_epochs": 10_000, "mixed_precision": args.mixed_precision, "seed": 1,
-    }
+    })
     if args.batch_size:
         settings["batch_size"] = args.batch_size
     return validate_config_dict(settings, source="bench")
@@ -407,12 +419,13 @@ def run_engine(args, max_steps: int, on_step_start: Callable[[int, Any, Any], No
 
 # ---- the bare loop ------------------------------------------------------------------------------------
 class BareLoop:
-    """The limit our step is held to: forward, backward, optimizer step, nothing else.
+    """The limit our step is held to: forward and loss, backward, optimizer step, nothing else.
 
     Same network and optimizer settings (built by the trainer's own `make_optimizer`), the same
-    precision the engine resolved to, and one batch made once and already on the device. The
-    network's class `forward` is called directly, skipping any wrapper accelerate put on the
-    instance.
+    precision the engine resolved to, the task's own loss (so the objective's math is the same
+    on both sides and the ratio is the loop's cost), and one batch made once, already on the
+    device. The network's class `forward` is called directly, skipping any wrapper accelerate
+    put on the instance.
     """
 
     def __init__(self, model, config, task, device, mixed_precision: str):
@@ -425,40 +438,14 @@ class BareLoop:
         self.optimizer = make_optimizer(config, [{"params": [p for p in model.parameters() if p.requires_grad]}])
         self.autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
         self.generator = torch.Generator(device=device).manual_seed(2)
-        self.forward = type(model).forward
-        if hasattr(task, "latents"):
-            self.latents, self.condition = task.latents, task.condition
-            self.alphas_cumprod = sd_alphas_cumprod().to(device, torch.float32)
-            self._loss = self._epsilon_loss
-        else:
-            batch_indices = task.epoch_batches(0, 0, 1)[0]
-            self.batch = task.collate(batch_indices, 0).to(device)
-            self.eta = task.sde.eta
-            self._loss = self._vp_loss
+        forward = type(model).forward
+        # The task's own loss (the same math as the engine's), over the network's class forward.
+        self.network = lambda *inputs, **keywords: forward(model, *inputs, **keywords)
+        self.task = task
+        self.batch = task.collate(task.epoch_batches(0, 0, 1)[0], 0)
 
-    def _vp_loss(self):
-        import math
-
-        import torch
-
-        x = self.batch
-        t = torch.rand(x.shape[0], generator=self.generator, device=x.device)
-        eps = torch.randn(x.shape, generator=self.generator, device=x.device)
-        mu = torch.cos(math.acos(math.sqrt(self.eta)) * t) ** 2
-        sigma = (1 - mu**2 + self.eta**2).sqrt()
-        noisy = mu[:, None, None, None] * x + sigma[:, None, None, None] * eps
-        return (self.forward(self.model, noisy, t) - eps).square().mean()
-
-    def _epsilon_loss(self):
-        import torch
-
-        x = self.latents
-        t = torch.randint(0, 1000, (x.shape[0],), generator=self.generator, device=x.device)
-        eps = torch.randn(x.shape, generator=self.generator, device=x.device)
-        abar = self.alphas_cumprod[t][:, None, None, None]
-        noisy = abar.sqrt() * x + (1 - abar).sqrt() * eps
-        prediction = self.forward(self.model, noisy, t.float(), **self.condition, return_dict=False)[0]
-        return (prediction.float() - eps).square().mean()
+    def _loss(self):
+        return self.task.loss(self.network, self.batch, self.generator)
 
     def step(self) -> None:
         """One training step."""

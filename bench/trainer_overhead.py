@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured steps of each side (default 10)")
     args = parser.parse_args()
     common.hide_gpu_unless(args.device)
+    common.apply_threads(args)
     device = common.pick_device(args.device)
     on_gpu = device.type == "cuda"
     blocks = args.blocks or (3 if args.smoke else 100 if on_gpu else 300)
