@@ -334,7 +334,8 @@ class SDTask:
         if not folder:
             return None
         path = Path(folder) / f"{config.save_lora_name or config.project_name}.safetensors"
-        if path.exists() and not config.save_overwrite:
+        # A resumed run may meet its own earlier output; the write then picks a free name instead.
+        if path.exists() and not config.save_overwrite and self.checkpoint is None:
             raise ConfigError(f"LoRA file {path} already exists; set save_overwrite true to replace it, or "
                               "choose another save_lora_name.")
         return path
@@ -578,9 +579,10 @@ class SDTask:
         'LoRA': the base model is NOT copied (it is unchanged and often gigabytes): the folder holds
         `lora.safetensors` (kohya/A1111 keys, float32, loadable with the pipeline's
         load_lora_weights) and `base_model.json`, a pointer to the base (path, VAE, text encoder,
-        family, prediction type) that a resume loads the base from. At the end of a run ('last-' and
-        'interrupted-' checkpoints) the LoRA is also written in save_precision to lora_dir (or
-        <models_dir>/lora, or the run's log folder) as <save_lora_name or project_name>.safetensors.
+        family, prediction type) that a resume loads the base from. When the run completes ('last-'
+        checkpoint) the LoRA is also written in save_precision to lora_dir (or <models_dir>/lora, or
+        the run's log folder) as <save_lora_name or project_name>.safetensors; an interrupted run
+        leaves it only in its checkpoint until it is resumed and finishes.
         """
         if not self.is_lora:
             view = self._model_view(model)
@@ -596,7 +598,7 @@ class SDTask:
         pointer.update(family=self.family, prediction_type=self.prediction_type)
         (folder / BASE_POINTER_FILE).write_text(json.dumps(pointer, indent=2), encoding="utf-8")
         name = folder.name.removeprefix(TEMP_PREFIX)
-        if name.startswith(("last-", "interrupted-")):
+        if name.startswith("last-"):
             self._write_output_lora(state, folder.parent.parent)
 
     def _lora_metadata(self) -> dict[str, str]:
