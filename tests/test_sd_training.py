@@ -242,3 +242,14 @@ def test_bucket_rules(tmp_path):
     train, valid = split_validation(items, 0.2, seed=1)
     assert len(valid) == 2 and sorted(train + valid) == items
     assert split_validation(items, 0.2, seed=1) == (train, valid)
+
+
+@pytest.mark.parametrize("preset, mode", [("sd15_finetune", "Full"), ("sd2v_finetune", "Full"), ("sdxl_lora", "LoRA")])
+def test_presets_validate_and_pick_the_sd_task(preset, mode):
+    from difftrain.config import load_config
+    from difftrain.engine import task_factory
+    from difftrain.tasks.sd import SDTask, buckets_for
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.json")
+    assert config.task == "sd" and config.mode == mode and task_factory(config) is SDTask
+    assert buckets_for(config)  # its resolution is a valid bucket setting
