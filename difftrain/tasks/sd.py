@@ -287,6 +287,12 @@ class SDTask:
 
     def _build_lora(self) -> SDTrainable:
         config, sd = self.config, self.sd
+        if config.network_type == "loha":
+            raise ConfigError("network_type 'loha' is not available in this version; use 'lierla' (LoRA) or "
+                              "'c3lier' (LoRA with 3x3 convolutions, network_conv_rank).")
+        if config.network_blocks:
+            raise ConfigError("network_blocks is not available in this version; leave it empty to train "
+                              "every block selected by network_element.")
         lora_dtype = DTYPES[config.lora_precision]
         place(sd.unet, self.device, self.frozen_dtype)
         for encoder in sd.text_encoders:
