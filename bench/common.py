@@ -51,6 +51,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps at a tiny size, to check the benchmark runs (CI); "
                              "its numbers mean nothing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice; 1 under --smoke). On "
+                             "cores shared with other work, 1 avoids threads spinning against the "
+                             "neighbours' (measured: a tiny UNet step 0.15 s with 1 thread, 3-10 s "
+                             "with 2 on 2 busy cores)")
     return parser
 
 
@@ -71,9 +76,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="the engine's mixed_precision; the bare loop mirrors what it resolves to")
     parser.add_argument("--tracker", default=None, choices=["wandb", "none"],
                         help="the engine's tracker (default: wandb, as a user's run; none under --smoke)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice); 1 is steadier on "
-                             "cores shared with other work")
     parser.add_argument("--data-root", default=None,
                         help="Kolmogorov data folder (generated once when missing; default in "
                              f"{CACHE_ROOT})")
@@ -82,8 +84,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def apply_threads(args) -> None:
     import torch
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None) or (1 if getattr(args, "smoke", False) else None)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def pick_device(name: str):
@@ -415,6 +418,88 @@ def run_engine(args, max_steps: int, on_step_start: Callable[[int, Any, Any], No
 
     shutil.rmtree(workdir, ignore_errors=True)
     return trainer
+
+
+# ---- alternating measurement ----------------------------------------------------------------------
+class Alternation:
+    """Engine steps and another loop's steps, alternating in blocks inside one engine run.
+
+    Use `on_step_start` as `run_engine`'s callback. At the first engine step it builds the other
+    loop with `make_other(task, accelerator)` (a zero-argument step function) and warms it up;
+    after `warmup` engine steps, every `block_steps` engine steps are timed as one block and
+    followed by `block_steps` steps of the other loop, timed alike. The clock is read (and a GPU
+    synchronized) only at block edges, so work the engine leaves queued, or syncs it forces in
+    the middle of a step, count where they belong. A block that crosses an epoch boundary is
+    dropped: that step also runs the epoch's bookkeeping.
+    """
+
+    def __init__(self, make_other: Callable[[Any, Any], Callable[[], None]], *, warmup: int, block_steps: int,
+                 count_flops: bool = False):
+        self.make_other = make_other
+        self.warmup = warmup
+        self.block_steps = block_steps
+        self.count_flops = count_flops
+        self.engine_times: list[float] = []  # seconds per step, one entry per block
+        self.other_times: list[float] = []
+        self.flops: Optional[float] = None
+        self.precision: Optional[str] = None
+        self._other: Optional[Callable[[], None]] = None
+        self._started = 0
+        self._block_start = 0.0
+        self._block_epoch: Optional[int] = None
+
+    def steps_for(self, blocks: int) -> int:
+        """max_steps for the engine so that `blocks` blocks complete."""
+        return self.warmup + blocks * self.block_steps + 1
+
+    def on_step_start(self, epoch: int, task: Any, accelerator: Any) -> None:
+        device = accelerator.device
+        if self._other is None:
+            self.precision = accelerator.mixed_precision
+            other = self.make_other(task, accelerator)
+            for _ in range(self.warmup):
+                other()
+            if self.count_flops:
+                self.flops = flops_per_step(other)
+            self._other = other
+        completed = self._started
+        self._started += 1
+        block_ends = completed > self.warmup and (completed - self.warmup) % self.block_steps == 0
+        if completed < self.warmup or not (block_ends or completed == self.warmup):
+            return  # no clock reading (and no sync) inside a block
+        synchronize(device)
+        if block_ends and epoch == self._block_epoch:
+            self.engine_times.append((now() - self._block_start) / self.block_steps)
+            start = now()
+            for _ in range(self.block_steps):
+                self._other()
+            synchronize(device)
+            self.other_times.append((now() - start) / self.block_steps)
+        self._block_start, self._block_epoch = now(), epoch
+
+    def summary(self) -> tuple[float, float]:
+        """(median engine step, median other step) in seconds."""
+        if not self.engine_times:
+            raise SystemExit("no block was measured; raise --blocks")
+        return median(self.engine_times), median(self.other_times)
+
+
+def add_alternation_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--blocks", type=int, default=None,
+                        help=f"alternations of engine and {what} measured (default 300 on CPU, 100 on GPU)")
+    parser.add_argument("--block-steps", type=int, default=None,
+                        help="steps per block (default 1 on CPU; 10 on GPU, so that a host-device "
+                             "sync inside a step shows up as the pipeline stall it causes)")
+    parser.add_argument("--warmup", type=int, default=None, help="unmeasured steps of each side (default 10)")
+
+
+def alternation_settings(args, device) -> tuple[int, int, int]:
+    """(blocks, block_steps, warmup) from the options and the device."""
+    on_gpu = device.type == "cuda"
+    blocks = args.blocks or (3 if args.smoke else 100 if on_gpu else 300)
+    block_steps = args.block_steps or (2 if args.smoke else 10 if on_gpu else 1)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 10)
+    return blocks, block_steps, warmup
 
 
 # ---- the bare loop ------------------------------------------------------------------------------------

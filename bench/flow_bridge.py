@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="scored samples (default 512)")
     args = parser.parse_args()
     common.hide_gpu_unless(args.device)
+    common.apply_threads(args)
     device = common.pick_device(args.device)
     import torch
 
