@@ -313,7 +313,7 @@ TRAINTRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 # Keys the reference trainers write that carry no meaning here; accepted so presets load unchanged.
-IGNORED_KEYS = frozenset({"mode_specific", "neg_prompt", "original_prompt_weight"})
+IGNORED_KEYS = frozenset({"$schema", "mode_specific", "neg_prompt", "original_prompt_weight"})
 
 
 # --- loading ---------------------------------------------------------------------------------------

@@ -43,6 +43,12 @@ class Task(Protocol):
     def load_model(self, model: nn.Module, folder: Path) -> None: ...
     def run_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
 
+    # Optional hooks. before_batch(global_step, epoch): before each micro-batch (e.g. ADDifT picks
+    # its direction from the step, so a resumed run alternates exactly as the original did).
+    # after_step(model, global_step, log_folder): main process, after each optimizer step
+    # (intermediate exports such as TrainTrain's save_per_steps). finish(model, log_folder, run_dir):
+    # main process, once, after a run completes (not after an interrupt): the user-facing export.
+
     # Only with rectified_flow (velocity_fn(z, s, **cond) in difftrain.objectives' time convention):
     def flow_velocity_fn(self, model: nn.Module) -> Any: ...
     def flow_probe(self) -> tuple[torch.Tensor, Optional[dict[str, Any]]]: ...  # fixed noise, cond
@@ -245,6 +251,8 @@ class Trainer:
                     batches = task.epoch_batches(progress.epoch, rank, world)
                     for index in range(progress.batch_in_epoch, len(batches)):
                         batch = task.collate(batches[index], progress.epoch)
+                        if hasattr(task, "before_batch"):
+                            task.before_batch(progress.global_step, progress.epoch)
                         with accelerator.accumulate(model):
                             with accelerator.autocast():
                                 loss = task.loss(model, batch, generator)
@@ -273,6 +281,8 @@ class Trainer:
                         bar.update(1)
                         if config.sample_steps and progress.global_step % config.sample_steps == 0:
                             self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
+                        if hasattr(task, "after_step") and self.is_main:
+                            task.after_step(accelerator.unwrap_model(model), progress.global_step, log_folder)
                         if stop.signal is not None:
                             break
                         if (ckpt_minutes and time.monotonic() - last_save >= ckpt_minutes * 60) or \
@@ -306,6 +316,8 @@ class Trainer:
                     saved = checkpoint("last-")
                     bar.close()
                     self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
+                    if hasattr(task, "finish") and self.is_main:
+                        task.finish(accelerator.unwrap_model(model), log_folder, run_dir)
             finally:
                 bar.close()
                 tracker.close()
