@@ -484,6 +484,16 @@ class Alternation:
         return median(self.engine_times), median(self.other_times)
 
 
+def engine_torch_optimizer(accelerator) -> Any:
+    """The torch optimizer the engine prepared (inside accelerate's wrapper), or None.
+
+    `_optimizers` is accelerate's private list of what `prepare` returned; if a future version
+    drops it, the bare loop falls back to an optimizer of its own with the same settings.
+    """
+    prepared = getattr(accelerator, "_optimizers", None) or []
+    return getattr(prepared[0], "optimizer", None) if prepared else None
+
+
 def add_alternation_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--blocks", type=int, default=None,
                         help=f"alternations of engine and {what} measured (default 300 on CPU, 100 on GPU)")
@@ -506,21 +516,23 @@ def alternation_settings(args, device) -> tuple[int, int, int]:
 class BareLoop:
     """The limit our step is held to: forward and loss, backward, optimizer step, nothing else.
 
-    Same network and optimizer settings (built by the trainer's own `make_optimizer`), the same
+    Same network, the same optimizer (the engine's own torch optimizer when given, so an SD-size
+    UNet does not carry two AdamW states; else one built by the trainer's `make_optimizer`), the same
     precision the engine resolved to, the task's own loss (so the objective's math is the same
     on both sides and the ratio is the loop's cost), and one batch made once, already on the
     device. The network's class `forward` is called directly, skipping any wrapper accelerate
     put on the instance.
     """
 
-    def __init__(self, model, config, task, device, mixed_precision: str):
+    def __init__(self, model, config, task, device, mixed_precision: str, engine_optimizer=None):
         import torch
 
         from difftrain.trainer import make_optimizer
 
         self.model = model
         self.device = device
-        self.optimizer = make_optimizer(config, [{"params": [p for p in model.parameters() if p.requires_grad]}])
+        self.optimizer = engine_optimizer or make_optimizer(
+            config, [{"params": [p for p in model.parameters() if p.requires_grad]}])
         self.autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
         self.generator = torch.Generator(device=device).manual_seed(2)
         forward = type(model).forward

@@ -35,7 +35,7 @@ def main() -> None:
 
     def make_bare(task, accelerator):
         bare = common.BareLoop(task.model, config_holder["config"], task, accelerator.device,
-                               accelerator.mixed_precision)
+                               accelerator.mixed_precision, common.engine_torch_optimizer(accelerator))
         return bare.step
 
     alternation = common.Alternation(make_bare, warmup=warmup, block_steps=block_steps, count_flops=True)

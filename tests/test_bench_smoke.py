@@ -44,6 +44,21 @@ def test_benchmark_smoke_run_ends_with_a_positive_ratio(script):
     assert ratio > 0 and ratio == ratio and ratio != float("inf")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["--sd15-size", "--sdxl-size"])
+def test_sd_sized_unet_path_runs_through_the_engine(size):
+    # The GPU figures run this path at full size; the smoke shrinks the widths, not the blocks.
+    result = run_smoke("trainer_overhead.py", size)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "UNet" in result.stdout and last_ratio(result.stdout) > 0
+
+
+def test_asking_for_cuda_without_one_fails_with_a_message():
+    result = run_smoke("flow_bridge.py", "--device", "cuda")
+    assert result.returncode != 0
+    assert "no CUDA device" in result.stderr
+
+
 def test_ratio_line_parser_rejects_a_missing_or_malformed_last_line():
     # The check above must be able to fail: a summary after the ratio, or a ratio that is no number.
     with pytest.raises(AssertionError):
