@@ -163,7 +163,7 @@ def main() -> None:
     # What the best possible velocity model scores on that Gaussian data, for scale.
     best = float(((noise - gaussian) - expected_flow(gaussian + 0, noise, flow_time, gaussian_scale)).square().mean())
 
-    common.say(f"device: {common.device_description(device)}; tiny SD2-v stand-in, {side}x{side} latents; "
+    common.say(f"commit {common.git_commit()}; device: {common.device_description(device)}; tiny SD2-v stand-in, {side}x{side} latents; "
                f"{pretrain_steps} v-prediction steps (last v loss {v_loss:.4f}); {samples} scored samples")
     common.say(f"zero-velocity reference E|noise - x0|^2: {float((noise - data).square().mean()):.4f}")
     for name in ("bridge", "naive"):

@@ -67,7 +67,7 @@ def main() -> None:
             launcher.append(time_launcher(Path(folder)))
             torch_import.append(time_command("import torch"))
             bare_python.append(time_command("pass"))
-    common.say(f"device: {common.cpu_model()} ({os.cpu_count()} logical cores); {repeats} alternations")
+    common.say(f"commit {common.git_commit()}; device: {common.cpu_model()} ({os.cpu_count()} logical cores); {repeats} alternations")
     common.say(f"python -c pass:            median {common.median(bare_python) * 1e3:.0f} ms")
     common.say(f"launcher -> child started: median {common.median(launcher) * 1e3:.0f} ms")
     common.say(f"python -c 'import torch':  median {common.median(torch_import) * 1e3:.0f} ms")

@@ -56,7 +56,7 @@ def sd_config(args, model: Path, data: Path, workdir: Path, max_steps: int, reso
         "task": "sd", "mode": "Full", "resume_ckpt": str(model), "data_root": str(data),
         "resolution": resolution, "batch_size": 4, "lr": 1e-5, "max_steps": max_steps,
         # Many copies of the few images: one epoch outlasts the measurement.
-        "image_num_multiply": 200, "sample_steps": 0, "sample_inference_steps": 1, "num_samples": 1,
+        "image_num_multiply": 400, "sample_steps": 0, "sample_inference_steps": 1, "num_samples": 1,
         "validate_every_n_epochs": 10_000, "save_every_n_epochs": 10_000, "ckpt_every_n_minutes": 0,
         "tracker": args.tracker or ("none" if args.smoke else "wandb"), "mixed_precision": args.mixed_precision,
         "logdir": str(workdir / "logs"), "runs_dir": str(workdir / "runs"), "project_name": "bench-sd",
@@ -133,7 +133,7 @@ def main() -> None:
     device = common.pick_device(args.device)
     blocks, block_steps, warmup = common.alternation_settings(args, device)
     if not args.blocks:
-        blocks = 2 if args.smoke else 60  # a tiny-SD step is ~1 s on one CPU core
+        blocks = 1 if args.smoke else 60  # a tiny-SD step is ~1 s on one CPU core
     if args.smoke and not args.block_steps:
         block_steps = 1
 
@@ -146,7 +146,7 @@ def main() -> None:
         folder = Path(folder)
         model = make_tiny("sd15", folder / "sd15", seed=0)
         data = folder / "images"
-        write_image_folder(data, args.resolution, 8)
+        write_image_folder(data, args.resolution, 4 if args.smoke else 8)
 
         def make_peer(task, accelerator):
             peer = PeerLoop(task.sd, task.model.unet, data, args.resolution, task.config.batch_size,

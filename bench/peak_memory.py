@@ -111,7 +111,7 @@ def main() -> None:
         summary[role] = {key: common.median([item[key] for item in items]) for key in ("setup", "peak")}
     engine, bare = summary["engine"], summary["bare"]
     kind = "allocated VRAM" if "cuda" in str(args.device) or "NVIDIA" in readings["engine"][0]["device"] else "RSS"
-    common.say(f"device: {readings['engine'][0]['device']}; {steps} steps per process, "
+    common.say(f"commit {common.git_commit()}; device: {readings['engine'][0]['device']}; {steps} steps per process, "
                f"{repeats} process(es) per side; peak reset at the first step: "
                f"{all(item['reset'] for items in readings.values() for item in items)}")
     for role, values in summary.items():
