@@ -2,14 +2,21 @@
 
 Layout (EveryDream2's): logs/<project><YYYYmmdd-HHMMSS>/ckpts/<prefix><project>-ep<NN>-gs<NNNNN>/
 holding the task's model files, `trainer_state.pt` (optimizer, LR schedule, RNG states: tensors
-and numbers only, so it loads with weights_only=True) and `trainer_state.json`. A folder is built
-under a temporary name and renamed into place only when every file is flushed, so a kill at any
-moment leaves either the whole checkpoint or none; `trainer_state.json` is written last and is
-what marks a folder complete.
+and numbers only, so it loads with weights_only=True), `trainer_state.json` and `manifest.json`.
+
+Complete or absent: a folder is built under a temporary name and renamed into place only when
+every file is flushed to disk, so a kill at any moment leaves either the whole checkpoint or none.
+The rename alone cannot vouch for a folder that was copied or synced by hand (a half-finished
+rsync looks like any other folder), so the manifest, written last, lists every file with its size
+and SHA-256: `is_checkpoint` checks the sizes (cheap, done for every folder `findlast` looks at)
+and `verify_checkpoint` the hashes (done once, for the folder a run resumes from).
 """
 
 from __future__ import annotations
 
+import errno
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -18,12 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
-
 from difftrain.errors import ConfigError
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.pt"
+MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 
 
@@ -47,10 +53,134 @@ def checkpoint_name(project: str, progress: Progress, prefix: str = "") -> str:
 
 
 def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to disk."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        fsync_folder(path)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename is durable only once its folder is); a no-op on Windows."""
+    if os.name == "nt":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_file_atomically(path: Path, write: Callable[[Path], None], *, exclusive: bool = False) -> Path:
+    """Create `path` complete or not at all: `write(temp)` fills a temporary file beside it, which is
+    flushed and then renamed (or, with `exclusive`, hard-linked so an existing `path` is never
+    replaced: FileExistsError instead). Returns `path`."""
+    path = Path(path)
+    temp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        if exclusive:
+            _link_exclusive(temp, path)
+        else:
+            os.replace(temp, path)
+        fsync_folder(path.parent)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def _link_exclusive(temp: Path, path: Path) -> None:
+    try:
+        os.link(temp, path)  # fails if path exists, unlike a rename
+    except FileExistsError:
+        raise
+    except OSError:
+        # A file system without hard links: still exclusive ('x'), though no longer atomic.
+        with open(path, "xb") as handle:
+            handle.write(temp.read_bytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def save_tensors_atomically(path: Path, tensors: dict[str, Any]) -> Path:
+    """torch.save a state_dict (e.g. runs/<run>/state.pth) complete or not at all."""
+    import torch
+
+    return write_file_atomically(path, lambda temp: torch.save(tensors, temp))
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """List every file under `folder` (relative POSIX path -> size, sha256) in `folder/manifest.json`."""
+    files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2), encoding="utf-8")
+    return files
+
+
+def read_manifest(folder: Path) -> Optional[dict[str, dict[str, Any]]]:
+    """The manifest's file table, or None when it is missing or unreadable."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = data["files"]
+        if not isinstance(files, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                                                  and isinstance(entry.get("sha256"), str)
+                                                  for entry in files.values()):
+            return None
+        return files
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def why_incomplete(folder: Path, check_hashes: bool = False) -> Optional[str]:
+    """None for a complete checkpoint folder, else the reason it is not one (for messages)."""
+    if folder.name.startswith(TEMP_PREFIX):
+        return "a temporary folder left by a save that was interrupted"
+    files = read_manifest(folder)
+    if files is None:
+        return f"no readable {MANIFEST} (the save did not finish, or the folder was copied in part)"
+    for required in (STATE_JSON, STATE_TENSORS):
+        if required not in files:
+            return f"{MANIFEST} does not list {required}"
+    for name, entry in files.items():
+        path = folder / name
+        if ".." in Path(name).parts or not path.is_file():
+            return f"'{name}' is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"'{name}' has {size} bytes, the manifest says {entry['size']} (truncated or changed)"
+        if check_hashes and file_sha256(path) != entry["sha256"]:
+            return f"'{name}' does not match its SHA-256 in {MANIFEST} (corrupted or changed)"
+    return None
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """True when `folder` holds a complete checkpoint (every file of its manifest, at its size)."""
+    return folder.is_dir() and why_incomplete(folder) is None
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise ConfigError unless every file of `folder` matches its manifest, hashes included."""
+    if (folder / MANIFEST).is_file() and _hashes_match(folder):
+        return
+    reason = why_incomplete(folder, check_hashes=True) or "it changed while being checked"
+    if reason is not None:
+        raise ConfigError(f"checkpoint '{folder}' is incomplete or damaged: {reason}. Resume from "
+                          "another checkpoint, or use 'findlast' to pick the newest complete one.")
+
+
+def _newest_complete_sibling(ckpts_dir: Path) -> Optional[Path]:
+    candidates = [folder for folder in ckpts_dir.iterdir() if is_checkpoint(folder)] if ckpts_dir.is_dir() else []
+    return max(candidates, key=lambda folder: (read_progress(folder).global_step, folder.stat().st_mtime),
+               default=None)
 
 
 def save_checkpoint(ckpts_dir: Path, name: str, progress: Progress, tensors: dict[str, Any],
@@ -58,86 +188,141 @@ def save_checkpoint(ckpts_dir: Path, name: str, progress: Progress, tensors: dic
     """Write a complete checkpoint folder atomically and return its path.
 
     `write_model(folder)` writes the task's model files into the (temporary) folder.
-    An existing checkpoint of the same name is kept, never overwritten.
+    An existing checkpoint of the same name is kept, never overwritten. A failed write (a full
+    disk) leaves no trace and raises ConfigError naming the newest checkpoint that is still intact.
     """
-    ckpts_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
     final = ckpts_dir / name
     if final.exists():
         return final
     temp = ckpts_dir / f"{TEMP_PREFIX}{name}-{os.getpid()}"
-    if temp.exists():
-        shutil.rmtree(temp)
-    temp.mkdir()
     try:
+        ckpts_dir.mkdir(parents=True, exist_ok=True)
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir()
         write_model(temp)
         torch.save(tensors, temp / STATE_TENSORS)
         (temp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
         (temp / STATE_JSON).write_text(json.dumps(asdict(progress), indent=2), encoding="utf-8")
         fsync_tree(temp)
+        # Last, after everything it vouches for is on disk.
+        write_manifest(temp)
+        fsync_tree(temp)
         os.replace(temp, final)
+        fsync_folder(ckpts_dir)
+    except OSError as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        previous = _newest_complete_sibling(ckpts_dir)
+        kept = f"the newest complete checkpoint '{previous}' is intact" if previous else \
+            "no earlier checkpoint of this run exists"
+        hint = "free some disk space or set logdir to another disk" if error.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else "check that logdir is writable"
+        raise ConfigError(f"could not write checkpoint '{final}': {error.strerror or error}; {kept}. "
+                          f"{hint.capitalize()}, then continue with --resume_ckpt findlast.") from None
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return final
 
 
-def is_checkpoint(folder: Path) -> bool:
-    return (folder / STATE_JSON).is_file() and (folder / STATE_TENSORS).is_file() \
-        and not folder.name.startswith(TEMP_PREFIX)
-
-
 def read_progress(folder: Path) -> Progress:
     try:
         data = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
         return Progress(**data)
-    except (OSError, json.JSONDecodeError, TypeError) as error:
+    except (OSError, ValueError, TypeError) as error:
         raise ConfigError(f"checkpoint '{folder}' has an unreadable {STATE_JSON} ({error}); "
                           "pick another checkpoint.") from None
 
 
-def load_trainer_tensors(folder: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_trainer_tensors(folder: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """trainer_state.pt of a checkpoint; anything but tensors and plain data is refused."""
+    import pickle
+
+    import torch
+
     # weights_only: a checkpoint folder may come from anywhere; it must never run code.
-    return torch.load(folder / STATE_TENSORS, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(folder / STATE_TENSORS, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"checkpoint '{folder}': {STATE_TENSORS} was refused or cannot be read "
+                          f"({first_line}); only tensors and plain data are loaded, never code. "
+                          "Resume from a checkpoint this program wrote.") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "generator", "cpu_rng"} <= set(state):
+        raise ConfigError(f"checkpoint '{folder}': {STATE_TENSORS} lacks the optimizer, schedule or RNG "
+                          "state; it was not written by this program.")
+    return state
 
 
-def find_last(logdir: Path, project: str) -> tuple[Optional[Path], list[Path]]:
+def find_last(logdir: Path, project: str, *, verify: bool = False) -> tuple[Optional[Path], list[Path]]:
     """The complete checkpoint with the most optimizer steps under logdir/<project>*/ckpts/.
 
-    Returns (checkpoint or None, incomplete folders that were skipped).
+    Returns (checkpoint or None, incomplete folders that were skipped; `why_incomplete` says why).
+    With `verify`, the winner's hashes are checked too, and a damaged one is skipped in favour of
+    the next newest.
     """
-    best: Optional[tuple[int, float, Path]] = None
+    candidates: list[tuple[int, float, Path]] = []
     skipped: list[Path] = []
-    for ckpts in sorted(logdir.glob(f"{project}*/ckpts")):
+    for ckpts in sorted(logdir.glob(f"{glob.escape(project)}*/ckpts")):
         for folder in sorted(ckpts.iterdir()):
             if not folder.is_dir():
                 continue
             if not is_checkpoint(folder):
                 skipped.append(folder)
                 continue
-            progress = read_progress(folder)
+            try:
+                progress = read_progress(folder)
+            except ConfigError:
+                skipped.append(folder)
+                continue
             if progress.project_name and progress.project_name != project:
                 continue
-            key = (progress.global_step, folder.stat().st_mtime, folder)
-            if best is None or key[:2] > best[:2]:
-                best = key
-    return (best[2] if best else None), skipped
+            candidates.append((progress.global_step, folder.stat().st_mtime, folder))
+    for _, _, folder in sorted(candidates, key=lambda entry: entry[:2], reverse=True):
+        if not verify or _hashes_match(folder):
+            return folder, skipped
+        skipped.append(folder)
+    return None, skipped
+
+
+_VERIFIED: dict[tuple[str, int], bool] = {}
+
+
+def _hashes_match(folder: Path) -> bool:
+    # The trainer and a task may both resolve the same checkpoint: hash gigabytes only once.
+    key = (str(folder.resolve()), (folder / MANIFEST).stat().st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = why_incomplete(folder, check_hashes=True) is None
+    return _VERIFIED[key]
+
+
+def looks_like_checkpoint(folder: Path) -> bool:
+    """A folder meant as a checkpoint (complete or not), as opposed to a base model folder."""
+    return folder.is_dir() and (folder.name.startswith(TEMP_PREFIX) or any(
+        (folder / name).exists() for name in (STATE_JSON, STATE_TENSORS, MANIFEST)))
 
 
 def resolve_resume(resume_ckpt: str, logdir: Path, project: str, log: Callable[[str], None]) -> Optional[Path]:
-    """The checkpoint folder `resume_ckpt` names, or None when it names a base model instead."""
+    """The checkpoint folder `resume_ckpt` names, or None when it names a base model instead.
+
+    'findlast' picks the newest complete checkpoint of `project` and logs every folder it skipped
+    and why; a named folder must be complete (hashes checked) or it is a ConfigError.
+    """
     if resume_ckpt == "findlast":
-        found, skipped = find_last(logdir, project)
+        found, skipped = find_last(logdir, project, verify=True)
         for folder in skipped:
-            log(f"findlast: skipped incomplete checkpoint '{folder}' (no {STATE_JSON}).")
+            reason = why_incomplete(folder, check_hashes=True) or "unreadable trainer_state.json"
+            log(f"findlast: skipped incomplete checkpoint '{folder}': {reason}.")
         if found is None:
             raise ConfigError(f"resume_ckpt 'findlast': no complete checkpoint of project "
-                              f"'{project}' under '{logdir}'. Train once first, or name a model.")
+                              f"'{project}' under '{logdir}'. Train once first (without --resume_ckpt "
+                              "findlast), or name a checkpoint folder or a model.")
         return found
     candidate = Path(resume_ckpt.replace("\\", os.sep) if os.sep == "/" else resume_ckpt)
-    if candidate.is_dir() and (candidate / STATE_JSON).exists():
-        if not is_checkpoint(candidate):
-            raise ConfigError(f"checkpoint '{candidate}' is incomplete (interrupted while saving); "
-                              "resume from an earlier one or use 'findlast'.")
+    if looks_like_checkpoint(candidate):
+        verify_checkpoint(candidate)
         return candidate
     return None
 

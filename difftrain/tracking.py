@@ -45,12 +45,11 @@ def make_run_name(runs_dir: Path) -> str:
 
 
 def write_json_exclusive(path: Path, data: Any) -> None:
-    """Create `path` with JSON content; never overwrite (mode 'x' fails if it exists)."""
-    with open(path, "x", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Create `path` with JSON content, complete or not at all; never overwrite (FileExistsError)."""
+    from difftrain.checkpoint import write_file_atomically
+
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    write_file_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"), exclusive=True)
 
 
 def create_run_folder(runs_dir: Path, name: str, config: dict[str, Any]) -> tuple[Path, str]:
