@@ -21,9 +21,15 @@ def task_factory(config: Config):
         from difftrain.tasks.sd import SDTask
 
         return SDTask
-    raise ConfigError(f"task '{config.task}' with mode '{config.mode}' is not available in this "
-                      "version yet; 'kolmogorov' and 'sd' with mode 'Full' or 'LoRA' are "
-                      "(see configs/quickstart.json, configs/sd15_finetune.json).")
+    if config.task == "sd":
+        from difftrain.modes import mode_factory
+
+        factory = mode_factory(config.mode)
+        if factory is not None:
+            return factory
+    raise ConfigError(f"task '{config.task}' with mode '{config.mode}' is not available; 'kolmogorov', and 'sd' "
+                      "with mode Full, LoRA, ADDifT, Multi-ADDifT, Difference or iLECO are "
+                      "(see configs/quickstart.json, configs/sd15_finetune.json, configs/LoRA_SD15.json).")
 
 
 def run(config: Config, program: str = "difftrain") -> int:

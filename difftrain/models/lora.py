@@ -44,12 +44,14 @@ def text_encoder_prefixes(family: str) -> list[str]:
     return ["lora_te1", "lora_te2"] if family == "sdxl" else ["lora_te"]
 
 
-def unet_target_modules(unet: nn.Module, network_element: str = "Full", conv_rank: int = 0) -> tuple[list[str], list[str]]:
+def unet_target_modules(unet: nn.Module, network_element: str = "Full", conv_rank: int = 0,
+                        blocks: Iterable[str] = ()) -> tuple[list[str], list[str]]:
     """Module names of ``unet`` that get LoRA: (linear and 1x1 layers, 3x3 convolutions).
 
     ``network_element``: 'Full' (attention, feed-forward and proj_in/out of every transformer
     block), 'CrossAttention' (attn2 only) or 'SelfAttention' (attn1 only). The 3x3 list (ResNet
     and down/up-sampler convolutions, TrainTrain's c3lier) is empty unless ``conv_rank`` > 0.
+    ``blocks``: TrainTrain / A1111 block names (see ``unet_block_of``) to keep; empty keeps all.
     """
     if network_element not in NETWORK_ELEMENTS:
         raise ConfigError(f"network_element {network_element!r} is unknown; use one of {', '.join(NETWORK_ELEMENTS)}.")
@@ -74,9 +76,66 @@ def unet_target_modules(unet: nn.Module, network_element: str = "Full", conv_ran
                 linear.append(name)
         elif network_element == "Full" and name.rsplit(".", 1)[-1] in ("proj_in", "proj_out"):
             linear.append(name)
+    wanted = check_block_names(blocks)
+    if wanted:
+        layers = layers_per_block(unet)
+        linear = [name for name in linear if unet_block_of(name, layers) in wanted]
+        convolutions = [name for name in convolutions if unet_block_of(name, layers) in wanted]
+        if not linear and not convolutions:
+            present = sorted({unet_block_of(n, layers) for n, m in unet.named_modules()
+                              if isinstance(m, (nn.Linear, nn.Conv2d))} - {"BASE"}, key=BLOCK_NAMES.index)
+            raise ConfigError(f"network_blocks {sorted(wanted, key=BLOCK_NAMES.index)} select no layer that "
+                              f"network_element {network_element!r} trains in this UNet (its blocks: "
+                              f"{', '.join(present)}); add blocks with attention, or leave network_blocks empty.")
     if not linear and not convolutions:
         raise ConfigError(f"the UNet has no layers for network_element {network_element!r}; use 'Full'.")
     return linear, convolutions
+
+
+# TrainTrain's and A1111's block names (the original LDM UNet's numbering): BASE is the text
+# encoder, IN00 the input convolution, then each down level's layers and its downsampler; M00 the
+# middle block; OUTnn each up level's layers (the upsampler belongs to a level's last layer).
+# SD1/SD2 use all 26; SDXL has IN00-IN08 and OUT00-OUT08 (TrainTrain's 20-block list).
+BLOCK_NAMES = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
+
+
+def check_block_names(blocks: Iterable[str]) -> set[str]:
+    """The set of block names, refusing names outside ``BLOCK_NAMES`` (ConfigError)."""
+    chosen = {str(block).strip().upper() for block in blocks}
+    unknown = sorted(chosen - set(BLOCK_NAMES))
+    if unknown:
+        raise ConfigError(f"network_blocks: unknown block name(s) {unknown}; use BASE (text encoder), IN00-IN11, "
+                          "M00 and OUT00-OUT11 (SDXL: IN00-IN08, M00, OUT00-OUT08), or an empty list for all.")
+    return chosen
+
+
+def layers_per_block(unet: nn.Module) -> int:
+    config = getattr(unet, "config", None)
+    value = getattr(config, "layers_per_block", 2) if config is not None else 2
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def unet_block_of(module_name: str, layers: int) -> str:
+    """The block name (IN00.., M00, OUT00..) of a diffusers UNet module path.
+
+    Down level d, layer j is IN(1 + d (layers + 1) + j) and its downsampler IN(1 + d (layers + 1)
+    + layers); up level u, layer j is OUT(u (layers + 1) + j), with the upsampler on its last layer.
+    Time and class embeddings, conv_in (IN00) and the output layers map to IN00 / OUT(last).
+    """
+    parts = module_name.split(".")
+    if parts[0] == "down_blocks" and len(parts) > 3:
+        level, kind, index = int(parts[1]), parts[2], int(parts[3])
+        offset = layers if kind == "downsamplers" else index
+        return f"IN{1 + level * (layers + 1) + offset:02d}"
+    if parts[0] == "up_blocks" and len(parts) > 3:
+        level, kind, index = int(parts[1]), parts[2], int(parts[3])
+        offset = layers if kind == "upsamplers" else index
+        return f"OUT{level * (layers + 1) + offset:02d}"
+    if parts[0] == "mid_block":
+        return "M00"
+    if parts[0] in ("conv_norm_out", "conv_out"):
+        return "OUT11"
+    return "IN00"
 
 
 def text_encoder_target_modules(encoder: nn.Module) -> list[str]:
@@ -88,12 +147,13 @@ def text_encoder_target_modules(encoder: nn.Module) -> list[str]:
 
 def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float, *,
              conv_targets: Iterable[str] = (), conv_rank: int = 0, conv_alpha: float = 0.0,
-             dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+             dtype: torch.dtype = torch.float32, adapter_name: str = ADAPTER_NAME) -> list[nn.Parameter]:
     """Inject LoRA layers (peft) into ``module`` in place; returns the new trainable parameters.
 
     Every other parameter of ``module`` is frozen. lora_up starts at zero, so the model's output
     is unchanged until training moves it. ``dtype`` is the LoRA weights' precision (TrainTrain's
-    lora_precision), independent of the frozen weights' precision.
+    lora_precision), independent of the frozen weights' precision. A second ``adapter_name`` on
+    the same module adds a second LoRA beside the first (see ``activate_adapters``).
     """
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -103,25 +163,89 @@ def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float, *,
     alpha_pattern = {re.escape(name): float(conv_alpha or conv_rank) for name in conv_targets}
     config = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(targets) + conv_targets,
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=True)
-    inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+    inject_adapter_in_model(config, module, adapter_name=adapter_name)
     parameters = []
     for name, parameter in module.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
+        if f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name:
             parameter.data = parameter.data.to(dtype)
             parameter.requires_grad_(True)
             parameters.append(parameter)
     return parameters
 
 
-def _lora_layers(module: nn.Module) -> Iterable[tuple[str, Any]]:
+def _lora_layers(module: nn.Module, adapter: str = ADAPTER_NAME) -> Iterable[tuple[str, Any]]:
     from peft.tuners.lora import LoraLayer
 
     for name, layer in module.named_modules():
-        if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A:
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
             yield name, layer
 
 
-def lora_state_dict(modules: Mapping[str, nn.Module], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def set_multiplier(modules: Iterable[nn.Module], multiplier: float, adapter: str = ADAPTER_NAME) -> None:
+    """Scale adapter ``adapter``'s output by ``multiplier`` (kohya's / A1111's LoRA strength).
+
+    The effective scale becomes multiplier * alpha / rank; 0 gives exactly the frozen model.
+    """
+    for module in modules:
+        for _, layer in _lora_layers(module, adapter):
+            layer.set_scale(adapter, float(multiplier))
+
+
+def activate_adapters(modules: Iterable[nn.Module], adapters: list[str], trainable: str = ADAPTER_NAME) -> None:
+    """Make every adapter in ``adapters`` add its output (summed), with only ``trainable`` training.
+
+    peft's set_adapter marks all active adapters trainable; a frozen one (Difference's copier)
+    must stay frozen, so requires_grad is set here explicitly.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for module in modules:
+        for layer in module.modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            layer.set_adapter(list(adapters))
+            for adapter in adapters:
+                if adapter in layer.lora_A:
+                    for part in (layer.lora_A[adapter], layer.lora_B[adapter]):
+                        part.requires_grad_(adapter == trainable)
+
+
+def add_lora_from_state(module: nn.Module, prefix: str, state: Mapping[str, torch.Tensor], source: str, *,
+                        adapter_name: str, dtype: torch.dtype = torch.float32) -> None:
+    """Add a LoRA adapter shaped like the kohya-named ``state`` (its layers, ranks and alphas) to
+    ``module`` and load it, frozen. Used for a LoRA trained elsewhere (Difference's copier).
+
+    Raises:
+        ConfigError: the file has no layer of ``module`` (another model family or prefix).
+    """
+    names = {f"{prefix}_{name.replace('.', '_')}": name for name, _ in module.named_modules() if name}
+    shapes = {key: shape for key, shape in lora_layer_shapes(state).items() if key.startswith(prefix + "_")}
+    unknown = sorted(set(shapes) - set(names))
+    if not shapes or unknown:
+        raise ConfigError(f"LoRA file {source} does not fit this model ({'no ' + prefix + ' layers' if not shapes else 'unknown layers such as ' + unknown[0]}); "
+                          "use a LoRA trained on the same base model family.")
+    targets = [names[key] for key in shapes]
+    modules = dict(module.named_modules())
+    linear = [t for t in targets if not (isinstance(modules[t], nn.Conv2d) and modules[t].kernel_size != (1, 1))]
+    convolutions = [t for t in targets if t not in linear]
+    from peft import LoraConfig, inject_adapter_in_model
+
+    rank_pattern = {re.escape(names[key]): rank for key, (rank, _) in shapes.items()}
+    alpha_pattern = {re.escape(names[key]): alpha for key, (_, alpha) in shapes.items()}
+    first_rank, first_alpha = next(iter(shapes.values()))
+    config = LoraConfig(r=first_rank, lora_alpha=first_alpha, target_modules=linear + convolutions,
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=True)
+    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    for name, parameter in module.named_parameters():
+        if f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name:
+            parameter.data = parameter.data.to(dtype)
+            parameter.requires_grad_(False)
+    load_lora_state_dict({prefix: module}, {k: v for k, v in state.items() if k.startswith(prefix + "_")},
+                         source, adapter=adapter_name)
+
+
+def lora_state_dict(modules: Mapping[str, nn.Module], dtype: torch.dtype | None = None,
+                    adapter: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
     """kohya-named LoRA tensors of the peft layers in ``modules`` ({key prefix: module}).
 
     Args:
@@ -133,17 +257,29 @@ def lora_state_dict(modules: Mapping[str, nn.Module], dtype: torch.dtype | None 
     """
     state: dict[str, torch.Tensor] = {}
     for prefix, module in modules.items():
-        for name, layer in _lora_layers(module):
+        for name, layer in _lora_layers(module, adapter):
             key = f"{prefix}_{name.replace('.', '_')}"
-            down = layer.lora_A[ADAPTER_NAME].weight.detach()
-            up = layer.lora_B[ADAPTER_NAME].weight.detach()
+            down = layer.lora_A[adapter].weight.detach()
+            up = layer.lora_B[adapter].weight.detach()
             state[f"{key}.lora_down.weight"] = (down if dtype is None else down.to(dtype)).cpu().contiguous()
             state[f"{key}.lora_up.weight"] = (up if dtype is None else up.to(dtype)).cpu().contiguous()
-            state[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER_NAME]), dtype=torch.float32)
+            state[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]), dtype=torch.float32)
     return state
 
 
-def load_lora_state_dict(modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor], source: str) -> None:
+def lora_layer_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, float]]:
+    """{kohya layer key: (rank, alpha)} of a LoRA state dict (alpha defaults to the rank)."""
+    shapes: dict[str, tuple[int, float]] = {}
+    for key, value in state.items():
+        if key.endswith(".lora_down.weight"):
+            layer = key[:-len(".lora_down.weight")]
+            alpha = state.get(f"{layer}.alpha")
+            shapes[layer] = (int(value.shape[0]), float(alpha) if alpha is not None else float(value.shape[0]))
+    return shapes
+
+
+def load_lora_state_dict(modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor], source: str,
+                         adapter: str = ADAPTER_NAME) -> None:
     """Copy kohya-named LoRA tensors into the peft layers of ``modules`` (in place, exactly).
 
     Raises:
@@ -152,7 +288,7 @@ def load_lora_state_dict(modules: Mapping[str, nn.Module], state: Mapping[str, t
     """
     expected: dict[str, tuple[Any, str]] = {}
     for prefix, module in modules.items():
-        for name, layer in _lora_layers(module):
+        for name, layer in _lora_layers(module, adapter):
             expected[f"{prefix}_{name.replace('.', '_')}"] = (layer, name)
     given = {key.split(".", 1)[0] for key in state}
     missing = sorted(set(expected) - given)
@@ -168,15 +304,15 @@ def load_lora_state_dict(modules: Mapping[str, nn.Module], state: Mapping[str, t
                           "it was trained with.")
     for key, (layer, name) in expected.items():
         down, up = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"]
-        target_down, target_up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+        target_down, target_up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         if down.shape != target_down.shape or up.shape != target_up.shape:
             raise ConfigError(f"LoRA file {source}: layer {key} has rank {down.shape[0]}, this network "
                               f"{target_down.shape[0]}; set network_rank / network_conv_rank to the file's.")
         alpha_key = f"{key}.alpha"
-        if alpha_key in state and float(state[alpha_key]) != float(layer.lora_alpha[ADAPTER_NAME]):
+        if alpha_key in state and float(state[alpha_key]) != float(layer.lora_alpha[adapter]):
             # peft keeps the scale as alpha / rank; a different alpha changes it.
-            layer.lora_alpha[ADAPTER_NAME] = float(state[alpha_key])
-            layer.scaling[ADAPTER_NAME] = float(state[alpha_key]) / layer.r[ADAPTER_NAME]
+            layer.lora_alpha[adapter] = float(state[alpha_key])
+            layer.scaling[adapter] = float(state[alpha_key]) / layer.r[adapter]
         with torch.no_grad():
             target_down.copy_(down.to(target_down.dtype))
             target_up.copy_(up.to(target_up.dtype))

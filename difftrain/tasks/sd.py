@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from difftrain.checkpoint import TEMP_PREFIX, resolve_resume
+from difftrain.checkpoint import resolve_resume
 from difftrain.config import Config
 from difftrain.data.buckets import (RESOLUTION_CLASSES, BucketBatchSampler, assign_buckets, make_buckets,
                                     make_buckets_traintrain)
@@ -53,13 +53,13 @@ def _say(message: str) -> None:
 def buckets_for(config: Config) -> list[tuple[int, int]]:
     """Bucket shapes (width, height) for the config.
 
-    'LoRA' mode follows TrainTrain (image_size, image_buckets_step, image_min_length,
+    TrainTrain's modes (LoRA, ADDifT, ...) follow TrainTrain (image_size, image_buckets_step, image_min_length,
     image_max_ratio); 'Full' follows EveryDream2's resolution classes (256..1536). Below 256,
     which no real model trains at, a single square bucket is used so that small test models
     and previews can run.
     """
     resolution = config.resolution
-    if config.mode == "LoRA":
+    if config.mode != "Full":
         return make_buckets_traintrain(resolution, config.image_buckets_step,
                                        min(config.image_min_length, resolution), config.image_max_ratio)
     if resolution < RESOLUTION_CLASSES[0]:
@@ -82,6 +82,11 @@ def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tupl
     held_out = set(order[:count])
     return ([item for i, item in enumerate(items) if i not in held_out],
             [item for i, item in enumerate(items) if i in held_out])
+
+
+def _unless_none(name: str) -> str:
+    """TrainTrain presets write "None" for 'no separate VAE / text encoder'."""
+    return "" if name.strip().lower() in ("none", "") else name
 
 
 def _stack_nested(values: list[Any]) -> Any:
@@ -155,15 +160,21 @@ class SDTrainable(nn.Module):
 # ---- the task -------------------------------------------------------------------------------------
 
 class SDTask:
-    """Fine-tune a Stable Diffusion model on a folder of captioned images (see the module docstring)."""
+    """Fine-tune a Stable Diffusion model on a folder of captioned images (see the module docstring).
+
+    TrainTrain's other modes (difftrain.modes) subclass it: they replace the data (`_scan_data`,
+    `epoch_batches`, `collate`) and the loss, and keep the model, LoRA and export machinery.
+    """
+
+    MODES: tuple[str, ...] = ("Full", "LoRA")
 
     def __init__(self, config: Config, accelerator: Any):
-        if config.mode not in ("Full", "LoRA"):
-            raise ConfigError(f"mode '{config.mode}' is not an image-folder mode; SD fine-tuning here "
-                              "trains 'Full' (the UNet) or 'LoRA'.")
+        if config.mode not in self.MODES:
+            raise ConfigError(f"mode '{config.mode}' is not trained by {type(self).__name__}; it trains "
+                              f"{' or '.join(repr(m) for m in self.MODES)}.")
         self.config = config
         self.device = accelerator.device
-        self.is_lora = config.mode == "LoRA"
+        self.is_lora = config.mode != "Full"
         on_cuda = self.device.type == "cuda"
         # Frozen weights only need to run forward: half precision halves their memory on a GPU.
         self.frozen_dtype = DTYPES[config.model_precision] if on_cuda else torch.float32
@@ -178,7 +189,7 @@ class SDTask:
         self.sd = self._load_base()
         self.family, self.prediction_type = self.sd.family, self.sd.prediction_type
         self._check_bucket_sizes()
-        self.train_text_encoders = config.network_train_text_encoder
+        self.train_text_encoders = self._trains_text_encoders()
         place(self.sd.vae, self.device, torch.float32)  # fp16 VAEs (SDXL's above all) overflow to NaN
         self.sd.vae.requires_grad_(False).eval()
         if self.is_lora:
@@ -195,13 +206,7 @@ class SDTask:
         self.objective = self._build_objective()
 
         # 4. data sets and caches.
-        seed = config.seed
-        flip_p = max(config.flip_p, 0.5 if config.image_mirroring else 0.0)
-        self.train_set = ImageBucketDataset(self.train_items, assign_buckets(
-            [(i.width, i.height) for i in self.train_items], self.buckets), seed=seed, flip_p=flip_p,
-            caption_dropout=config.caption_dropout)
-        self.valid_set = ImageBucketDataset(self.valid_items, assign_buckets(
-            [(i.width, i.height) for i in self.valid_items], self.buckets), seed=seed) if self.valid_items else None
+        self.train_set, self.valid_set = self._build_datasets()
         self.cache = LatentCache(config.cache_dir or None)
         self.vae_fingerprint = fingerprint_module(self.sd.vae)
         self.text_fingerprint = "+".join(fingerprint_module(e) for e in self.sd.text_encoders)
@@ -209,6 +214,9 @@ class SDTask:
         self.pairs: Optional[Any] = None
         self._pair_shapes: Optional[list[tuple[int, ...]]] = None
         self.output_lora_path = self._output_lora_path() if self.is_lora else None
+        self.multiplier = config.network_strength
+        if self.is_lora:
+            lora_io.set_multiplier(self._lora_modules(self.model).values(), self.multiplier)
 
     # ---- setup ----------------------------------------------------------------------------------------
     def _scan_data(self) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -224,6 +232,17 @@ class SDTask:
         else:
             train, valid = split_validation(items, config.validation_fraction, config.seed)
         return train * config.image_num_multiply, valid[:MAX_VALIDATION_ITEMS]
+
+    def _build_datasets(self) -> tuple[ImageBucketDataset, Optional[ImageBucketDataset]]:
+        """(training set, held-out set or None), each image in its nearest bucket."""
+        config = self.config
+        flip_p = max(config.flip_p, 0.5 if config.image_mirroring else 0.0)
+        train = ImageBucketDataset(self.train_items, assign_buckets(
+            [(i.width, i.height) for i in self.train_items], self.buckets), seed=config.seed, flip_p=flip_p,
+            caption_dropout=config.caption_dropout)
+        valid = ImageBucketDataset(self.valid_items, assign_buckets(
+            [(i.width, i.height) for i in self.valid_items], self.buckets), seed=config.seed) if self.valid_items else None
+        return train, valid
 
     def _search_dirs(self, specific: str, subfolder: str) -> list[str]:
         models_dir = self.config.models_dir
@@ -243,8 +262,12 @@ class SDTask:
             return {"model": str(self.checkpoint), "vae": "", "te": "", "family": config.family,
                     "prediction_type": self._prediction_override()}
         model = config.resume_ckpt
-        return {"model": model, "vae": config.vae, "te": config.te, "family": config.family,
-                "prediction_type": self._prediction_override()}
+        if not model.strip():
+            raise ConfigError("no base model given: set \"model\" (resume_ckpt) to a checkpoint file or folder, "
+                              "or to a bare file name found in the checkpoint folder (--ckpt-dir, or "
+                              "<--models-dir>/StableDiffusion).")
+        return {"model": model, "vae": _unless_none(config.vae), "te": _unless_none(config.te),
+                "family": config.family, "prediction_type": self._prediction_override()}
 
     def _prediction_override(self) -> Optional[str]:
         value = self.config.resolved_prediction_type()
@@ -285,34 +308,63 @@ class SDTask:
                 place(encoder, self.device, self.frozen_dtype).requires_grad_(False).eval()
         return SDTrainable(sd, self.train_text_encoders)
 
+    def _trains_text_encoders(self) -> bool:
+        """TrainTrain trains the text encoders only in LoRA mode, and only when network_blocks
+        (if given) includes BASE; network_train_text_encoder asks for it."""
+        config = self.config
+        if not config.network_train_text_encoder:
+            return False
+        if config.mode not in ("Full", "LoRA"):
+            _say(f"note: network_train_text_encoder applies to modes LoRA and Full; mode {config.mode} "
+                 "trains the UNet only.")
+            return False
+        blocks = lora_io.check_block_names(config.network_blocks)
+        return not blocks or "BASE" in blocks
+
+    def _conv_rank_alpha(self, config: Config) -> tuple[int, float]:
+        """3x3-convolution rank and alpha: c3lier falls back to network_rank / network_alpha
+        (TrainTrain's rule for a conv rank or alpha of 0); lierla gets them only when set."""
+        if config.network_type == "c3lier":
+            return (config.network_conv_rank or config.network_rank,
+                    config.network_conv_alpha or config.network_alpha)
+        return config.network_conv_rank, config.network_conv_alpha or float(config.network_conv_rank)
+
+    def _add_unet_lora(self, config: Config, adapter_name: str = lora_io.ADAPTER_NAME) -> None:
+        if config.network_type == "loha":
+            raise ConfigError("network_type 'loha' (LyCORIS) is not available in this version; use 'lierla' "
+                              "(LoRA) or 'c3lier' (LoRA with 3x3 convolutions, network_conv_rank).")
+        conv_rank, conv_alpha = self._conv_rank_alpha(config)
+        linear, convolutions = lora_io.unet_target_modules(self.sd.unet, config.network_element, conv_rank,
+                                                           blocks=config.network_blocks)
+        lora_io.add_lora(self.sd.unet, linear, config.network_rank, config.network_alpha, conv_targets=convolutions,
+                         conv_rank=conv_rank, conv_alpha=conv_alpha, dtype=DTYPES[config.lora_precision],
+                         adapter_name=adapter_name)
+
     def _build_lora(self) -> SDTrainable:
         config, sd = self.config, self.sd
-        if config.network_type == "loha":
-            raise ConfigError("network_type 'loha' is not available in this version; use 'lierla' (LoRA) or "
-                              "'c3lier' (LoRA with 3x3 convolutions, network_conv_rank).")
-        if config.network_blocks:
-            raise ConfigError("network_blocks is not available in this version; leave it empty to train "
-                              "every block selected by network_element.")
-        lora_dtype = DTYPES[config.lora_precision]
         place(sd.unet, self.device, self.frozen_dtype)
         for encoder in sd.text_encoders:
             place(encoder, self.device, self.frozen_dtype).requires_grad_(False).eval()
-        conv_rank = config.network_conv_rank if config.network_type == "c3lier" or config.network_conv_rank else 0
-        linear, convolutions = lora_io.unet_target_modules(sd.unet, config.network_element, conv_rank)
-        lora_io.add_lora(sd.unet, linear, config.network_rank, config.network_alpha, conv_targets=convolutions,
-                         conv_rank=conv_rank, conv_alpha=config.network_conv_alpha, dtype=lora_dtype)
+        self._add_unet_lora(config)
         if self.train_text_encoders:
             for encoder in sd.text_encoders:
                 lora_io.add_lora(encoder, lora_io.text_encoder_target_modules(encoder), config.network_rank,
-                                 config.network_alpha, dtype=lora_dtype)
+                                 config.network_alpha, dtype=DTYPES[config.lora_precision])
         model = SDTrainable(sd, self.train_text_encoders)
         if config.network_resume and self.checkpoint is None:
-            from difftrain.models.sd import resolve_model_path
-
-            path = resolve_model_path(config.network_resume, self._search_dirs(config.lora_dir, "lora"), what="LoRA")
+            path = self.find_lora_file(config.network_resume, "network_resume")
             state, _ = lora_io.read_lora_file(path)
             lora_io.load_lora_state_dict(self._lora_modules(model), state, str(path))
         return model
+
+    def find_lora_file(self, name: str, setting: str) -> Path:
+        """A LoRA file named by `setting`: a path, or a bare name in lora_dir / <models_dir>/lora."""
+        from difftrain.models.sd import resolve_model_path
+
+        try:
+            return resolve_model_path(name, self._search_dirs(self.config.lora_dir, "lora"), what="LoRA")
+        except ConfigError as error:
+            raise ConfigError(f"{setting}: {error}") from None
 
     def _lora_modules(self, model: SDTrainable) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {"lora_unet": model.unet}
@@ -339,7 +391,7 @@ class SDTask:
         folder = config.lora_dir or (str(Path(config.models_dir) / "lora") if config.models_dir else "")
         if not folder:
             return None
-        path = Path(folder) / f"{config.save_lora_name or config.project_name}.safetensors"
+        path = Path(folder) / f"{self.output_stem()}.safetensors"
         # A resumed run may meet its own earlier output; the write then picks a free name instead.
         if path.exists() and not config.save_overwrite and self.checkpoint is None:
             raise ConfigError(f"LoRA file {path} already exists; set save_overwrite true to replace it, or "
@@ -585,10 +637,8 @@ class SDTask:
         'LoRA': the base model is NOT copied (it is unchanged and often gigabytes): the folder holds
         `lora.safetensors` (kohya/A1111 keys, float32, loadable with the pipeline's
         load_lora_weights) and `base_model.json`, a pointer to the base (path, VAE, text encoder,
-        family, prediction type) that a resume loads the base from. When the run completes ('last-'
-        checkpoint) the LoRA is also written in save_precision to lora_dir (or <models_dir>/lora, or
-        the run's log folder) as <save_lora_name or project_name>.safetensors; an interrupted run
-        leaves it only in its checkpoint until it is resumed and finishes.
+        family, prediction type) that a resume loads the base from. The user-facing LoRA file is
+        written by `finish` (and `after_step` for save_per_steps), not here.
         """
         if not self.is_lora:
             view = self._model_view(model)
@@ -601,37 +651,82 @@ class SDTask:
         state = lora_io.lora_state_dict(self._lora_modules(model))
         lora_io.save_lora_file(folder / LORA_FILE, state, self._lora_metadata(), overwrite=True)
         pointer = {key: self.base.get(key) for key in ("model", "vae", "te")}
-        pointer.update(family=self.family, prediction_type=self.prediction_type)
+        pointer.update(family=self.family, prediction_type=self.prediction_type, mode=self.config.mode,
+                       **self.pointer_extras())
         (folder / BASE_POINTER_FILE).write_text(json.dumps(pointer, indent=2), encoding="utf-8")
-        name = folder.name.removeprefix(TEMP_PREFIX)
-        if name.startswith("last-"):
-            self._write_output_lora(state, folder.parent.parent)
 
-    def _lora_metadata(self) -> dict[str, str]:
+    def pointer_extras(self) -> dict[str, Any]:
+        """Mode-specific entries of a LoRA checkpoint's base_model.json (Difference: pass, copier)."""
+        return {}
+
+    def output_stem(self) -> str:
+        return self.config.save_lora_name or self.config.project_name
+
+    def _lora_metadata(self, output_name: Optional[str] = None) -> dict[str, str]:
         config = self.config
+        conv_rank, conv_alpha = self._conv_rank_alpha(config)
         return lora_io.lora_metadata(
             family=self.family, rank=config.network_rank, alpha=config.network_alpha,
-            output_name=config.save_lora_name or config.project_name,
-            conv_rank=config.network_conv_rank, conv_alpha=config.network_conv_alpha,
+            output_name=output_name or self.output_stem(),
+            conv_rank=conv_rank, conv_alpha=conv_alpha,
             prediction_type=self.prediction_type, base_model=str(self.base.get("model") or ""),
             trains_text_encoder=self.train_text_encoders,
             extra={"ss_network_element": config.network_element, "ss_seed": str(config.seed),
-                   "ss_learning_rate": str(config.lr), "ss_resolution": str(config.resolution)})
+                   "ss_learning_rate": str(config.lr), "ss_resolution": str(config.resolution),
+                   "ss_network_strength": str(config.network_strength), "ss_training_mode": config.mode,
+                   "ss_network_blocks": json.dumps(list(config.network_blocks)),
+                   "ss_max_train_steps": str(config.max_steps),
+                   "ss_min_timestep": str(config.min_timestep), "ss_max_timestep": str(config.max_timestep)})
 
-    def _write_output_lora(self, state: dict[str, torch.Tensor], log_folder: Path) -> None:
+    def write_lora_file(self, model: nn.Module, stem: str, log_folder: Optional[Path]) -> Path:
+        """Export the trained LoRA as <lora dir>/<stem>.safetensors in save_precision.
+
+        The folder is lora_dir, else <models_dir>/lora, else the run's log folder. An existing file
+        is replaced only with save_overwrite; otherwise ours goes beside it as <stem>_1 (and so on).
+        """
         config = self.config
-        path = self.output_lora_path or log_folder / f"{config.save_lora_name or config.project_name}.safetensors"
+        folder = self.output_lora_path.parent if self.output_lora_path else (log_folder or Path(config.logdir))
+        path = folder / f"{stem}.safetensors"
         if path.exists() and not config.save_overwrite:
-            # Made by someone else during the run: never overwrite, keep ours beside it.
-            stem, number = path.stem, 1
+            base, number = path.stem, 1
             while path.exists():
-                path = path.with_name(f"{stem}_{number}.safetensors")
+                path = path.with_name(f"{base}_{number}.safetensors")
                 number += 1
-            _say(f"note: the LoRA file already existed; writing {path} instead (save_overwrite is off).")
-        lora_io.save_lora_file(path, state, self._lora_metadata(), dtype=DTYPES[config.save_precision],
+            _say(f"note: {folder / (stem + '.safetensors')} already exists; writing {path} instead "
+                 "(save_overwrite is off).")
+        state = lora_io.lora_state_dict(self._lora_modules(model))
+        lora_io.save_lora_file(path, state, self._lora_metadata(path.stem), dtype=DTYPES[config.save_precision],
                                overwrite=config.save_overwrite)
+        return path
+
+    def after_step(self, model: nn.Module, global_step: int, log_folder: Optional[Path]) -> None:
+        """TrainTrain's save_per_steps: <name>_<N>steps.safetensors every N steps (not at the last)."""
+        every = self.config.save_per_steps
+        if not self.is_lora or not every or global_step % every or global_step >= self.config.max_steps > 0:
+            return
+        path = self.write_lora_file(model, f"{self.output_stem()}_{global_step}steps", log_folder)
+        _say(f"LoRA at step {global_step}: {path}")
+
+    def step_metrics(self, global_step: int) -> dict[str, Any]:
+        """Mode-specific fields of step `global_step`'s metrics (ADDifT: direction and multiplier)."""
+        return {}
+
+    def finish(self, model: nn.Module, log_folder: Optional[Path], run_dir: Optional[Path]) -> None:
+        """After a completed run: the user-facing LoRA, its settings JSON, the CSV log."""
+        if run_dir is not None:
+            from difftrain.modes.outputs import add_step_fields
+
+            add_step_fields(run_dir / "metrics.jsonl", self.step_metrics)
+        if not self.is_lora:
+            return
+        path = self.write_lora_file(model, self.output_stem(), log_folder)
+        config = self.config
         if config.save_as_json:
             path.with_suffix(".json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
+        if config.logging_save_csv and run_dir is not None:
+            from difftrain.modes.outputs import write_metrics_csv
+
+            write_metrics_csv(run_dir / "metrics.jsonl", path.with_suffix(".csv"))
         _say(f"LoRA: {path}")
 
     def load_model(self, model: nn.Module, folder: Path) -> None:
@@ -641,6 +736,7 @@ class SDTask:
         if self.is_lora:
             state, _ = lora_io.read_lora_file(folder / LORA_FILE)
             lora_io.load_lora_state_dict(self._lora_modules(model), state, str(folder / LORA_FILE))
+            lora_io.set_multiplier(self._lora_modules(model).values(), self.multiplier)
             return
         modules = {"unet": model.unet}
         if len(model.text_encoders):
