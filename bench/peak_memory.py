@@ -40,6 +40,7 @@ def measure_engine(args, steps: int) -> dict:
             common.synchronize(device)
             reading["peak"] = common.peak_memory_bytes(device)
             reading["device"] = common.device_description(device)
+            reading["device_type"] = device.type
         state["started"] += 1
 
     common.run_engine(args, steps + 1, on_step_start)
@@ -70,6 +71,7 @@ def measure_bare(args, steps: int) -> dict:
     common.synchronize(device)
     reading["peak"] = common.peak_memory_bytes(device)
     reading["device"] = common.device_description(device)
+    reading["device_type"] = device.type
     return reading
 
 
@@ -110,7 +112,7 @@ def main() -> None:
     for role, items in readings.items():
         summary[role] = {key: common.median([item[key] for item in items]) for key in ("setup", "peak")}
     engine, bare = summary["engine"], summary["bare"]
-    kind = "allocated VRAM" if "cuda" in str(args.device) or "NVIDIA" in readings["engine"][0]["device"] else "RSS"
+    kind = "allocated VRAM" if readings["engine"][0]["device_type"] == "cuda" else "RSS"
     common.say(f"commit {common.git_commit()}; device: {readings['engine'][0]['device']}; {steps} steps per process, "
                f"{repeats} process(es) per side; peak reset at the first step: "
                f"{all(item['reset'] for items in readings.values() for item in items)}")
