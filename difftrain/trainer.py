@@ -138,10 +138,17 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_units
 
 
 class StopRequest:
-    """First Ctrl-C / SIGTERM asks the loop to save and stop; a second Ctrl-C exits at once."""
+    """First Ctrl-C / SIGTERM asks the loop to save and stop; a second Ctrl-C exits at once.
 
-    def __init__(self) -> None:
+    `repeat_grace_s`: a second signal this soon after the first is the same stop delivered twice,
+    not a second Ctrl-C. Multi-process launchers (torchrun, accelerate launch) forward the signal
+    they get to every worker, which the terminal or Slurm has already signalled directly.
+    """
+
+    def __init__(self, repeat_grace_s: float = 0.0) -> None:
         self.signal: Optional[int] = None
+        self.repeat_grace_s = repeat_grace_s
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -154,8 +161,11 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None:
+            if time.monotonic() - self._first_at < self.repeat_grace_s:
+                return
             os._exit(INTERRUPT_EXIT_CODES.get(signum, 130))
         self.signal = signum
+        self._first_at = time.monotonic()
         _say(f"\n{signal.Signals(signum).name} received: saving an interrupted- checkpoint "
              "(press Ctrl-C again to quit at once).")
 
@@ -171,22 +181,31 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.config = resolve_seed(config)
         self.program = program
-        precision = self.config.mixed_precision
+        precision = config.mixed_precision
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         self.accelerator = Accelerator(mixed_precision=precision,
-                                       gradient_accumulation_steps=self.config.gradient_accumulation_steps)
+                                       gradient_accumulation_steps=config.gradient_accumulation_steps)
         self.is_main = self.accelerator.is_main_process
+        self._check_process_group()
+        # A drawn seed (-1) must be the main process's on every process: the data order is cut
+        # into per-process shards from it, and config.json records it.
+        seed = self._decide_on_main(lambda: resolve_seed(config).seed)
+        self.config = config if seed == config.seed else config.model_copy(update={"seed": seed})
         set_seed(self.config.seed)
         self.logdir = Path(self.config.logdir)
-        self.resume_from = self._find_resume()
+        self.main_log_folder: Optional[Path] = None  # the main process's, known on every process
+        # One process picks the checkpoint ('findlast' could otherwise see a folder appear between
+        # two processes' searches), and all resume from it.
+        self.resume_from = self._decide_on_main(self._find_resume)
         self.task = task_factory(self.config, self.accelerator)
 
     # ---- run ------------------------------------------------------------------------------------
     def run(self) -> int:
         """Train; returns the process exit code (0, or 130/143 after an interrupt)."""
+        from accelerate.utils import gather_object
+
         config, accelerator, task = self.config, self.accelerator, self.task
         device = accelerator.device
         progress = Progress(seed=config.seed, project_name=config.project_name, task=config.task)
@@ -227,22 +246,33 @@ class Trainer:
             nonlocal last_save, last_checkpoint
             accelerator.wait_for_everyone()
             last_save = time.monotonic()
-            if not self.is_main or ckpts_dir is None:
-                return None
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "generator": generator.get_state(), "cpu_rng": torch.get_rng_state()}
-            if accelerator.scaler is not None:
-                state["scaler"] = accelerator.scaler.state_dict()
-            name = checkpoint_name(config.project_name, progress, prefix)
-            unwrapped = accelerator.unwrap_model(model)
-            last_checkpoint = save_checkpoint(ckpts_dir, name, progress, state,
-                                              lambda folder: task.write_model(unwrapped, folder),
-                                              config.model_dump(mode="json"))
-            return last_checkpoint
+            # Each process draws its own noise; all the streams are kept so that a resumed
+            # multi-process run draws exactly what the uninterrupted one would have.
+            streams = gather_object([(generator.get_state(), torch.get_rng_state())])
+            progress.extra["world_size"] = world
+            saved = None
+            if self.is_main and ckpts_dir is not None:
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
+                         "generator_per_rank": [stream[0] for stream in streams],
+                         "cpu_rng_per_rank": [stream[1] for stream in streams]}
+                if accelerator.scaler is not None:
+                    state["scaler"] = accelerator.scaler.state_dict()
+                name = checkpoint_name(config.project_name, progress, prefix)
+                unwrapped = accelerator.unwrap_model(model)
+                saved = last_checkpoint = save_checkpoint(
+                    ckpts_dir, name, progress, state, lambda folder: task.write_model(unwrapped, folder),
+                    config.model_dump(mode="json"))
+            # Nobody moves on before the checkpoint is complete: after an interrupt a process that
+            # exits first makes torchrun stop the others, the main one in the middle of writing.
+            accelerator.wait_for_everyone()
+            return saved
 
         bar = self._progress_bar(total_steps, progress.global_step)
         exit_code = 0
-        with StopRequest() as stop:
+        stopping = 0  # the signal all processes agreed to stop on (0: none)
+        nonfinite_loss: Optional[float] = None
+        with StopRequest(repeat_grace_s=2.0 if world > 1 else 0.0) as stop:
             try:
                 while progress.epoch < max_epochs and progress.global_step < total_steps:
                     if config.rectified_flow:
@@ -256,12 +286,10 @@ class Trainer:
                         with accelerator.accumulate(model):
                             with accelerator.autocast():
                                 loss = task.loss(model, batch, generator)
-                            if not torch.isfinite(loss.detach()):
-                                raise TrainingStopped(
-                                    f"the loss became {loss.item()} at epoch {progress.epoch}, step "
-                                    f"{progress.global_step}. Lower lr, enable clip_grad_norm, or check "
-                                    "the data; the last good checkpoint is "
-                                    f"'{last_checkpoint or 'none (no checkpoint was saved yet)'}'.")
+                            # Noted, not raised: every process must stop at the same step (below),
+                            # or the others would wait forever for this one's gradients.
+                            if nonfinite_loss is None and not torch.isfinite(loss.detach()):
+                                nonfinite_loss = loss.item()
                             accelerator.backward(loss)
                             if accelerator.sync_gradients and config.clip_grad_norm:
                                 accelerator.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
@@ -273,7 +301,16 @@ class Trainer:
                         if config.scheduler_interval == "step":
                             scheduler.step()
                         progress.global_step += 1
-                        loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+                        checkpoint_due = bool(ckpt_minutes) and time.monotonic() - last_save >= ckpt_minutes * 60
+                        loss_value, stopping, any_nonfinite, checkpoint_due = self._agree(
+                            loss, stop.signal, nonfinite_loss is not None, checkpoint_due)
+                        if any_nonfinite:
+                            value = nonfinite_loss if nonfinite_loss is not None else "non-finite on another process"
+                            raise TrainingStopped(
+                                f"the loss became {value} at epoch {progress.epoch}, step "
+                                f"{progress.global_step}. Lower lr, enable clip_grad_norm, or check "
+                                "the data; the last good checkpoint is "
+                                f"'{last_checkpoint or 'none (no checkpoint was saved yet)'}'.")
                         lr = scheduler.get_last_lr()[0]
                         tracker.log({"epoch": progress.epoch, "loss_train": loss_value, "lr": lr},
                                     step=progress.global_step)
@@ -283,9 +320,9 @@ class Trainer:
                             self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
                         if hasattr(task, "after_step") and self.is_main:
                             task.after_step(accelerator.unwrap_model(model), progress.global_step, log_folder)
-                        if stop.signal is not None:
+                        if stopping:
                             break
-                        if (ckpt_minutes and time.monotonic() - last_save >= ckpt_minutes * 60) or \
+                        if checkpoint_due or \
                                 (config.ckpt_every_n_steps and progress.global_step % config.ckpt_every_n_steps == 0):
                             checkpoint()
                         if progress.global_step >= total_steps:
@@ -293,7 +330,7 @@ class Trainer:
                         if progress.global_step == stage0_steps and schedule.reflow_steps and \
                                 progress.epoch < schedule.max_epochs:
                             break  # max_steps ended stage 0 inside an epoch: go on to reflow
-                    if stop.signal is not None:
+                    if stopping:
                         break
                     if progress.batch_in_epoch >= len(batches) or progress.global_step == stage0_steps:
                         progress.epoch += 1
@@ -306,12 +343,13 @@ class Trainer:
                             self._measure_flow(model, tracker, progress)
                         if config.save_every_n_epochs and progress.epoch % config.save_every_n_epochs == 0:
                             checkpoint()
-                if stop.signal is not None:
+                if stopping:
                     saved = checkpoint("interrupted-")
-                    exit_code = INTERRUPT_EXIT_CODES[stop.signal]
+                    exit_code = INTERRUPT_EXIT_CODES.get(stopping, 128 + stopping)
                     bar.close()
-                    _say(f"stopped by {signal.Signals(stop.signal).name}; resume with "
-                         f"--resume_ckpt \"{saved}\"")
+                    if self.is_main:
+                        _say(f"stopped by {signal.Signals(stopping).name}; resume with "
+                             f"--resume_ckpt \"{saved}\"")
                 else:
                     saved = checkpoint("last-")
                     bar.close()
@@ -326,6 +364,7 @@ class Trainer:
             if run_dir is not None:
                 torch.save(task.run_state_dict(unwrapped), run_dir / "state.pth")
             self._print_summary(run_dir, log_folder, saved)
+        accelerator.wait_for_everyone()  # as in checkpoint(): leave together, after state.pth
         accelerator.end_training()
         return exit_code
 
@@ -369,7 +408,8 @@ class Trainer:
             self.task.use_reflow_pairs(None)
             return
         if "reflow_root" not in progress.extra:
-            progress.extra["reflow_root"] = str((log_folder or Path(self.config.logdir)) / "reflow")
+            progress.extra["reflow_root"] = str((log_folder or self.main_log_folder or
+                                                 Path(self.config.logdir)) / "reflow")
         pairs_dir = ReflowSchedule.pairs_dir(progress.extra["reflow_root"], position.stage)
         if position.needs_new_pairs and progress.batch_in_epoch == 0:
             if self.is_main:
@@ -427,29 +467,105 @@ class Trainer:
         state = load_trainer_tensors(folder)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["cpu_rng"])
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        per_rank = state.get("generator_per_rank")
+        if per_rank is not None and len(per_rank) == world:
+            generator.set_state(per_rank[rank])
+            torch.set_rng_state(state["cpu_rng_per_rank"][rank])
+        else:
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["cpu_rng"])
+        saved_world = progress.extra.get("world_size", 1)
+        if saved_world != world and self.is_main:
+            _say(f"warning: the checkpoint was saved by {saved_world} process(es), this run has "
+                 f"{world}; each process's share of the data and its noise differ, so the run "
+                 "cannot continue exactly as the original would have.")
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        _say(f"resumed from '{folder}' at epoch {progress.epoch}, step {progress.global_step}.")
+        if self.is_main:
+            _say(f"resumed from '{folder}' at epoch {progress.epoch}, step {progress.global_step}.")
         return progress
 
     def _open_outputs(self):
+        """(run folder, tracker, log folder), made by the main process alone (one run name, one
+        folder); the others get (None, NullTracker(), None) and the log folder's path in
+        `self.main_log_folder`."""
+        opened: dict[str, Any] = {}
+
+        def open_on_main() -> str:
+            config = self.config
+            runs_dir = Path(config.runs_dir)
+            name = config.run_name or make_run_name(runs_dir)
+            run_dir, run_id = create_run_folder(runs_dir, name, config.model_dump(mode="json"))
+            log_folder = new_log_folder(self.logdir, config.project_name)
+            (log_folder / "settings.json").write_text(
+                config.model_dump_json(indent=2), encoding="utf-8")
+            tracker = Tracker(run_dir, run_name=name, run_id=run_id,
+                              project=config.wandb_project or config.project_name,
+                              config=config.model_dump(mode="json"), use_wandb=config.tracker == "wandb",
+                              wandb_mode=config.wandb_mode)
+            _say(f"run folder: {run_dir}")
+            opened.update(run_dir=run_dir, tracker=tracker, log_folder=log_folder)
+            return str(log_folder)
+
+        self.main_log_folder = Path(self._decide_on_main(open_on_main))
         if not self.is_main:
             return None, NullTracker(), None
-        config = self.config
-        runs_dir = Path(config.runs_dir)
-        name = config.run_name or make_run_name(runs_dir)
-        run_dir, run_id = create_run_folder(runs_dir, name, config.model_dump(mode="json"))
-        log_folder = new_log_folder(self.logdir, config.project_name)
-        (log_folder / "settings.json").write_text(
-            config.model_dump_json(indent=2), encoding="utf-8")
-        tracker = Tracker(run_dir, run_name=name, run_id=run_id,
-                          project=config.wandb_project or config.project_name,
-                          config=config.model_dump(mode="json"), use_wandb=config.tracker == "wandb",
-                          wandb_mode=config.wandb_mode)
-        _say(f"run folder: {run_dir}")
-        return run_dir, tracker, log_folder
+        return opened["run_dir"], opened["tracker"], opened["log_folder"]
+
+    def _decide_on_main(self, decide):
+        """decide() on the main process; every process returns its result or raises its error.
+
+        Deciding once keeps the processes consistent (one drawn seed, one checkpoint, one run
+        folder), and sharing a failure stops the others instead of leaving them waiting forever
+        for a process that has gone. The result must be picklable.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        outcome: list[Any] = [None, None, None]  # result, ConfigError message, other failure
+        failure: Optional[BaseException] = None
+        if self.is_main:
+            try:
+                outcome[0] = decide()
+            except ConfigError as error:
+                outcome[1] = str(error)
+            except BaseException as error:
+                failure, outcome[2] = error, repr(error)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(outcome, from_process=0)
+        if failure is not None:
+            raise failure
+        if outcome[1] is not None:
+            raise ConfigError(outcome[1])
+        if outcome[2] is not None:
+            raise RuntimeError(f"the main process failed: {outcome[2]}")
+        return outcome[0]
+
+    def _check_process_group(self) -> None:
+        launched_as = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched_as > 1 and self.accelerator.num_processes == 1:
+            # Each process would train alone and write its own run folder: refuse rather than
+            # silently train N unrelated copies.
+            raise ConfigError(
+                f"this process was started as one of {launched_as} (WORLD_SIZE={launched_as}) but "
+                "accelerate set up no process group. Without a GPU, multi-process training runs "
+                "on CPU only when asked: set ACCELERATE_USE_CPU=1 in the environment.")
+
+    def _agree(self, loss: torch.Tensor, signal_number: Optional[int], nonfinite: bool,
+               checkpoint_due: bool) -> tuple[float, int, bool, bool]:
+        """What all processes must decide together after an optimizer step, in one gather:
+        (loss averaged over processes, signal to stop on or 0, whether any process saw a
+        non-finite loss, whether any process's clock says a timed checkpoint is due).
+
+        A decision taken by one process alone (a signal that reached it first, its own clock, a
+        NaN in its own shard) would leave the others waiting forever in the next collective.
+        """
+        local = torch.tensor([[0.0, float(signal_number or 0), float(nonfinite), float(checkpoint_due)]],
+                             device=loss.device)
+        local[0, 0] = loss.detach().float()
+        table = self.accelerator.gather(local).cpu()  # (processes, 4)
+        return (table[:, 0].mean().item(), int(table[:, 1].max().item()), bool(table[:, 2].any()),
+                bool(table[:, 3].any()))
 
     def _progress_bar(self, total: int, initial: int):
         from tqdm.auto import tqdm
