@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -235,7 +236,10 @@ def add_lora_from_state(module: nn.Module, prefix: str, state: Mapping[str, torc
     first_rank, first_alpha = next(iter(shapes.values()))
     config = LoraConfig(r=first_rank, lora_alpha=first_alpha, target_modules=linear + convolutions,
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=True)
-    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # A second adapter beside the trained one is the point here, not an accident.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
     for name, parameter in module.named_parameters():
         if f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name:
             parameter.data = parameter.data.to(dtype)

@@ -99,7 +99,7 @@ class CopierTask(ModeTask):
         self.copier_path = lora_io.save_lora_file(folder / COPIER_FILE, state, self._lora_metadata("copier"),
                                                   overwrite=True).resolve()
         if self.config.diff_save_1st_pass or self.config.diff_1st_pass_only:
-            path = self.write_lora_file(model, f"{self.output_stem()}_copy", log_folder)
+            path = self.write_lora_file(model, f"{self.output_stem(log_folder)}_copy", log_folder)
             print(f"copier LoRA: {path}", file=sys.stderr)
 
 

@@ -392,6 +392,8 @@ class SDTask:
         if not folder:
             return None
         path = Path(folder) / f"{self.output_stem()}.safetensors"
+        if not (config.save_lora_name or config.run_name):
+            return path  # named after the log folder, which is new
         # A resumed run may meet its own earlier output; the write then picks a free name instead.
         if path.exists() and not config.save_overwrite and self.checkpoint is None:
             raise ConfigError(f"LoRA file {path} already exists; set save_overwrite true to replace it, or "
@@ -659,8 +661,11 @@ class SDTask:
         """Mode-specific entries of a LoRA checkpoint's base_model.json (Difference: pass, copier)."""
         return {}
 
-    def output_stem(self) -> str:
-        return self.config.save_lora_name or self.config.project_name
+    def output_stem(self, log_folder: Optional[Path] = None) -> str:
+        """save_lora_name; empty: the run name, else the log folder's name (unique per run, so
+        repeated runs of one preset, e.g. a learning-rate sweep, never collide)."""
+        config = self.config
+        return config.save_lora_name or config.run_name or (log_folder.name if log_folder else config.project_name)
 
     def _lora_metadata(self, output_name: Optional[str] = None) -> dict[str, str]:
         config = self.config
@@ -704,7 +709,7 @@ class SDTask:
         every = self.config.save_per_steps
         if not self.is_lora or not every or global_step % every or global_step >= self.config.max_steps > 0:
             return
-        path = self.write_lora_file(model, f"{self.output_stem()}_{global_step}steps", log_folder)
+        path = self.write_lora_file(model, f"{self.output_stem(log_folder)}_{global_step}steps", log_folder)
         _say(f"LoRA at step {global_step}: {path}")
 
     def step_metrics(self, global_step: int) -> dict[str, Any]:
@@ -719,7 +724,7 @@ class SDTask:
             add_step_fields(run_dir / "metrics.jsonl", self.step_metrics)
         if not self.is_lora:
             return
-        path = self.write_lora_file(model, self.output_stem(), log_folder)
+        path = self.write_lora_file(model, self.output_stem(log_folder), log_folder)
         config = self.config
         if config.save_as_json:
             path.with_suffix(".json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
