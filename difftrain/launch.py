@@ -52,7 +52,14 @@ _OWNED_OPTIONS: dict[str, Any] = {
     "--train-script-path": 1, "--temp-config-dir": 1,
     "--delete-temp-config": 0, "--dry-run": 0,
     "--jobs": 1, "--runs": 1,
+    "--slurm": 0, "--slurm-dry-run": 0, "--slurm-wait": 0,
+    "--slurm-partition": 1, "--slurm-gpus": 1, "--slurm-cpus": 1, "--slurm-mem": 1,
+    "--slurm-time": 1, "--slurm-account": 1, "--slurm-qos": 1, "--slurm-folder": 1,
+    "--slurm-cluster": 1, "--slurm-job-name": 1,
 }
+_SLURM_VALUE_OPTIONS = ("slurm_partition", "slurm_gpus", "slurm_cpus", "slurm_mem", "slurm_time",
+                        "slurm_account", "slurm_qos", "slurm_folder", "slurm_cluster",
+                        "slurm_job_name")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,9 +115,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat each configuration N times (independent runs)",
     )
     parser.add_argument(
-        "--jobs", type=int, default=1, metavar="N",
-        help="how many runs go at once on this machine (default 1: one after another)",
+        "--jobs", type=int, default=None, metavar="N",
+        help="how many runs go at once (default: on this machine 1, one after another; "
+             "with --slurm all of them)",
     )
+    slurm = parser.add_argument_group(
+        "Slurm", "submit every run as one task of ONE job array (through submitit); "
+                 "see docs/scaling.md")
+    slurm.add_argument("--slurm", action="store_true",
+                       help="submit the runs to Slurm instead of running them here")
+    slurm.add_argument("--slurm-dry-run", action="store_true",
+                       help="print the sbatch script and each task's command; submit nothing")
+    slurm.add_argument("--slurm-wait", action="store_true",
+                       help="wait for every task and print their exit codes and run folders")
+    slurm.add_argument("--slurm-partition", metavar="NAME", help="partition (sbatch --partition)")
+    slurm.add_argument("--slurm-gpus", type=int, metavar="N", help="GPUs per task (--gpus-per-node)")
+    slurm.add_argument("--slurm-cpus", type=int, metavar="N", help="CPU cores per task (--cpus-per-task)")
+    slurm.add_argument("--slurm-mem", metavar="SIZE", help="memory per task: 32G, 500M (--mem)")
+    slurm.add_argument("--slurm-time", metavar="TIME",
+                       help="time limit per task: minutes or [D-]HH:MM:SS (--time)")
+    slurm.add_argument("--slurm-account", metavar="NAME", help="account to charge (--account)")
+    slurm.add_argument("--slurm-qos", metavar="NAME", help="quality of service (--qos)")
+    slurm.add_argument("--slurm-job-name", metavar="NAME", help="job name (default: difftrain)")
+    slurm.add_argument("--slurm-folder", metavar="DIR",
+                       help="where submitit keeps the job files and logs (default: slurm_logs)")
+    slurm.add_argument("--slurm-cluster", metavar="KIND", choices=["slurm", "local"],
+                       help="'local' runs the same array on this machine through submitit "
+                            "(to try a sweep before queueing it); default slurm")
     return parser
 
 
@@ -207,7 +238,7 @@ def make_plan(options: argparse.Namespace, passthrough: list[str]) -> Plan:
     """Resolve every run's config; raises ConfigError before anything is written or launched."""
     if options.runs < 1:
         raise ConfigError(f"--runs must be at least 1, got {options.runs}")
-    if options.jobs < 1:
+    if options.jobs is not None and options.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {options.jobs}")
     base_path = Path(options.json_path)
     base = load_json_file(base_path)
@@ -247,7 +278,7 @@ def make_plan(options: argparse.Namespace, passthrough: list[str]) -> Plan:
     if temp_dir.exists() and not temp_dir.is_dir():
         raise ConfigError(f"--temp-config-dir {temp_dir} exists and is not a folder")
     return Plan(base_path=base_path, train_script=train_script, temp_dir=temp_dir,
-                passthrough=passthrough, runs=runs, repeats=options.runs, jobs=options.jobs,
+                passthrough=passthrough, runs=runs, repeats=options.runs, jobs=options.jobs or 1,
                 delete_temp_config=options.delete_temp_config,
                 override_changes=override_changes)
 
@@ -601,6 +632,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = build_parser().parse_args(ours)
     with exit_on_user_error(PROGRAM):
         plan = make_plan(options, theirs)
+        slurm = slurm_settings(options, len(plan.runs))
+        if slurm is not None:
+            if options.dry_run or options.slurm_dry_run:
+                print_slurm_dry_run(plan, slurm)
+                return 0
+            print_changes(plan.override_changes if len(plan.runs) > 1 else plan.runs[0].changes)
+            return execute_on_slurm(plan, slurm, wait=options.slurm_wait or slurm.cluster == "local")
         if options.dry_run:
             print_dry_run(plan)
             return 0
@@ -609,3 +647,97 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             print_changes(plan.override_changes)
         return execute(plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm: every run is one task of one job array (difftrain/slurm.py does the submitit part)
+
+
+def slurm_settings(options: argparse.Namespace, runs: int):
+    """The array's resources from the --slurm-* options; None when not submitting to Slurm."""
+    given = [name for name in _SLURM_VALUE_OPTIONS if getattr(options, name) is not None]
+    if not (options.slurm or options.slurm_dry_run):
+        if given or options.slurm_wait:
+            flag = "--" + (given[0] if given else "slurm_wait").replace("_", "-")
+            raise ConfigError(f"{flag} only applies with --slurm (or --slurm-dry-run); add --slurm")
+        return None
+    from difftrain.slurm import DEFAULT_LOG_FOLDER, SlurmSettings, check_settings, parse_memory_gb
+
+    settings = SlurmSettings(
+        partition=options.slurm_partition, gpus=options.slurm_gpus, cpus=options.slurm_cpus,
+        mem_gb=None if options.slurm_mem is None else parse_memory_gb(options.slurm_mem),
+        time=options.slurm_time, account=options.slurm_account, qos=options.slurm_qos,
+        parallel=options.jobs, job_name=options.slurm_job_name or "difftrain",
+        folder=options.slurm_folder or DEFAULT_LOG_FOLDER, cluster=options.slurm_cluster or "slurm")
+    check_settings(settings)
+    return settings
+
+
+def print_slurm_dry_run(plan: Plan, settings) -> None:
+    """Each task's changes and command, then the sbatch script; nothing is written."""
+    from difftrain.slurm import sbatch_script
+
+    plan = _with_absolute_train_script(plan)
+    for index, run in enumerate(plan.runs):
+        print(f"{PROGRAM}: array task {index} (run {run.number}/{len(plan.runs)}) "
+              f"[{run.label(plan.repeats)}]")
+        print_changes(run.changes)
+        planned = temp_config_path(plan, run)
+        print(f"{PROGRAM}: would write {planned}")
+        print(f"{PROGRAM}: task {index} would run {format_command(command_for(plan, planned))}")
+    print(f"{PROGRAM}: would submit this sbatch script ({len(plan.runs)} task(s), submitit runs "
+          "each task's command):\n")
+    print(sbatch_script(settings, len(plan.runs)), flush=True)
+
+
+def _with_absolute_train_script(plan: Plan) -> Plan:
+    # A task may start in another folder than the launcher's (sbatch --chdir, a requeue).
+    return replace(plan, train_script=plan.train_script.absolute())
+
+
+def execute_on_slurm(plan: Plan, settings, *, wait: bool) -> int:
+    """Write every run's temp config and submit them as one job array; with `wait`, wait for
+    the tasks and return the launcher's usual exit status."""
+    from difftrain.slurm import ArrayTask, job_log_path, make_executor, submit_array
+
+    executor = make_executor(settings, len(plan.runs))
+    plan = _with_absolute_train_script(plan)
+    resumable = _is_our_trainer(plan.train_script)
+    tasks = []
+    for run in plan.runs:
+        run.temp_path = write_temp_config(plan, run)
+        tasks.append(ArrayTask(command_for(plan, run.temp_path), str(run.temp_path),
+                               resumable=resumable, delete_config=plan.delete_temp_config))
+    try:
+        jobs = submit_array(executor, tasks)
+    except Exception as error:  # sbatch's refusal (bad partition, account, limits) is the user's to fix
+        raise ConfigError(f"the job array was not submitted: {error}") from None
+    array_id = str(jobs[0].job_id).split("_")[0]
+    print(f"{PROGRAM}: submitted {len(jobs)} run(s) as job array {array_id} "
+          f"({settings.cluster}); each task's output is in its log file")
+    rows = [("task", "settings", "job", "log", "config")]
+    for index, (run, job) in enumerate(zip(plan.runs, jobs)):
+        rows.append((str(index), run.label(plan.repeats), str(job.job_id), job_log_path(job),
+                     str(run.temp_path)))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                    for row in rows), flush=True)
+    if not wait:
+        print(f"{PROGRAM}: follow with squeue -j {array_id}; cancel with scancel {array_id}", flush=True)
+        return 0
+    try:
+        for run, job in zip(plan.runs, jobs):
+            try:
+                result = job.result()
+            except Exception as error:  # the task itself failed (killed, out of memory, ...)
+                print(f"{PROGRAM}: run {run.number} failed: {str(error).strip().splitlines()[-1:]}",
+                      flush=True)
+                run.exit_code = 1
+                continue
+            run.exit_code, run.run_folder = result["exit_code"], result["run_folder"]
+    except KeyboardInterrupt:
+        print(f"\n{PROGRAM}: stopped waiting; the array keeps running (scancel {array_id} stops it)",
+              flush=True)
+        return 130
+    print_summary(plan)
+    return _overall_status(plan, None)
