@@ -470,14 +470,23 @@ class _SignalRelay:
 class _OutputPump(threading.Thread):
     """Copies a child's stdout to ours (with a prefix when runs overlap) and spots its run folder."""
 
-    def __init__(self, run: PlannedRun, stream: IO[bytes], prefix: str, lock: threading.Lock):
+    def __init__(self, run: PlannedRun, stream: IO[bytes], prefix: str, lock: threading.Lock,
+                 errors: Optional[IO[bytes]] = None):
         super().__init__(daemon=True)
         self.run_record = run
         self.stream = stream
         self.prefix = prefix.encode()
         self.lock = lock
+        self.errors = _StderrScanner(run, errors) if errors is not None else None
 
     def run(self) -> None:
+        if self.errors is not None:
+            self.errors.start()
+        self._copy_stdout()
+        if self.errors is not None:
+            self.errors.join()
+
+    def _copy_stdout(self) -> None:
         target = getattr(sys.stdout, "buffer", None)
         for line in iter(self.stream.readline, b""):
             decoded = line.decode("utf-8", errors="replace")
@@ -491,6 +500,35 @@ class _OutputPump(threading.Thread):
                 else:
                     sys.stdout.write(self.prefix.decode() + decoded)
                     sys.stdout.flush()
+        self.stream.close()
+
+
+class _StderrScanner(threading.Thread):
+    """Passes a child's stderr through as it comes, unprefixed (progress bars redraw with a
+    carriage return and no newline, so it cannot wait for whole lines), and spots the
+    'run folder:' line our trainers print there."""
+
+    def __init__(self, run: PlannedRun, stream: IO[bytes]):
+        super().__init__(daemon=True)
+        self.run_record = run
+        self.stream = stream
+
+    def run(self) -> None:
+        target = getattr(sys.stderr, "buffer", None)
+        tail = b""
+        while chunk := os.read(self.stream.fileno(), 65536):
+            if target is not None:
+                target.write(chunk)
+                target.flush()
+            else:
+                sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+                sys.stderr.flush()
+            *lines, tail = re.split(rb"[\r\n]", tail + chunk)
+            tail = tail[-4096:]  # a progress bar never ends its line
+            for line in lines:
+                match = RUN_FOLDER_LINE.match(line.decode("utf-8", errors="replace"))
+                if match and self.run_record.run_folder is None:
+                    self.run_record.run_folder = match.group(1)
         self.stream.close()
 
 
@@ -553,7 +591,8 @@ def _start(plan: Plan, run: PlannedRun, single: bool, env: dict[str, str], relay
     print(f"{PROGRAM}: running {format_command(command)}", flush=True)
     try:
         process = subprocess.Popen(command, env=env,
-                                   stdout=None if single else subprocess.PIPE)
+                                   stdout=None if single else subprocess.PIPE,
+                                   stderr=None if single else subprocess.PIPE)
     except OSError as error:
         _finish(plan, run)
         raise ConfigError(f"cannot start {command[0]}: {error}") from None
@@ -561,7 +600,7 @@ def _start(plan: Plan, run: PlannedRun, single: bool, env: dict[str, str], relay
     pump = None
     if not single:
         prefix = f"[{run.number}] " if plan.jobs > 1 else ""
-        pump = _OutputPump(run, process.stdout, prefix, output_lock)
+        pump = _OutputPump(run, process.stdout, prefix, output_lock, errors=process.stderr)
         pump.start()
     return run, process, pump
 

@@ -180,8 +180,10 @@ class ArrayTask:
         self._pump = threading.Thread(target=self._relay_output, daemon=True)
         self._pump.start()
         try:
-            returncode = self._process.wait()
+            # Wait on the output first: submitit's signal handler (checkpoint below) interrupts this
+            # wait, and Popen.wait is not re-entrant, a thread join is.
             self._pump.join()
+            returncode = self._process.wait()
         finally:
             if self.delete_config and self._process.poll() is not None:
                 Path(self.config_path).unlink(missing_ok=True)
@@ -209,11 +211,13 @@ class ArrayTask:
         from submitit.helpers import DelayedSubmission
 
         process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait()
+        if process is not None and process.returncode is None:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except OSError:  # it ended meanwhile
+                pass
             if self._pump is not None:
-                self._pump.join()
+                self._pump.join()  # its output ends when it does: the resume line is in by then
         resume_from = self._found.get("resume_from")
         if not (self.resumable and resume_from):
             return None
@@ -244,7 +248,9 @@ def make_executor(settings: SlurmSettings, tasks: int):
     if settings.cluster == "local":
         executor = submitit.LocalExecutor(folder=folder)
         minutes = time_in_minutes(settings.time) if settings.time else 60 * 24 * 365
-        executor.update_parameters(timeout_min=minutes, gpus_per_node=settings.gpus or 0)
+        # As on Slurm, the time-limit warning comes 90 s before the end (sooner for short limits).
+        executor.update_parameters(timeout_min=minutes, gpus_per_node=settings.gpus or 0,
+                                   signal_delay_s=int(min(90, minutes * 60 / 2)))
         return executor
     if shutil.which("sbatch") is None:
         raise ConfigError("--slurm: 'sbatch' is not on PATH, so this is not a Slurm login node. "

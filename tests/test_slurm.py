@@ -194,6 +194,40 @@ def test_the_time_limit_hook_stops_the_trainer_and_requeues_a_resuming_copy(tmp_
     assert resumed.command[-1] == resumed.config_path != str(config)
 
 
+RESUMABLE_TRAINER = """
+import json, signal, sys, time
+config = json.load(open(sys.argv[1]))
+if config.get("resume_ckpt"):
+    print("resumed from", config["resume_ckpt"], flush=True)
+    sys.exit(0)
+print("run folder: runs/first_1", flush=True)
+def stop(signum, frame):
+    print('stopped by SIGTERM; resume with --resume_ckpt "/ckpts/interrupted-x"', flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(60)
+"""
+
+
+def test_a_task_that_hits_its_time_limit_is_requeued_by_submitit_and_resumes(tmp_path):
+    """submitit's own signal handling end to end (LocalExecutor: SIGUSR2 before the limit,
+    checkpoint(), requeue), with a stand-in trainer that waits until told to stop."""
+    from difftrain.slurm import make_executor, submit_array
+
+    script = tmp_path / "resumable_trainer.py"
+    script.write_text(RESUMABLE_TRAINER)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"lr": 0.1}))
+    settings = SlurmSettings(cluster="local", time="0:06", folder=str(tmp_path / "jobs"))
+    task = ArrayTask([sys.executable, str(script), str(config)], str(config), resumable=True)
+    (job,) = submit_array(make_executor(settings, 1), [task])
+    result = job.result()  # the warning comes 3 s in; the requeued copy resumes and ends
+    assert result["exit_code"] == 0 and result["config"].endswith("run_resume1.json")
+    assert json.loads(Path(result["config"]).read_text())["resume_ckpt"] == "/ckpts/interrupted-x"
+    log = Path(job.paths.stdout).read_text()
+    assert "run folder: runs/first_1" in log and "resumed from /ckpts/interrupted-x" in log
+
+
 def test_an_array_task_survives_pickling_without_its_process(tmp_path):
     import pickle
 
@@ -257,3 +291,20 @@ def test_the_launcher_still_imports_nothing_heavy_with_slurm_options(tmp_path, b
             "print(sorted(m for m in ('torch', 'accelerate', 'diffusers') if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "exit 0" in result.stdout and result.stdout.strip().endswith("[]"), result.stdout + result.stderr
+
+
+def test_local_sweep_summary_finds_the_run_folder_our_trainers_print_on_stderr(tmp_path, base):
+    """The trainers print 'run folder:' on stderr (with their progress bars): the launcher's
+    table must find it there, while the bars still pass through."""
+    script = tmp_path / "stderr_trainer.py"
+    script.write_text("import json, sys\n"
+                      "lr = json.load(open(sys.argv[1]))['lr']\n"
+                      "sys.stderr.write('step 1\\rstep 2\\r')\n"
+                      "print(f'run folder: runs/lr-{lr}_abcdefgh', file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, str(LAUNCHER), str(base), "--train-script-path", str(script),
+                             "--temp-config-dir", str(tmp_path / "temp"), "--sweep", "lr:[0.1,0.2]"],
+                            cwd=REPO, capture_output=True, timeout=60)  # bytes: keep the \r
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.decode().split("summary of 2 runs")[1]
+    assert "runs/lr-0.1_abcdefgh" in summary and "runs/lr-0.2_abcdefgh" in summary
+    assert result.stderr.count(b"step 1\rstep 2\r") == 2
