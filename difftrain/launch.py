@@ -752,8 +752,9 @@ def execute_on_slurm(plan: Plan, settings, *, wait: bool) -> int:
     except Exception as error:  # sbatch's refusal (bad partition, account, limits) is the user's to fix
         raise ConfigError(f"the job array was not submitted: {error}") from None
     array_id = str(jobs[0].job_id).split("_")[0]
-    print(f"{PROGRAM}: submitted {len(jobs)} run(s) as job array {array_id} "
-          f"({settings.cluster}); each task's output is in its log file")
+    where = f"as job array {array_id}" if settings.cluster == "slurm" else \
+        "to submitit's local executor (one process per run, all at once)"
+    print(f"{PROGRAM}: submitted {len(jobs)} run(s) {where}; each task's output is in its log file")
     rows = [("task", "settings", "job", "log", "config")]
     for index, (run, job) in enumerate(zip(plan.runs, jobs)):
         rows.append((str(index), run.label(plan.repeats), str(job.job_id), job_log_path(job),

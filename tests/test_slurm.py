@@ -140,7 +140,7 @@ def test_a_sweep_runs_as_one_local_array_each_task_with_its_own_config(tmp_path,
     assert sorted(entry["config"]["exit_code"] for entry in seen) == [0, 0, 3, 3]
     assert len({entry["config_path"] for entry in seen}) == 4  # a temp config per task
     assert len({entry["pid"] for entry in seen}) == 4
-    assert result.stdout.count("submitted 4 run(s) as job array") == 1
+    assert result.stdout.count("submitted 4 run(s) to submitit's local executor") == 1
     summary = result.stdout.split("summary of 4 runs")[1].splitlines()
     # run, settings (3 words), exit, run folder, config
     rows = [line.split() for line in summary[2:] if line.strip()]
@@ -308,3 +308,28 @@ def test_local_sweep_summary_finds_the_run_folder_our_trainers_print_on_stderr(t
     summary = result.stdout.decode().split("summary of 2 runs")[1]
     assert "runs/lr-0.1_abcdefgh" in summary and "runs/lr-0.2_abcdefgh" in summary
     assert result.stderr.count(b"step 1\rstep 2\r") == 2
+
+
+def test_the_multinode_example_passes_flags_accelerate_launch_accepts():
+    """The sbatch example's command, expanded as on the second of two nodes, parses with
+    accelerate's own launch parser, and agrees with what difftrain.slurm builds."""
+    import re
+    import shlex
+
+    from accelerate.commands.launch import launch_command_parser
+
+    text = (REPO / "examples" / "slurm_multinode.sbatch").read_text()
+    quoted = re.search(r"srun --kill-on-bad-exit=1 bash -c '(accelerate launch.*?)'", text, re.S).group(1)
+    env = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "31234",
+           "GPUS_PER_NODE": "4"}
+    expanded = quoted.replace("\\\n", " ").replace("$((SLURM_NNODES * GPUS_PER_NODE))", "8")
+    for name, value in env.items():
+        expanded = expanded.replace(f'"${name}"', value)
+    argv = shlex.split(expanded)
+    assert argv[:2] == ["accelerate", "launch"] and "$" not in expanded
+    options = launch_command_parser().parse_args(argv[2:])
+    assert (options.num_machines, options.machine_rank, options.main_process_ip, options.main_process_port,
+            options.num_processes, options.multi_gpu) == (2, 1, "gpu07", 31234, 8, True)
+    assert options.training_script == "train.py"
+    built = accelerate_launch_command({**env, "SLURM_GPUS_ON_NODE": "4"}, argv[argv.index("train.py"):])
+    assert built == argv
