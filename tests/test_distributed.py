@@ -217,6 +217,19 @@ def test_ctrl_c_stops_both_processes_at_one_step_with_one_checkpoint_that_resume
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow  # one 2-process launch, about 15 s on 2 cores
+def test_reflow_with_two_processes_trains_every_process_on_the_main_process_pairs(tmp_path, tiny_field_data):
+    """The main process generates the pairs under its log folder; the others must read them
+    there (they have no log folder of their own)."""
+    config = tiny_config(tmp_path, tiny_field_data, batch_size=2, max_epochs=2, rectified_flow=True,
+                         reflow_steps=1, reflow_gen_batches=4, reflow_sample_steps=4)
+    run_two_processes("train.py", write_config(tmp_path / "reflow.json", config))
+    log_folder = only(tmp_path / "logs")
+    assert [path.name for path in (log_folder / "reflow").iterdir()] == ["reflow_stage_01"]
+    # 20 steps of stage 0, then 4 generated batches shared by 2 processes: 2 steps of reflow.
+    assert [step for step, _ in losses(only(tmp_path / "runs"))] == list(range(1, 23))
+
+
 def test_a_multi_process_launch_without_a_process_group_is_refused(tmp_path, tiny_field_data, monkeypatch):
     from difftrain.engine import run
     from difftrain.errors import ConfigError
