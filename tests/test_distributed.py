@@ -96,11 +96,24 @@ def torchrun_command(*script_and_args: str) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *script_and_args]
 
 
-def run_two_processes(*script_and_args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(torchrun_command(*script_and_args), cwd=REPO, env={**os.environ, **WORKER_ENV},
-                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+def start_two_processes(*script_and_args: str) -> subprocess.Popen:
+    return subprocess.Popen(torchrun_command(*script_and_args), cwd=REPO, env={**os.environ, **WORKER_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    """Wait for a launch; returns its stderr, failing the test on a non-zero exit."""
+    try:
+        _, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-4000:]
+    return stderr
+
+
+def run_two_processes(*script_and_args: str) -> str:
+    return finish(start_two_processes(*script_and_args))
 
 
 def write_config(path: Path, config) -> str:
@@ -138,7 +151,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch_and_resume_exac
     # 40 items; global batch 4 either way: 10 steps per epoch, 20 in all.
     settings = dict(max_epochs=2, ckpt_every_n_steps=6)
     two = tiny_config(tmp_path / "two", tiny_field_data, batch_size=2, **settings)
-    run_two_processes(__file__, write_config(tmp_path / "two.json", two))
+    launched = start_two_processes(__file__, write_config(tmp_path / "two.json", two))
+    # One process with the whole global batch, meanwhile: the same items per step (each rank's
+    # batch is its slice of the global one), the same per-item noise, gradients averaged alike.
+    one = tiny_config(tmp_path / "one", tiny_field_data, batch_size=4, **settings)
+    assert Trainer(one, item_noise_task_class()).run() == 0
+    finish(launched)
 
     run_folder = only(tmp_path / "two" / "runs")  # one run folder, named once, by the main process
     log_folder = only(tmp_path / "two" / "logs")
@@ -149,10 +167,6 @@ def test_two_processes_train_like_one_with_the_same_global_batch_and_resume_exac
     middle = log_folder / "ckpts" / "tiny-ep01-gs00012"
     assert read_progress(middle).batch_in_epoch == 2 and read_progress(middle).extra["world_size"] == 2
 
-    # One process with the whole global batch: the same items per step (each rank's batch is its
-    # slice of the global one), the same per-item noise, gradients averaged the same way.
-    one = tiny_config(tmp_path / "one", tiny_field_data, batch_size=4, **settings)
-    assert Trainer(one, item_noise_task_class()).run() == 0
     single_folder = only(tmp_path / "one" / "runs")
     two_losses, one_losses = losses(run_folder), losses(single_folder)
     assert [step for step, _ in one_losses] == steps
@@ -170,7 +184,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch_and_resume_exac
     assert losses(only(tmp_path / "resumed" / "runs")) == two_losses[12:]
 
 
-@pytest.mark.slow  # three 2-process launches: about a minute on 2 cores
+@pytest.mark.slow  # three 2-process launches (two at once): about 45 s on 2 cores
 def test_ctrl_c_stops_both_processes_at_one_step_with_one_checkpoint_that_resumes_exactly(tmp_path, tiny_field_data):
     """train.py itself under torchrun, with each process drawing its own noise: the checkpoint
     must carry both processes' random streams for the resumed run to match a straight one."""
@@ -206,13 +220,16 @@ def test_ctrl_c_stops_both_processes_at_one_step_with_one_checkpoint_that_resume
     target = stopped_at + 4
     resumed = tiny_config(tmp_path / "resumed", tiny_field_data, max_steps=target, resume_ckpt=str(interrupted), **common)
     straight = tiny_config(tmp_path / "straight", tiny_field_data, max_steps=target, **common)
+    straight_run = start_two_processes("train.py", write_config(tmp_path / "straight.json", straight))
     try:
         run_two_processes("train.py", write_config(tmp_path / "resumed.json", resumed))
     except AssertionError as failure:
+        straight_run.kill()
+        straight_run.communicate()
         if KNOWN_LOAD_BUG in str(failure):
             pytest.xfail(f"difftrain/tasks/kolmogorov.py load_model: {KNOWN_LOAD_BUG}")
         raise
-    run_two_processes("train.py", write_config(tmp_path / "straight.json", straight))
+    finish(straight_run)
     a, b = weights(only(tmp_path / "resumed" / "runs")), weights(only(tmp_path / "straight" / "runs"))
     assert all(torch.equal(a[key], b[key]) for key in a)
 
