@@ -147,6 +147,9 @@ def main(argv: Optional[Sequence[str]] = None, door: str = "train") -> int:
     program = "train_j.py" if door == "train_j" else "train.py"
     with exit_on_user_error(program):
         config = config_from_argv(sys.argv[1:] if argv is None else argv, door)
+        from difftrain.tracking import check_output_folders
+
+        check_output_folders(config)  # before minutes of model loading, and before writing anything
         from difftrain.engine import run  # torch is imported only once the config is known good
 
         return run(config, program=program)

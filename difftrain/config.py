@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from difftrain.errors import ConfigError
 
@@ -46,7 +46,7 @@ TrainTrainMode = Literal["Full", "LoRA", "iLECO", "Difference", "ADDifT", "Multi
 class SimulationConfig(BaseModel):
     """Parameters of the Kolmogorov-flow data generator (defaults are the paper's)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     size: int = Field(256, gt=7, description="Simulation grid size (square, periodic).")
     coarsen: int = Field(4, ge=1, description="Spatial coarsening factor applied to the saved fields.")
@@ -59,11 +59,19 @@ class SimulationConfig(BaseModel):
     wavenumber: int = Field(4, ge=1, description="Forcing wavenumber (sin(k y) forcing).")
     drag: float = Field(0.1, ge=0, description="Linear drag coefficient.")
 
+    @model_validator(mode="after")
+    def _keep_what_was_simulated(self) -> "SimulationConfig":
+        if self.keep > self.steps:
+            raise ValueError(f"simulation.keep ({self.keep}) cannot exceed simulation.steps ({self.steps}): "
+                             "only simulated states can be kept; lower keep or raise steps")
+        return self
+
 
 class Config(BaseModel):
     """Every setting of a difftrain run. Canonical names follow EveryDream2 where it names them."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: JSON as Python reads it accepts NaN and Infinity, which no setting can use.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # ---- what to train ------------------------------------------------------------------------
     task: Literal["sd", "kolmogorov"] = setting(
@@ -267,6 +275,39 @@ class Config(BaseModel):
             raise ValueError("kernel_size must be odd so that circular padding keeps the grid size")
         return value
 
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_class(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE works on 8x8 blocks), e.g. "
+                             f"{value // 64 * 64 or 64} or {value // 64 * 64 + 64}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blocks_per_given_level(cls, data: Any) -> Any:
+        # Widths given without block counts: the default's count per level, for as many levels.
+        if isinstance(data, dict) and isinstance(data.get("hidden_channels"), list) and "hidden_blocks" not in data:
+            default = cls.model_fields["hidden_blocks"].default
+            data = {**data, "hidden_blocks": [default[0]] * len(data["hidden_channels"])}
+        return data
+
+    @model_validator(mode="after")
+    def _settings_that_must_agree(self) -> "Config":
+        problems = []
+        if self.min_timestep >= self.max_timestep:
+            problems.append(f"min_timestep ({self.min_timestep}) must be below max_timestep "
+                            f"({self.max_timestep}); swap them or widen the range")
+        if len(self.hidden_channels) != len(self.hidden_blocks):
+            problems.append(f"hidden_channels {self.hidden_channels} and hidden_blocks {self.hidden_blocks} "
+                            "must have the same length (one entry per U-Net level)")
+        if self.task == "kolmogorov" and self.window > self.simulation.keep:
+            problems.append(f"window {self.window} is longer than the trajectories (simulation.keep "
+                            f"{self.simulation.keep} states); lower window or raise keep")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @field_validator("second_pass")
     @classmethod
     def _second_pass_keys(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
@@ -378,6 +419,12 @@ def _explain(error: ValidationError, source: str) -> str:
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
+        if problem["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        if not loc or (len(loc) == 1 and loc[0] == "simulation" and problem["type"] == "value_error"):
+            # A rule across several keys: the message names them; the whole input is no help.
+            lines.append(f"{source}: {message}.")
+            continue
         lines.append(f"{source}: key '{key}'{expected}: {message}; got {problem.get('input')!r}.")
     return "\n".join(lines)
 

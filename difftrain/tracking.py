@@ -11,7 +11,7 @@ import os
 import secrets
 import string
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from difftrain.errors import ConfigError
 
@@ -50,6 +50,33 @@ def write_json_exclusive(path: Path, data: Any) -> None:
 
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     write_file_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"), exclusive=True)
+
+
+def check_output_folder(path: Union[str, Path], setting: str) -> None:
+    """Raise ConfigError unless folder `path` exists or can be created, and can be written to.
+
+    Creates nothing: it runs before training starts, so a mistake leaves no half-made run behind.
+    """
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{setting} '{folder}' is a file, not a folder; set {setting} to a folder.")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{setting} '{folder}' cannot be created: '{existing}' is a file, not a folder. "
+                          f"Set {setting} to a folder path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{setting} '{folder}' is not writable ('{existing}' is not writable by this user). "
+                          f"Set {setting} to a writable folder.")
+
+
+def check_output_folders(config: Any) -> None:
+    """check_output_folder for every folder a run of `config` writes to."""
+    for setting in ("logdir", "runs_dir", "cache_dir", "lora_dir"):
+        value = getattr(config, setting, "")
+        if value:
+            check_output_folder(value, setting)
 
 
 def create_run_folder(runs_dir: Path, name: str, config: dict[str, Any]) -> tuple[Path, str]:
