@@ -143,7 +143,7 @@ def read_manifest(folder: Path) -> Optional[dict[str, dict[str, Any]]]:
 def why_incomplete(folder: Path, check_hashes: bool = False) -> Optional[str]:
     """None for a complete checkpoint folder, else the reason it is not one (for messages)."""
     if folder.name.startswith(TEMP_PREFIX):
-        return "a temporary folder left by a save that was interrupted"
+        return "a temporary folder left by a save that was interrupted (safe to delete unless a run is saving now)"
     files = read_manifest(folder)
     if files is None:
         return f"no readable {MANIFEST} (the save did not finish, or the folder was copied in part)"
