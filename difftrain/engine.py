@@ -35,7 +35,12 @@ def task_factory(config: Config):
 def run(config: Config, program: str = "difftrain") -> int:
     """Train `config` to the end; returns the exit code for the front door."""
     factory = task_factory(config)
+    # A mode made of several trainer runs (Difference: copier pass, then difference pass) runs them
+    # itself; every other factory builds the one task a Trainer drives.
+    mode_runner = getattr(factory, "run_mode", None)
     try:
+        if mode_runner is not None:
+            return mode_runner(config, program=program)
         return Trainer(config, factory, program=program).run()
     except TrainingStopped as stop:
         print(f"{program}: training stopped: {stop}", file=sys.stderr)

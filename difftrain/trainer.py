@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from difftrain.checkpoint import (Progress, checkpoint_name, load_trainer_tensors, new_log_folder,
-                                  read_progress, resolve_resume, save_checkpoint)
+                                  read_progress, resolve_resume, save_checkpoint,
+                                  save_tensors_atomically, write_file_atomically)
 from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.tracking import NullTracker, Tracker, create_run_folder, make_run_name
@@ -271,7 +272,7 @@ class Trainer:
         bar = self._progress_bar(total_steps, progress.global_step)
         exit_code = 0
         stopping = 0  # the signal all processes agreed to stop on (0: none)
-        nonfinite_loss: Optional[float] = None
+        nonfinite_seen = torch.zeros((), dtype=torch.bool, device=accelerator.device)
         with StopRequest(repeat_grace_s=2.0 if world > 1 else 0.0) as stop:
             try:
                 while progress.epoch < max_epochs and progress.global_step < total_steps:
@@ -287,9 +288,9 @@ class Trainer:
                             with accelerator.autocast():
                                 loss = task.loss(model, batch, generator)
                             # Noted, not raised: every process must stop at the same step (below),
-                            # or the others would wait forever for this one's gradients.
-                            if nonfinite_loss is None and not torch.isfinite(loss.detach()):
-                                nonfinite_loss = loss.item()
+                            # or the others would wait forever for this one's gradients. Kept as a
+                            # device tensor so a GPU step does not wait for the host here.
+                            nonfinite_seen = nonfinite_seen | ~torch.isfinite(loss.detach())
                             accelerator.backward(loss)
                             if accelerator.sync_gradients and config.clip_grad_norm:
                                 accelerator.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
@@ -303,9 +304,9 @@ class Trainer:
                         progress.global_step += 1
                         checkpoint_due = bool(ckpt_minutes) and time.monotonic() - last_save >= ckpt_minutes * 60
                         loss_value, stopping, any_nonfinite, checkpoint_due = self._agree(
-                            loss, stop.signal, nonfinite_loss is not None, checkpoint_due)
+                            loss, stop.signal, nonfinite_seen, checkpoint_due)
                         if any_nonfinite:
-                            value = nonfinite_loss if nonfinite_loss is not None else "non-finite on another process"
+                            value = loss_value if not math.isfinite(loss_value) else "non-finite (in an accumulated micro-batch or on another process)"
                             raise TrainingStopped(
                                 f"the loss became {value} at epoch {progress.epoch}, step "
                                 f"{progress.global_step}. Lower lr, enable clip_grad_norm, or check "
@@ -314,7 +315,8 @@ class Trainer:
                         lr = scheduler.get_last_lr()[0]
                         tracker.log({"epoch": progress.epoch, "loss_train": loss_value, "lr": lr},
                                     step=progress.global_step)
-                        bar.set_postfix(epoch=progress.epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                        # refresh=False: redrawing is bar.update's job, throttled by tqdm's mininterval.
+                        bar.set_postfix(epoch=progress.epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
                         bar.update(1)
                         if config.sample_steps and progress.global_step % config.sample_steps == 0:
                             self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
@@ -362,7 +364,7 @@ class Trainer:
         if self.is_main:
             unwrapped = accelerator.unwrap_model(model)
             if run_dir is not None:
-                torch.save(task.run_state_dict(unwrapped), run_dir / "state.pth")
+                save_tensors_atomically(run_dir / "state.pth", task.run_state_dict(unwrapped))
             self._print_summary(run_dir, log_folder, saved)
         accelerator.wait_for_everyone()  # as in checkpoint(): leave together, after state.pth
         accelerator.end_training()
@@ -463,7 +465,16 @@ class Trainer:
                     _say(f"warning: {key} changed from {before[key]!r} to {getattr(self.config, key)!r} "
                          "since the checkpoint; the data order after resume cannot match the "
                          "original run exactly.")
-        self.task.load_model(self.accelerator.unwrap_model(model), folder)
+        try:
+            self.task.load_model(self.accelerator.unwrap_model(model), folder)
+        except RuntimeError as error:  # load_state_dict: missing/unexpected keys, shape mismatches
+            detail = " ".join(str(error).split())
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+            raise ConfigError(
+                f"checkpoint '{folder}' does not fit the network this config builds ({detail}). Resume "
+                f"with the settings it was trained with (its config.json, e.g. "
+                f"'python train.py --config {folder / 'config.json'} --resume_ckpt {folder}'), or start a "
+                "new run without resume_ckpt.") from None
         state = load_trainer_tensors(folder)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -498,8 +509,9 @@ class Trainer:
             name = config.run_name or make_run_name(runs_dir)
             run_dir, run_id = create_run_folder(runs_dir, name, config.model_dump(mode="json"))
             log_folder = new_log_folder(self.logdir, config.project_name)
-            (log_folder / "settings.json").write_text(
-                config.model_dump_json(indent=2), encoding="utf-8")
+            settings = config.model_dump_json(indent=2)
+            write_file_atomically(log_folder / "settings.json",
+                                  lambda temp: temp.write_text(settings, encoding="utf-8"))
             tracker = Tracker(run_dir, run_name=name, run_id=run_id,
                               project=config.wandb_project or config.project_name,
                               config=config.model_dump(mode="json"), use_wandb=config.tracker == "wandb",
@@ -551,7 +563,7 @@ class Trainer:
                 "accelerate set up no process group. Without a GPU, multi-process training runs "
                 "on CPU only when asked: set ACCELERATE_USE_CPU=1 in the environment.")
 
-    def _agree(self, loss: torch.Tensor, signal_number: Optional[int], nonfinite: bool,
+    def _agree(self, loss: torch.Tensor, signal_number: Optional[int], nonfinite: torch.Tensor,
                checkpoint_due: bool) -> tuple[float, int, bool, bool]:
         """What all processes must decide together after an optimizer step, in one gather:
         (loss averaged over processes, signal to stop on or 0, whether any process saw a
@@ -560,9 +572,10 @@ class Trainer:
         A decision taken by one process alone (a signal that reached it first, its own clock, a
         NaN in its own shard) would leave the others waiting forever in the next collective.
         """
-        local = torch.tensor([[0.0, float(signal_number or 0), float(nonfinite), float(checkpoint_due)]],
+        local = torch.tensor([[0.0, float(signal_number or 0), 0.0, float(checkpoint_due)]],
                              device=loss.device)
         local[0, 0] = loss.detach().float()
+        local[0, 2] = nonfinite.float()
         table = self.accelerator.gather(local).cpu()  # (processes, 4)
         return (table[:, 0].mean().item(), int(table[:, 1].max().item()), bool(table[:, 2].any()),
                 bool(table[:, 3].any()))

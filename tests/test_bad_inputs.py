@@ -233,8 +233,6 @@ def test_resume_from_a_checkpoint_of_another_task(tmp_path, field_data, capsys):
                       capsys, [tmp_path, field_data])
 
 
-@pytest.mark.xfail(strict=True, reason="needs the trainer to turn load_model's size-mismatch RuntimeError "
-                   "into a ConfigError (patch described in the issue-9 report)")
 def test_resume_from_a_checkpoint_whose_network_has_another_shape(tmp_path, field_data, capsys):
     folder = _checkpoint_of(tmp_path, task="kolmogorov", project="tiny", hidden=(8, 16))
     path = write(tmp_path / "c.json", tiny_settings(tmp_path, field_data))

@@ -189,15 +189,10 @@ def _find_copier(config: Config) -> Path:
 class DifferenceMode:
     """What task_factory returns for mode Difference: a mode that runs two trainer runs.
 
-    The engine calls `run_mode(config, program=...)`. Built as a task instead (an engine that does
-    not know run_mode yet calls factory(config, accelerator) inside its Trainer), it runs both passes
-    there and ends the process with their exit code, before that outer Trainer writes anything.
+    The engine calls `run_mode(config, program=...)` instead of building a Trainer around it.
     """
 
     run_mode = staticmethod(run_difference)
-
-    def __new__(cls, config: Config, accelerator: Any):
-        raise SystemExit(run_difference(config))
 
 
 __all__ = ["CopierTask", "DifferenceMode", "DifferencePassTask", "run_difference"]

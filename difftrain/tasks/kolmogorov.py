@@ -170,7 +170,9 @@ class KolmogorovTask:
     def load_model(self, model: nn.Module, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(self.device)))
+        # Read on the CPU: accelerate names the device 'cpu:0' in a multi-process CPU run, which
+        # safetensors refuses; load_state_dict copies onto the model's own device anyway.
+        model.load_state_dict(load_file(str(folder / MODEL_FILE), device="cpu"))
 
     def run_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
