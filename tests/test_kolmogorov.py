@@ -222,7 +222,7 @@ def test_failed_generation_leaves_no_files(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_ensure_dataset_reuses_matching_files_and_regenerates_stale_ones(tmp_path, monkeypatch):
+def test_ensure_dataset_reuses_matching_files_and_never_overwrites_other_data(tmp_path, monkeypatch):
     paths = ensure_dataset(tmp_path, SMALL, seed=1, progress=False, device="cpu")
     first_train = h5py.File(paths["train"], "r")["x"][...]
 
@@ -233,15 +233,38 @@ def test_ensure_dataset_reuses_matching_files_and_regenerates_stale_ones(tmp_pat
         patch.setattr(kolmogorov, "generate_dataset", must_not_generate)
         assert ensure_dataset(tmp_path, SMALL, seed=1, progress=False) == paths
 
+    # Other simulation settings on the same folder: refused, the files stay as they were.
     changed = KolmogorovParams(size=32, coarsen=2, trajectories=10, steps=3, keep=2, drag=0.2)
-    ensure_dataset(tmp_path, changed, seed=1, progress=False, device="cpu")
+    before = {path: path.read_bytes() for path in paths.values()}
+    with pytest.raises(ConfigError, match=r"drag=.*another folder"):
+        ensure_dataset(tmp_path, changed, seed=1, progress=False, device="cpu")
+    assert {path: path.read_bytes() for path in paths.values()} == before
+
+    # A lost split of our own data comes back identical to the first generation.
+    paths["valid"].unlink()
+    ensure_dataset(tmp_path, SMALL, seed=1, progress=False, device="cpu")
+    assert paths["valid"].exists()
+    assert np.array_equal(h5py.File(paths["train"], "r")["x"][...], first_train)
+
+    # Asked for explicitly, other settings replace the data.
+    ensure_dataset(tmp_path, changed, seed=1, progress=False, device="cpu", overwrite=True)
     with h5py.File(paths["train"], "r") as handle:
         assert handle.attrs["drag"] == 0.2
-        assert not np.array_equal(handle["x"][...], first_train)
 
-    paths["valid"].unlink()
-    ensure_dataset(tmp_path, changed, seed=1, progress=False, device="cpu")
-    assert paths["valid"].exists()
+
+def test_ensure_dataset_uses_the_users_own_files_as_they_are(tmp_path, monkeypatch):
+    paths = kolmogorov.dataset_paths(tmp_path)
+    for count, path in zip((4, 1, 1), paths.values()):
+        with h5py.File(path, "w") as handle:
+            handle["x"] = np.zeros((count, 5, 2, 8, 8), dtype="float32")
+    before = {path: path.read_bytes() for path in paths.values()}
+    monkeypatch.setattr(kolmogorov, "generate_dataset", lambda *a, **k: pytest.fail("user data overwritten"))
+    assert ensure_dataset(tmp_path, SMALL, seed=1, progress=False) == paths
+    assert {path: path.read_bytes() for path in paths.values()} == before
+    # One of the user's files missing: generating would mix data, so it is refused.
+    paths["test"].unlink()
+    with pytest.raises(ConfigError, match="would replace"):
+        ensure_dataset(tmp_path, SMALL, seed=1, progress=False)
 
 
 def test_split_sizes_follow_80_10_10():
