@@ -268,6 +268,14 @@ class Config(BaseModel):
     second_pass: Optional[dict[str, Any]] = setting(
         None, "Settings for Difference's second pass (same keys as above).", SECOND_PASS_KEY)
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul_character(cls, value: Any) -> Any:
+        # Paths with a NUL cannot exist on any file system; os calls would raise ValueError later.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("contains a NUL character (\\u0000), which no file or folder name can hold")
+        return value
+
     @field_validator("kernel_size")
     @classmethod
     def _odd_kernel(cls, value: int) -> int:
@@ -440,6 +448,10 @@ def read_json_config(path: Union[str, Path]) -> dict[str, Any]:
         raise ConfigError(f"'{path}' is a folder, not a JSON config file.") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: is not UTF-8 text; save it as UTF-8.") from None
+    except ValueError:  # a NUL character, which no file system allows in a path
+        raise ConfigError(f"config path {str(path)!r} contains a NUL character; check the command line.") from None
+    except OSError as error:  # permissions, a name too long, a device that fails
+        raise ConfigError(f"cannot read config file '{path}': {error.strerror or error}.") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:

@@ -148,6 +148,7 @@ CONFIG_FILE_CASES = {
     "simulation too small": ({"simulation": {"trajectories": 3}}, [], ["'simulation.trajectories'"]),
     "empty project name": ({"project_name": ""}, [], ["'project_name'"]),
     "empty hidden channels": ({"hidden_channels": []}, [], ["'hidden_channels'"]),
+    "NUL character in a path": ({"logdir": "logs\u0000x"}, [], ["'logdir'", "NUL character"]),
 }
 
 
