@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from difftrain.config import Config
@@ -9,6 +10,21 @@ from difftrain.errors import ConfigError
 from difftrain.trainer import Trainer, TrainingStopped
 
 TRAINING_FAILED_EXIT_CODE = 1
+
+# What the libraries print by default (transformers' notes about optional backends, the progress bar
+# of every save_pretrained) buries our own progress bar and messages. Errors still show, and a user
+# who wants the chatter back sets these variables before starting.
+QUIET_LIBRARY_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def quiet_library_logs() -> None:
+    """Apply QUIET_LIBRARY_ENVIRONMENT where the user has not chosen; read when the libraries load."""
+    for name, value in QUIET_LIBRARY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 def task_factory(config: Config):
@@ -34,6 +50,7 @@ def task_factory(config: Config):
 
 def run(config: Config, program: str = "difftrain") -> int:
     """Train `config` to the end; returns the exit code for the front door."""
+    quiet_library_logs()
     factory = task_factory(config)
     # A mode made of several trainer runs (Difference: copier pass, then difference pass) runs them
     # itself; every other factory builds the one task a Trainer drives.

@@ -253,3 +253,25 @@ def test_presets_validate_and_pick_the_sd_task(preset, mode):
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.json")
     assert config.task == "sd" and config.mode == mode and task_factory(config) is SDTask
     assert buckets_for(config)  # its resolution is a valid bucket setting
+
+
+def test_the_front_door_shows_our_lines_not_the_libraries_chatter(tmp_path, images, tiny_sd15):
+    """Sampling and saving pull in transformers and diffusers, whose default logs (notes about
+    optional backends, a progress bar per save_pretrained) would drown the training's own output."""
+    import os
+    import subprocess
+    import sys
+
+    config = sd_config(tmp_path, single_file_path(tiny_sd15), images, max_epochs=1, sample_steps=1,
+                       tracker="wandb")
+    path = tmp_path / "sd.json"
+    path.write_text(config.model_dump_json())
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    result = subprocess.run([sys.executable, "train.py", "--config", str(path)], cwd=Path(__file__).parents[1],
+                            env={**environment, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "run folder:" in output and "checkpoint:" in output
+    for chatter in ("[transformers]", "Warning", "warn(", "Writing model shards", "Loading pipeline components"):
+        assert chatter not in output, output[-3000:]
