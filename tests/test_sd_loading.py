@@ -223,11 +223,33 @@ def test_metadata_prediction_type_is_honoured_and_arguments_override_it(tiny_sd1
         load_sd(tiny_sd15, prediction_type="sample")
 
 
-def test_real_single_file_without_tokenizer_explains_how_to_provide_one(tiny_sd15, tmp_path, monkeypatch):
-    monkeypatch.setattr(sd_module, "_CACHED_TOKENIZER_REPOS", {})
-    bare = _strip_self_description(single_file_path(tiny_sd15), tmp_path / "real.safetensors")
-    with pytest.raises(ConfigError, match="config_from"):
-        load_sd(bare)
+@pytest.mark.parametrize("tiny", ["sd15", "sdxl"])
+def test_real_single_file_gets_the_shipped_clip_tokenizers(tiny, request, tmp_path, monkeypatch):
+    """A real A1111 file carries no tokenizer; the one built from the shipped vocabulary must
+    give CLIP's published token ids, and pad like each family's encoders."""
+    folder = request.getfixturevalue(FIXTURE_OF[tiny])
+    bare = _strip_self_description(single_file_path(folder), tmp_path / "real.safetensors")
+    # The tiny weights do not fit the real component configs; take the tiny's own configs instead.
+    family = "sdxl" if tiny == "sdxl" else "sd1"
+    monkeypatch.setattr(sd_module, "_shipped_configs", lambda detected, prediction: sd_module._configs_from_folder(folder, family))
+    model = load_sd(bare)
+    assert [t("a photo of a cat").input_ids for t in model.tokenizers] == \
+        [[49406, 320, 1125, 539, 320, 2368, 49407]] * len(model.tokenizers)
+    assert all(len(t) == 49408 and t.model_max_length == 77 for t in model.tokenizers)
+    assert model.tokenizers[0].pad_token == "<|endoftext|>"
+    if tiny == "sdxl":
+        assert model.tokenizers[1].pad_token == "!" and model.tokenizers[1].pad_token_id == 0
+
+
+def test_the_shipped_vocabulary_is_complete():
+    from difftrain.models.clip_vocab import byte_symbols, standard_clip_tokenizer
+
+    symbols = byte_symbols()
+    assert len(symbols) == len(set(symbols)) == 256 and symbols[0] == "!" and symbols[-1] == chr(256 + 67)
+    tokenizer = standard_clip_tokenizer()
+    assert tokenizer.convert_ids_to_tokens([0, 256, 49406, 49407]) == ["!", "!</w>", "<|startoftext|>", "<|endoftext|>"]
+    ids = tokenizer("Ünïcode emoji 🐈 and   spaces").input_ids  # (CLIP decodes "a," as "a ,")
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "ünïcode emoji 🐈 and spaces"
 
 
 def test_tiny_weights_do_not_fit_the_shipped_real_configs(tiny_sd15, tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ prediction type, a DDPM noise scheduler) and helpers to encode prompts and image
 
 Nothing here downloads. Component configs come from the file itself (our exports and the
 tiny stand-ins embed them), or from ``component_configs/<family>/`` for real checkpoints;
-tokenizers of real single files come from a diffusers folder the user points to, or the
-local Hugging Face cache if it already holds them.
+tokenizers of real single files are built from the CLIP vocabulary shipped with the project
+(``clip_vocab``).
 """
 
 from __future__ import annotations
@@ -40,15 +40,6 @@ FAMILY_ALIASES = {
     "sd2": "sd2", "sd2-v": "sd2", "sd21": "sd2", "sd2.1": "sd2", "v2": "sd2",
     "sdxl": "sdxl", "xl": "sdxl",
 }
-
-# Hugging Face repositories whose tokenizers fit each family, tried in the local cache
-# only (local_files_only=True): a user who ever used diffusers online may already have them.
-_CACHED_TOKENIZER_REPOS = {
-    "sd1": [("openai/clip-vit-large-patch14", None), ("runwayml/stable-diffusion-v1-5", "tokenizer")],
-    "sd2": [("stabilityai/stable-diffusion-2-1", "tokenizer"), ("stabilityai/stable-diffusion-2-1-base", "tokenizer")],
-    "sdxl": [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer")],
-}
-
 
 def _text_encoder_names(family: str) -> list[str]:
     return ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
@@ -552,10 +543,11 @@ def _load_tokenizer_folder(folder: Path, pad_token: str):
 
 
 def _find_tokenizers(family: str, config_from: Path | None, source: Path) -> list:
-    """Tokenizers for a real single file, from a user-given folder or the local HF cache.
+    """Tokenizers for a real single file: from a diffusers folder the caller names, else the CLIP
+    vocabulary shipped with difftrain (difftrain.models.clip_vocab).
 
     All SD tokenizers share CLIP's BPE vocabulary; they differ only in the padding token,
-    which is set per family here, so the tokenizer of any SD folder serves.
+    which is set per family here, so either source serves every family.
     """
     count = len(_tokenizer_names(family))
     if config_from is not None:
@@ -567,23 +559,9 @@ def _find_tokenizers(family: str, config_from: Path | None, source: Path) -> lis
             return [_load_tokenizer_folder(folders[min(i, len(folders) - 1)], _pad_token(family, i)) for i in range(count)]
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot load a CLIP tokenizer from {config_from}: {error}") from None
-    from transformers import CLIPTokenizer
+    from difftrain.models.clip_vocab import standard_clip_tokenizer
 
-    for repo, subfolder in _CACHED_TOKENIZER_REPOS.get(family, []):
-        try:
-            tokenizers = [
-                CLIPTokenizer.from_pretrained(repo, subfolder=subfolder, local_files_only=True, pad_token=_pad_token(family, i))
-                for i in range(count)
-            ]
-        except Exception:  # noqa: BLE001 - any failure only means "not in the local cache"
-            continue
-        return tokenizers
-    raise ConfigError(
-        f"{source} carries no tokenizer and none is available offline (nothing is downloaded). "
-        f"Pass config_from=<a diffusers folder of a {family} model, or of any Stable Diffusion "
-        "model: they share CLIP's vocabulary> to take its tokenizer, or convert the model "
-        "once to a diffusers folder and load that folder instead."
-    )
+    return [standard_clip_tokenizer(_pad_token(family, i)) for i in range(count)]
 
 
 def _configs_from_folder(folder: Path, family: str) -> dict[str, dict[str, Any]]:
@@ -873,7 +851,7 @@ def load_sd(
         config_from: for a single file that does not describe itself (a real A1111
             checkpoint), a diffusers folder of the same family whose component configs and
             tokenizers are used. Without it the standard configs in ``component_configs/``
-            are used, and tokenizers only from the local Hugging Face cache.
+            are used, and tokenizers built from the shipped CLIP vocabulary (clip_vocab).
         dtype, device: where the modules end up.
 
     Raises:
