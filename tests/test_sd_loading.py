@@ -399,3 +399,31 @@ def test_save_pretrained_and_to_pipeline(tiny, request, tmp_path):
 def test_dtype_argument_casts_every_module(tiny_sd15):
     model = load_sd(tiny_sd15, dtype=torch.bfloat16)
     assert {p.dtype for module in model.modules().values() for p in module.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.slow  # builds a full-size SD1.5 (about 1.1 B parameters) on the CPU: about a minute
+def test_a_full_size_a1111_file_loads_with_nothing_but_the_project(tmp_path):
+    """What a user's v1-5-pruned.safetensors looks like (original keys, no metadata, fp16): random
+    weights of the real architecture, loaded with the shipped configs and tokenizer."""
+    configs = sd_module._shipped_configs("sd1", "epsilon")
+    torch.manual_seed(0)
+    components = {"unet": sd_module._build_unet(configs["unet"]).state_dict(),
+                  "vae": sd_module._build_vae(configs["vae"]).state_dict()}
+    encoder = sd_module._build_text_encoder(configs["text_encoder"], with_projection=False)
+    components["text_encoder"] = {sf.canonical_text_encoder_key(k): v for k, v in encoder.state_dict().items()}
+    original = sf.components_to_original("sd1", components, configs)
+    path = tmp_path / "v1-5-like.safetensors"
+    # The builders make meta tensors (no memory); give every one random values.
+    original = {key: (torch.randn(value.shape) * 0.02).half() for key, value in original.items()}
+    save_file(original, str(path))
+    del components, encoder
+
+    model = load_sd(path)
+    assert (model.family, model.prediction_type) == ("sd1", "epsilon")
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert torch.equal(model.unet.down_blocks[0].attentions[0].proj_in.weight, original[key].float())
+    ids = model.tokenize(["a photo of a cat"])[0]
+    assert ids.shape == (1, 77) and ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+    with torch.no_grad():
+        hidden = model.text_encoders[0](ids).last_hidden_state
+    assert hidden.shape == (1, 77, 768) and torch.isfinite(hidden).all()
