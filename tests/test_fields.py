@@ -51,6 +51,19 @@ def test_samples_are_copies(trajectory_file):
     np.testing.assert_array_equal(dataset[0].numpy(), x[0, 0:2].reshape(4, 4, 6))
 
 
+@pytest.mark.parametrize("flatten", [True, False])
+def test_batch_is_the_stack_of_items_and_a_copy(trajectory_file, flatten):
+    path, x = trajectory_file
+    dataset = TrajectoryDataset(path, window=3, flatten=flatten)
+    indices = [8, 0, 4, 4, -1, 5]
+    batch = dataset.batch(indices)
+    assert torch.equal(batch, torch.stack([dataset[i] for i in indices]))
+    batch.zero_()
+    assert torch.equal(dataset.batch([0])[0], dataset[0]) and dataset[0].abs().sum() > 0
+    with pytest.raises(IndexError):
+        dataset.batch([0, len(dataset)])
+
+
 def test_window_equal_to_length_and_index_bounds(trajectory_file):
     path, _ = trajectory_file
     dataset = TrajectoryDataset(path, window=5)

@@ -9,6 +9,7 @@ trajectory is one sample.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -80,6 +81,18 @@ class TrajectoryDataset(Dataset):
         # A copy, so a caller editing a sample in place cannot corrupt the shared array.
         states = self.trajectories[trajectory, start : start + self.window].clone()
         return states.flatten(0, 1) if self.flatten else states
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """``torch.stack([self[i] for i in indices])`` in one gather: (B, window*C, H, W), or
+        (B, window, C, H, W) unflattened; one copy instead of B clones and a stack (bench/RESULTS.md)."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        if index.numel() and not bool(((index >= -len(self)) & (index < len(self))).all()):
+            raise IndexError(f"an index in {list(indices)} is out of range for {len(self)} windows")
+        trajectory, start = torch.div(index % len(self), self.windows_per_trajectory, rounding_mode="floor"), \
+            index % len(self) % self.windows_per_trajectory
+        steps = start[:, None] + torch.arange(self.window)
+        states = self.trajectories[trajectory[:, None], steps]  # advanced indexing: a fresh copy
+        return states.flatten(1, 2) if self.flatten else states
 
     @property
     def state_shape(self) -> tuple[int, int, int]:

@@ -93,7 +93,7 @@ class KolmogorovTask:
             pairs = [self.pairs[i] for i in indices]
             return {"x0": torch.stack([p["x0"] for p in pairs]).to(self.device),
                     "noise": torch.stack([p["noise"] for p in pairs]).to(self.device)}
-        return torch.stack([self.train_set[i] for i in indices]).to(self.device)
+        return self.train_set.batch(indices).to(self.device)
 
     # ---- objective ----------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
@@ -119,7 +119,7 @@ class KolmogorovTask:
         total, seen = 0.0, 0
         for start in range(0, count, self.config.batch_size):
             chunk = indices[start:start + self.config.batch_size]
-            batch = torch.stack([self.valid_set[i] for i in chunk]).to(self.device)
+            batch = self.valid_set.batch(chunk).to(self.device)
             total += self._loss_with_fixed_draws(model, batch, generator).item() * len(chunk)
             seen += len(chunk)
         return total / seen
