@@ -275,3 +275,17 @@ def test_the_front_door_shows_our_lines_not_the_libraries_chatter(tmp_path, imag
     assert "run folder:" in output and "checkpoint:" in output
     for chatter in ("[transformers]", "Warning", "warn(", "Writing model shards", "Loading pipeline components"):
         assert chatter not in output, output[-3000:]
+
+
+def test_several_processes_share_one_disk_cache_unless_told_otherwise(tmp_path, capsys):
+    from difftrain.tasks.sd import SDTask
+
+    def folder(processes, main=True, **changes):
+        config = validate_config_dict({"task": "sd", "logdir": str(tmp_path / "logs"), **changes})
+        accelerator = SimpleNamespace(num_processes=processes, is_main_process=main)
+        return SDTask._cache_folder(config, accelerator)
+
+    assert folder(1) is None  # one process: in memory
+    assert folder(1, cache_dir=str(tmp_path / "c")) == folder(2, cache_dir=str(tmp_path / "c")) == str(tmp_path / "c")
+    assert folder(2) == folder(2, main=False) == str(tmp_path / "logs" / "latent_cache")
+    assert capsys.readouterr().err.count("shared by all of them") == 1  # said by the main process only

@@ -207,7 +207,7 @@ class SDTask:
 
         # 4. data sets and caches.
         self.train_set, self.valid_set = self._build_datasets()
-        self.cache = LatentCache(config.cache_dir or None)
+        self.cache = LatentCache(self._cache_folder(config, accelerator))
         self.vae_fingerprint = fingerprint_module(self.sd.vae)
         self.text_fingerprint = "+".join(fingerprint_module(e) for e in self.sd.text_encoders)
         self._samplers: dict[tuple[int, int], BucketBatchSampler] = {}
@@ -219,6 +219,21 @@ class SDTask:
             lora_io.set_multiplier(self._lora_modules(self.model).values(), self.multiplier)
 
     # ---- setup ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _cache_folder(config: Config, accelerator: Any) -> Optional[str]:
+        """cache_dir; with several processes and none given, a disk cache under logdir that all of
+        them share. In memory, each process would encode again the images another process met
+        in an earlier epoch, since each epoch deals the batches out anew."""
+        if config.cache_dir:
+            return config.cache_dir
+        if accelerator.num_processes == 1:
+            return None
+        shared = str(Path(config.logdir) / "latent_cache")
+        if accelerator.is_main_process:
+            _say(f"note: {accelerator.num_processes} processes and no cache_dir: latents and text embeddings "
+                 f"are cached in '{shared}', shared by all of them (set cache_dir to choose the folder).")
+        return shared
+
     def _scan_data(self) -> tuple[list[ImageItem], list[ImageItem]]:
         config = self.config
         setting = "data_root" if config.mode == "Full" else "lora_data_directory"
