@@ -175,6 +175,27 @@ class StopRequest:
             signal.signal(sig, previous)
 
 
+SHARDED_DISTRIBUTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def refuse_sharded_training(distributed_type: str) -> None:
+    """ConfigError for accelerate setups that shard the model or optimizer state across processes.
+
+    Checkpoints, state.pth and LoRA exports read the whole model and optimizer state on the main
+    process. With sharded states that copy would be partial (DeepSpeed ZeRO-1/2: the optimizer),
+    or gathering it would need every process and the save would wait forever (FSDP full state
+    dict, ZeRO-3): refusing at the start costs the user minutes, not a run.
+    """
+    name = distributed_type.rsplit(".", 1)[-1].upper()
+    if name in SHARDED_DISTRIBUTED_TYPES:
+        raise ConfigError(
+            f"your accelerate config selects {name}, which shards the model or optimizer state across "
+            "processes; difftrain's checkpoints and exact resume need the whole state on the main process "
+            "and do not support it yet. Run data parallel instead: `accelerate launch --multi_gpu "
+            "--num_processes N train.py ...`, or choose 'multi-GPU' without FSDP/DeepSpeed in "
+            "`accelerate config` (see docs/scaling.md).")
+
+
 class Trainer:
     """Runs one task to the end (or to a stop), writing logs/, runs/ and checkpoints."""
 
@@ -554,6 +575,7 @@ class Trainer:
         return outcome[0]
 
     def _check_process_group(self) -> None:
+        refuse_sharded_training(str(self.accelerator.distributed_type))
         launched_as = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched_as > 1 and self.accelerator.num_processes == 1:
             # Each process would train alone and write its own run folder: refuse rather than
