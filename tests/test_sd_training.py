@@ -289,3 +289,28 @@ def test_several_processes_share_one_disk_cache_unless_told_otherwise(tmp_path, 
     assert folder(1, cache_dir=str(tmp_path / "c")) == folder(2, cache_dir=str(tmp_path / "c")) == str(tmp_path / "c")
     assert folder(2) == folder(2, main=False) == str(tmp_path / "logs" / "latent_cache")
     assert capsys.readouterr().err.count("shared by all of them") == 1  # said by the main process only
+
+
+def test_bf16_autocast_gradient_checkpointing_and_accumulation_train_together(tmp_path, images, tiny_sd15, monkeypatch):
+    """The GPU speed settings, exercised on the CPU (where bf16 autocast exists too): the UNet runs
+    under bf16 autocast with checkpointing on, and the weights it keeps stay fp32 and finite."""
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    original_forward = UNet2DConditionModel.forward
+
+    def recording_forward(self, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                     self.is_gradient_checkpointing, self.training))
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
+    config = sd_config(tmp_path, tiny_sd15, images, mixed_precision="bf16", gradient_checkpointing=True,
+                       gradient_accumulation_steps=2, max_epochs=2, validation_fraction=0.0)
+    assert run(config) == 0
+    training_calls = [call for call in seen if call[3]]
+    assert training_calls and all(call[:3] == (True, torch.bfloat16, True) for call in training_calls)
+    state = run_state(tmp_path)
+    assert all(value.dtype == torch.float32 and torch.isfinite(value).all() for value in state.values())
+    lines = [json.loads(line) for line in next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl").read_text().splitlines()]
+    assert max(line.get("step", 0) for line in lines) == 2  # 4 images, batch 2: 2 micro-batches, 1 optimizer step an epoch
