@@ -69,7 +69,7 @@ class KolmogorovTask:
         params = KolmogorovParams(**config.simulation.model_dump())
         paths = dataset_paths(data_root)
         if accelerator.is_main_process:
-            # Reuses files whose stored parameters match `simulation`, regenerates otherwise.
+            # Reuses matching files, generates missing ones, refuses to overwrite other data.
             ensure_dataset(data_root, params, seed=0)
         accelerator.wait_for_everyone()
         self.train_set = TrajectoryDataset(paths["train"], config.window)
