@@ -327,7 +327,8 @@ class Trainer:
                         loss_value, stopping, any_nonfinite, checkpoint_due = self._agree(
                             loss, stop.signal, nonfinite_seen, checkpoint_due)
                         if any_nonfinite:
-                            value = loss_value if not math.isfinite(loss_value) else "non-finite (in an accumulated micro-batch or on another process)"
+                            value = loss_value if not math.isfinite(loss_value) else \
+                                "non-finite (in an accumulated micro-batch or on another process)"
                             raise TrainingStopped(
                                 f"the loss became {value} at epoch {progress.epoch}, step "
                                 f"{progress.global_step}. Lower lr, enable clip_grad_norm, or check "
