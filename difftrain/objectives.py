@@ -245,12 +245,16 @@ class DiffusionObjective:
         *,
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
         **cond: Any,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted regression loss of ``model`` on clean samples ``x0`` (B, C, ...).
 
         ``noise`` (B, C, ...) and integer ``timesteps`` (B,) are drawn from ``generator`` unless
-        given (validation passes fixed ones); ``cond`` goes to the model unchanged. The model
+        given (validation passes fixed ones); ``cond`` goes to the model unchanged. ``loss_mask``
+        (broadcastable to x0, values in [0, 1]) restricts each sample's loss to where it is
+        non-zero: the per-sample loss is the mask-weighted mean, so its scale does not depend on
+        the masked area. The model
         sees x_t in x0's dtype and float32 timesteps; the loss is computed in float32.
         Returns (scalar loss, stats) where stats holds detached 'loss', 'loss_per_sample' (B,)
         and 'timesteps' (B,).
@@ -266,7 +270,12 @@ class DiffusionObjective:
         clean = x0.float()
         noisy = self.add_noise(clean, noise, timesteps)
         prediction = model(noisy.to(x0.dtype), timesteps.float(), **cond)
-        per_sample = _per_sample_mean(self._elementwise_loss(prediction.float(), self.target(clean, noise, timesteps)))
+        elementwise = self._elementwise_loss(prediction.float(), self.target(clean, noise, timesteps))
+        if loss_mask is None:
+            per_sample = _per_sample_mean(elementwise)
+        else:
+            mask = loss_mask.to(elementwise.device, torch.float32).expand_as(elementwise)
+            per_sample = _per_sample_mean(elementwise * mask) / _per_sample_mean(mask).clamp(min=1e-8)
         weighted = per_sample * self.loss_weights(timesteps).to(per_sample.device)
         loss = weighted.mean()
         return loss, {"loss": loss.detach(), "loss_per_sample": per_sample.detach(), "timesteps": timesteps.detach()}

@@ -218,6 +218,37 @@ def test_difference_trains_a_copier_then_the_difference_with_2nd_pass_settings(t
     assert [p.name.split("_")[0] for p in (tmp_path / "loaded" / "runs").iterdir()] == ["d-pass2"]
 
 
+def test_difference_mask_covers_where_the_images_differ(tmp_path, tiny_sd15, capsys):
+    from difftrain.modes.difference import DifferencePassTask, run_difference
+
+    folder = tmp_path / "pair"
+    original = save_image(folder / "original.png", (200, 200, 200))
+    pixels = np.asarray(Image.open(original)).copy()
+    pixels[:, :16] = (20, 30, 230)  # the change: the left quarter only
+    target = folder / "target.png"
+    Image.fromarray(pixels).save(target)
+    config = mode_config(tmp_path, tiny_sd15, mode="Difference", original_image=str(original),
+                         target_image=str(target), save_lora_name="masked", diff_use_diff_mask=True, max_steps=2)
+    masks = []
+    original_mask = DifferencePassTask.difference_mask
+
+    def recording(self, epoch):
+        masks.append(original_mask(self, epoch))
+        return masks[-1]
+
+    DifferencePassTask.difference_mask = recording
+    try:
+        assert run_difference(config) == 0
+    finally:
+        DifferencePassTask.difference_mask = original_mask
+    mask = masks[0][0, 0]
+    width = mask.shape[-1]
+    assert mask[:, : width // 8].min() == 1  # the changed columns count...
+    assert mask[:, width // 2:].max() == 0  # ...the unchanged right half does not
+    assert "difference mask: the loss covers" in capsys.readouterr().err
+    assert (tmp_path / "loras" / "masked.safetensors").is_file()
+
+
 def test_difference_1st_pass_only_and_through_the_engine(tmp_path, pair, tiny_sd15):
     original, target = pair
     config = mode_config(tmp_path, tiny_sd15, mode="Difference", original_image=str(original),

@@ -99,6 +99,23 @@ def test_loss_feeds_model_x_t_and_float_timesteps_and_weights_per_sample():
     assert stats["loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_loss_mask_restricts_each_sample_to_its_region():
+    objective = DiffusionObjective(stepped_schedule(), "v_prediction")
+    fixed = dict(noise=NOISE, timesteps=torch.tensor([300]))
+    whole = objective.loss(Recorder(), X0, **fixed)[1]["loss_per_sample"]
+    ones = objective.loss(Recorder(), X0, loss_mask=torch.ones_like(X0), **fixed)[1]["loss_per_sample"]
+    assert torch.allclose(ones, whole)
+    # Sample 0's squared v-errors are 1 and 4.84 (see above): each mask keeps one of them, a soft
+    # mask weighs them.
+    first, second = torch.zeros_like(X0), torch.zeros_like(X0)
+    first.view(-1)[0], second.view(-1)[1] = 1.0, 1.0
+    assert objective.loss(Recorder(), X0, loss_mask=first, **fixed)[0].item() == pytest.approx(1.0, rel=1e-5)
+    assert objective.loss(Recorder(), X0, loss_mask=second, **fixed)[0].item() == pytest.approx(4.84, rel=1e-5)
+    soft = first * 0.75 + second * 0.25
+    assert objective.loss(Recorder(), X0, loss_mask=soft, **fixed)[0].item() == \
+        pytest.approx(0.75 * 1.0 + 0.25 * 4.84, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [("MSE", 2.92), ("mse", 2.92), ("L1", 1.6), ("Smooth-L1", 1.1), ("smooth_l1", 1.1)],

@@ -291,7 +291,19 @@ def test_several_processes_share_one_disk_cache_unless_told_otherwise(tmp_path, 
     assert capsys.readouterr().err.count("shared by all of them") == 1  # said by the main process only
 
 
-def test_bf16_autocast_gradient_checkpointing_and_accumulation_train_together(tmp_path, images, tiny_sd15, monkeypatch):
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision the first Accelerator fixes;
+    a test that needs another precision starts from a clean one and leaves one behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_autocast_gradient_checkpointing_and_accumulation_train_together(tmp_path, images, tiny_sd15, monkeypatch,
+                                                                             fresh_accelerator_state):
     """The GPU speed settings, exercised on the CPU (where bf16 autocast exists too): the UNet runs
     under bf16 autocast with checkpointing on, and the weights it keeps stay fp32 and finite."""
     from diffusers import UNet2DConditionModel

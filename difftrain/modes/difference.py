@@ -33,6 +33,8 @@ from difftrain.modes.base import ModeTask, image_item
 
 COPIER_ADAPTER = "copier"
 COPIER_FILE = "copier.safetensors"
+# diff_use_diff_mask: a pixel "differs" when its mean absolute change exceeds 5 % of the [-1, 1] range.
+DIFFERENCE_THRESHOLD = 0.1
 
 
 class CopierTask(ModeTask):
@@ -111,10 +113,47 @@ class DifferencePassTask(CopierTask):
     def __init__(self, config: Config, accelerator: Any, *, copier: Path):
         self.copier_path = Path(copier)
         super().__init__(config, accelerator)
+        self._difference_mask: Optional[torch.Tensor] = None
 
     @property
     def image_index(self) -> int:
         return 1
+
+    def difference_mask(self, epoch: int) -> torch.Tensor:
+        """(1, 1, h, w) latent-space mask of where the target differs from the original.
+
+        Computed on the pixels both images are trained from (same bucket, crop and flip as their
+        latents), not on the latents: a VAE spreads a local change over its receptive field. A
+        pixel differs when its channel-mean absolute difference exceeds 5 % of the value range; a
+        latent cell counts when any of its pixels differs, widened by one cell so the edges of a
+        change count too. Identical images give an all-ones mask (nothing to single out).
+        """
+        if self._difference_mask is None:
+            dataset = self.train_set
+            pixels = [dataset.load_pixels(index, flip=choice.flip, crop_position=choice.crop_position)
+                      for index, choice in ((i, dataset.augmentation(i, epoch)) for i in (0, 1))]
+            changed = ((pixels[1] - pixels[0]).abs().mean(dim=0) > DIFFERENCE_THRESHOLD).float()[None, None]
+            latent_size = self.latents_of([1], epoch).shape[-2:]
+            if not bool(changed.any()):
+                mask = torch.ones((1, 1, *latent_size))
+            else:
+                mask = torch.nn.functional.adaptive_max_pool2d(changed, latent_size)
+                mask = torch.nn.functional.max_pool2d(mask, kernel_size=3, stride=1, padding=1)
+            self._difference_mask = mask.to(self.device)
+            print(f"difference mask: the loss covers {float(mask.mean()):.0%} of the image", file=sys.stderr)
+        return self._difference_mask
+
+    def collate(self, indices: Sequence[int], epoch: int) -> dict[str, Any]:
+        batch = super().collate(indices, epoch)
+        if self.config.diff_use_diff_mask:
+            batch["loss_mask"] = self.difference_mask(epoch).expand(len(indices), -1, -1, -1)
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        if "loss_mask" not in batch:
+            return super().loss(model, batch, generator)
+        return self.objective.loss(model, batch["latents"], generator, loss_mask=batch["loss_mask"],
+                                   **batch["cond"])[0]
 
     def _build_lora(self):
         model = super()._build_lora()

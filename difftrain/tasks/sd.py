@@ -226,11 +226,12 @@ class SDTask:
         in an earlier epoch, since each epoch deals the batches out anew."""
         if config.cache_dir:
             return config.cache_dir
-        if accelerator.num_processes == 1:
+        processes = getattr(accelerator, "num_processes", 1)  # a task may be built outside a Trainer
+        if processes == 1:
             return None
         shared = str(Path(config.logdir) / "latent_cache")
-        if accelerator.is_main_process:
-            _say(f"note: {accelerator.num_processes} processes and no cache_dir: latents and text embeddings "
+        if getattr(accelerator, "is_main_process", True):
+            _say(f"note: {processes} processes and no cache_dir: latents and text embeddings "
                  f"are cached in '{shared}', shared by all of them (set cache_dir to choose the folder).")
         return shared
 
