@@ -224,15 +224,6 @@ def train(model, batch_loss, iterations, generator):
         optimizer.step()
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny matrices: extra threads only fight the other processes on a shared CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_one_reflow_iteration_straightens_a_toy_flow(tmp_path, one_thread):
     torch.manual_seed(0)  # only for the module's parameter initialisation
     generator = torch.Generator().manual_seed(0)

@@ -50,15 +50,6 @@ def field_data(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs single-threaded, like the child processes (and much faster when busy)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_settings(folder: Path, data: Path, **changes) -> dict:
     """The tiny Kolmogorov run of tests/test_trainer.py: 10 steps per epoch, 2 epochs."""
     settings = {

@@ -25,13 +25,7 @@ FAMILIES = [("sd15", "sd1", "epsilon"), ("sd2-v", "sd2", "v_prediction"), ("sdxl
 FIXTURE_OF = {"sd15": "tiny_sd15", "sd2-v": "tiny_sd2v", "sdxl": "tiny_sdxl"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run ~20x faster on one thread than on oversubscribed shared cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def weights(model: SDModel) -> dict[str, torch.Tensor]:

@@ -23,13 +23,7 @@ COLOURS = [(220, 40, 40), (40, 200, 60), (30, 60, 220), (230, 210, 40)]
 CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions on shared cores run several times faster without intra-op threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from difftrain.tiny import EMBEDDED_CONFIG_KEY, build_tiny_pipeline, main, singl
 FIXTURE_OF = {"sd15": "tiny_sd15", "sd2-v": "tiny_sd2v", "sdxl": "tiny_sdxl"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run ~20x faster on one thread than on oversubscribed shared cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd2-v", "sdxl"])
