@@ -58,6 +58,11 @@ def test_batch_is_the_stack_of_items_and_a_copy(trajectory_file, flatten):
     indices = [8, 0, 4, 4, -1, 5]
     batch = dataset.batch(indices)
     assert torch.equal(batch, torch.stack([dataset[i] for i in indices]))
+    # Against the file itself: 3 windows per trajectory, index 8 is trajectory 2 from state 2.
+    stacked = batch if not flatten else batch.reshape(len(indices), 3, 2, 4, 6)
+    np.testing.assert_array_equal(stacked[0].numpy(), x[2, 2:5])
+    np.testing.assert_array_equal(stacked[4].numpy(), x[2, 2:5])  # -1 is the last window too
+    np.testing.assert_array_equal(stacked[2].numpy(), x[1, 1:4])
     batch.zero_()
     assert torch.equal(dataset.batch([0])[0], dataset[0]) and dataset[0].abs().sum() > 0
     with pytest.raises(IndexError):

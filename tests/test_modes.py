@@ -21,7 +21,7 @@ from difftrain.errors import ConfigError
 from difftrain.tiny import single_file_path
 
 REPO = Path(__file__).resolve().parents[1]
-CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True)
+CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
 
 # Tiny convolutions on shared cores run several times faster without intra-op threads.
 torch.set_num_threads(1)
@@ -218,7 +218,7 @@ def test_difference_trains_a_copier_then_the_difference_with_2nd_pass_settings(t
     assert [p.name.split("_")[0] for p in (tmp_path / "loaded" / "runs").iterdir()] == ["d-pass2"]
 
 
-def test_difference_mask_covers_where_the_images_differ(tmp_path, tiny_sd15, capsys):
+def test_difference_mask_covers_where_the_images_differ(tmp_path, tiny_sd15, capsys, monkeypatch):
     from difftrain.modes.difference import DifferencePassTask, run_difference
 
     folder = tmp_path / "pair"
@@ -232,15 +232,12 @@ def test_difference_mask_covers_where_the_images_differ(tmp_path, tiny_sd15, cap
     masks = []
     original_mask = DifferencePassTask.difference_mask
 
-    def recording(self, epoch):
-        masks.append(original_mask(self, epoch))
+    def recording(self):
+        masks.append(original_mask(self))
         return masks[-1]
 
-    DifferencePassTask.difference_mask = recording
-    try:
-        assert run_difference(config) == 0
-    finally:
-        DifferencePassTask.difference_mask = original_mask
+    monkeypatch.setattr(DifferencePassTask, "difference_mask", recording)
+    assert run_difference(config) == 0
     mask = masks[0][0, 0]
     width = mask.shape[-1]
     assert mask[:, : width // 8].min() == 1  # the changed columns count...

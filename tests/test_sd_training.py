@@ -20,7 +20,7 @@ from difftrain.tiny import single_file_path
 
 CAPTIONS = ["a cat", "a dog", "photo of a cat", "the dog"]
 COLOURS = [(220, 40, 40), (40, 200, 60), (30, 60, 220), (230, 210, 40)]
-CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True)
+CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)

@@ -74,24 +74,19 @@ class TrajectoryDataset(Dataset):
         return self.trajectories.shape[0] * self.windows_per_trajectory
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} windows")
-        index %= len(self)
-        trajectory, start = divmod(index, self.windows_per_trajectory)
-        # A copy, so a caller editing a sample in place cannot corrupt the shared array.
-        states = self.trajectories[trajectory, start : start + self.window].clone()
-        return states.flatten(0, 1) if self.flatten else states
+        return self.batch([index])[0]
 
     def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        """``torch.stack([self[i] for i in indices])`` in one gather: (B, window*C, H, W), or
-        (B, window, C, H, W) unflattened; one copy instead of B clones and a stack (bench/RESULTS.md)."""
+        """The windows ``indices`` (negative ones count from the end), stacked in one gather:
+        (B, window*C, H, W), or (B, window, C, H, W) unflattened. One copy instead of B clones and
+        a stack (bench/RESULTS.md); a copy, so a caller editing it cannot corrupt the shared array."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
         if index.numel() and not bool(((index >= -len(self)) & (index < len(self))).all()):
             raise IndexError(f"an index in {list(indices)} is out of range for {len(self)} windows")
-        trajectory, start = torch.div(index % len(self), self.windows_per_trajectory, rounding_mode="floor"), \
-            index % len(self) % self.windows_per_trajectory
+        wrapped = index % len(self)
+        trajectory, start = wrapped // self.windows_per_trajectory, wrapped % self.windows_per_trajectory
         steps = start[:, None] + torch.arange(self.window)
-        states = self.trajectories[trajectory[:, None], steps]  # advanced indexing: a fresh copy
+        states = self.trajectories[trajectory[:, None], steps]  # advanced indexing copies
         return states.flatten(1, 2) if self.flatten else states
 
     @property

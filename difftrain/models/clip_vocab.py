@@ -26,8 +26,7 @@ def byte_symbols() -> list[str]:
     (control characters, space, a few others) are mapped, in byte order, to code points from 256 up.
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    remapped = [byte for byte in range(256) if byte not in set(printable)]
-    return [chr(byte) for byte in printable] + [chr(256 + index) for index in range(len(remapped))]
+    return [chr(byte) for byte in printable] + [chr(256 + index) for index in range(256 - len(printable))]
 
 
 @lru_cache(maxsize=1)

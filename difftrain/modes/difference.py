@@ -77,7 +77,8 @@ class CopierTask(ModeTask):
                                    self._time_ids(self.train_set, indices))}
 
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        return self.objective.loss(model, batch["latents"], generator, **batch["cond"])[0]
+        return self.objective.loss(model, batch["latents"], generator, loss_mask=batch.get("loss_mask"),
+                                   **batch["cond"])[0]
 
     def pointer_extras(self) -> dict[str, Any]:
         return {"difference_pass": self.PASS}
@@ -119,8 +120,9 @@ class DifferencePassTask(CopierTask):
     def image_index(self) -> int:
         return 1
 
-    def difference_mask(self, epoch: int) -> torch.Tensor:
-        """(1, 1, h, w) latent-space mask of where the target differs from the original.
+    def difference_mask(self) -> torch.Tensor:
+        """(1, 1, h, w) latent-space mask of where the target differs from the original; made once,
+        as the pair is trained without flips or random crops, so every epoch sees the same pixels.
 
         Computed on the pixels both images are trained from (same bucket, crop and flip as their
         latents), not on the latents: a VAE spreads a local change over its receptive field. A
@@ -131,9 +133,9 @@ class DifferencePassTask(CopierTask):
         if self._difference_mask is None:
             dataset = self.train_set
             pixels = [dataset.load_pixels(index, flip=choice.flip, crop_position=choice.crop_position)
-                      for index, choice in ((i, dataset.augmentation(i, epoch)) for i in (0, 1))]
+                      for index, choice in ((i, dataset.augmentation(i, 0)) for i in (0, 1))]
             changed = ((pixels[1] - pixels[0]).abs().mean(dim=0) > DIFFERENCE_THRESHOLD).float()[None, None]
-            latent_size = self.latents_of([1], epoch).shape[-2:]
+            latent_size = self.latents_of([1], 0).shape[-2:]
             if not bool(changed.any()):
                 mask = torch.ones((1, 1, *latent_size))
             else:
@@ -146,14 +148,8 @@ class DifferencePassTask(CopierTask):
     def collate(self, indices: Sequence[int], epoch: int) -> dict[str, Any]:
         batch = super().collate(indices, epoch)
         if self.config.diff_use_diff_mask:
-            batch["loss_mask"] = self.difference_mask(epoch).expand(len(indices), -1, -1, -1)
+            batch["loss_mask"] = self.difference_mask().expand(len(indices), -1, -1, -1)
         return batch
-
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        if "loss_mask" not in batch:
-            return super().loss(model, batch, generator)
-        return self.objective.loss(model, batch["latents"], generator, loss_mask=batch["loss_mask"],
-                                   **batch["cond"])[0]
 
     def _build_lora(self):
         model = super()._build_lora()

@@ -226,11 +226,11 @@ class SDTask:
         in an earlier epoch, since each epoch deals the batches out anew."""
         if config.cache_dir:
             return config.cache_dir
-        processes = getattr(accelerator, "num_processes", 1)  # a task may be built outside a Trainer
+        processes = accelerator.num_processes
         if processes == 1:
             return None
         shared = str(Path(config.logdir) / "latent_cache")
-        if getattr(accelerator, "is_main_process", True):
+        if accelerator.is_main_process:
             _say(f"note: {processes} processes and no cache_dir: latents and text embeddings "
                  f"are cached in '{shared}', shared by all of them (set cache_dir to choose the folder).")
         return shared
