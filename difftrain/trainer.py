@@ -24,6 +24,7 @@ from difftrain.checkpoint import (Progress, checkpoint_name, load_trainer_tensor
                                   save_tensors_atomically, write_file_atomically)
 from difftrain.config import Config
 from difftrain.errors import ConfigError
+from difftrain.sharding import ModelStates, sharding_of
 from difftrain.tracking import NullTracker, Tracker, create_run_folder, make_run_name
 
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -46,8 +47,9 @@ class Task(Protocol):
 
     # Optional hooks. before_batch(global_step, epoch): before each micro-batch (e.g. ADDifT picks
     # its direction from the step, so a resumed run alternates exactly as the original did).
-    # after_step(model, global_step, log_folder): main process, after each optimizer step
-    # (intermediate exports such as TrainTrain's save_per_steps). finish(model, log_folder, run_dir):
+    # after_step(model, global_step, log_folder): main process, after an optimizer step for which
+    # exports_at(global_step) is true (intermediate exports such as TrainTrain's save_per_steps;
+    # asked first because under FSDP handing over the whole model is a gather). finish(model, log_folder, run_dir):
     # main process, once, after a run completes (not after an interrupt): the user-facing export.
 
     # Only with rectified_flow (velocity_fn(z, s, **cond) in difftrain.objectives' time convention):
@@ -175,27 +177,6 @@ class StopRequest:
             signal.signal(sig, previous)
 
 
-SHARDED_DISTRIBUTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-
-
-def refuse_sharded_training(distributed_type: str) -> None:
-    """ConfigError for accelerate setups that shard the model or optimizer state across processes.
-
-    Checkpoints, state.pth and LoRA exports read the whole model and optimizer state on the main
-    process. With sharded states that copy would be partial (DeepSpeed ZeRO-1/2: the optimizer),
-    or gathering it would need every process and the save would wait forever (FSDP full state
-    dict, ZeRO-3): refusing at the start costs the user minutes, not a run.
-    """
-    name = distributed_type.rsplit(".", 1)[-1].upper()
-    if name in SHARDED_DISTRIBUTED_TYPES:
-        raise ConfigError(
-            f"your accelerate config selects {name}, which shards the model or optimizer state across "
-            "processes; difftrain's checkpoints and exact resume need the whole state on the main process "
-            "and do not support it yet. Run data parallel instead: `accelerate launch --multi_gpu "
-            "--num_processes N train.py ...`, or choose 'multi-GPU' without FSDP/DeepSpeed in "
-            "`accelerate config` (see docs/scaling.md).")
-
-
 class Trainer:
     """Runs one task to the end (or to a stop), writing logs/, runs/ and checkpoints."""
 
@@ -249,7 +230,10 @@ class Trainer:
         max_epochs = schedule.total_epochs
         units = max_epochs if config.scheduler_interval == "epoch" else total_steps
         scheduler = make_scheduler(config, optimizer, units)
+        self.states = states = ModelStates(accelerator, model)  # before prepare: FSDP shards in place
         model, optimizer = accelerator.prepare(model, optimizer)
+        if states.sharded and self.is_main:
+            _say(f"model and optimizer state sharded with FSDP over {world} processes")
         generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
         generator.manual_seed(config.seed * 1000 + rank)
 
@@ -273,18 +257,19 @@ class Trainer:
             streams = gather_object([(generator.get_state(), torch.get_rng_state())])
             progress.extra["world_size"] = world
             saved = None
-            if self.is_main and ckpts_dir is not None:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
-                         "generator_per_rank": [stream[0] for stream in streams],
-                         "cpu_rng_per_rank": [stream[1] for stream in streams]}
-                if accelerator.scaler is not None:
-                    state["scaler"] = accelerator.scaler.state_dict()
-                name = checkpoint_name(config.project_name, progress, prefix)
-                unwrapped = accelerator.unwrap_model(model)
-                saved = last_checkpoint = save_checkpoint(
-                    ckpts_dir, name, progress, state, lambda folder: task.write_model(unwrapped, folder),
-                    config.model_dump(mode="json"))
+            optimizer_state = states.optimizer_state(model, optimizer)  # collective under FSDP
+            with states.whole_model(model) as whole:
+                if self.is_main and ckpts_dir is not None:
+                    state = {**optimizer_state, "scheduler": scheduler.state_dict(),
+                             "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
+                             "generator_per_rank": [stream[0] for stream in streams],
+                             "cpu_rng_per_rank": [stream[1] for stream in streams]}
+                    if accelerator.scaler is not None:
+                        state["scaler"] = accelerator.scaler.state_dict()
+                    name = checkpoint_name(config.project_name, progress, prefix)
+                    saved = last_checkpoint = save_checkpoint(
+                        ckpts_dir, name, progress, state, lambda folder: task.write_model(whole, folder),
+                        config.model_dump(mode="json"))
             # Nobody moves on before the checkpoint is complete: after an interrupt a process that
             # exits first makes torchrun stop the others, the main one in the middle of writing.
             accelerator.wait_for_everyone()
@@ -342,8 +327,10 @@ class Trainer:
                         bar.update(1)
                         if config.sample_steps and progress.global_step % config.sample_steps == 0:
                             self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
-                        if hasattr(task, "after_step") and self.is_main:
-                            task.after_step(accelerator.unwrap_model(model), progress.global_step, log_folder)
+                        if hasattr(task, "after_step") and task.exports_at(progress.global_step):
+                            with states.whole_model(model) as whole:
+                                if self.is_main:
+                                    task.after_step(whole, progress.global_step, log_folder)
                         if stopping:
                             break
                         if checkpoint_due or \
@@ -378,16 +365,18 @@ class Trainer:
                     saved = checkpoint("last-")
                     bar.close()
                     self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
-                    if hasattr(task, "finish") and self.is_main:
-                        task.finish(accelerator.unwrap_model(model), log_folder, run_dir)
+                    if hasattr(task, "finish"):
+                        with states.whole_model(model) as whole:
+                            if self.is_main:
+                                task.finish(whole, log_folder, run_dir)
             finally:
                 bar.close()
                 tracker.close()
-        if self.is_main:
-            unwrapped = accelerator.unwrap_model(model)
-            if run_dir is not None:
-                save_tensors_atomically(run_dir / "state.pth", task.run_state_dict(unwrapped))
-            self._print_summary(run_dir, log_folder, saved)
+        with states.whole_model(model) as whole:
+            if self.is_main:
+                if run_dir is not None:
+                    save_tensors_atomically(run_dir / "state.pth", task.run_state_dict(whole))
+                self._print_summary(run_dir, log_folder, saved)
         accelerator.wait_for_everyone()  # as in checkpoint(): leave together, after state.pth
         accelerator.end_training()
         return exit_code
@@ -436,32 +425,35 @@ class Trainer:
                                                  Path(self.config.logdir)) / "reflow")
         pairs_dir = ReflowSchedule.pairs_dir(progress.extra["reflow_root"], position.stage)
         if position.needs_new_pairs and progress.batch_in_epoch == 0:
-            if self.is_main:
-                _say(f"reflow {position.stage}/{schedule.reflow_steps}: generating "
-                     f"{schedule.samples_per_iteration} pairs with {schedule.simulation_steps} Euler steps")
-                model.eval()
-                velocity = self.task.flow_velocity_fn(self.accelerator.unwrap_model(model))
-                noise, cond = self.task.reflow_inputs(position.stage, self.config.reflow_gen_batches)
-                with torch.no_grad(), self.accelerator.autocast():
-                    generate_reflow_pairs(velocity, noise, schedule.simulation_steps, cond, pairs_dir)
-                model.train()
+            model.eval()
+            with self.states.whole_model(model, self.accelerator.device) as whole:
+                if self.is_main:
+                    _say(f"reflow {position.stage}/{schedule.reflow_steps}: generating "
+                         f"{schedule.samples_per_iteration} pairs with {schedule.simulation_steps} Euler steps")
+                    velocity = self.task.flow_velocity_fn(whole)
+                    noise, cond = self.task.reflow_inputs(position.stage, self.config.reflow_gen_batches)
+                    with torch.no_grad(), self.accelerator.autocast():
+                        generate_reflow_pairs(velocity, noise, schedule.simulation_steps, cond, pairs_dir)
+            model.train()
             self.accelerator.wait_for_everyone()
         self.task.use_reflow_pairs(ReflowPairDataset(pairs_dir))
 
     def _measure_flow(self, model, tracker, progress: Progress) -> None:
         """Straightness and 1-step vs N-step distance on fixed noise, at the end of each stage."""
-        if not self.is_main:
-            return
         from difftrain.reflow import one_step_vs_n_step_distance, straightness
 
         model.eval()
-        velocity = self.task.flow_velocity_fn(self.accelerator.unwrap_model(model))
-        noise, cond = self.task.flow_probe()
-        steps = self.config.sample_inference_steps
-        with torch.no_grad(), self.accelerator.autocast():
-            metrics = {"straightness": straightness(velocity, noise, steps, cond=cond),
-                       "one_vs_n_step_distance": one_step_vs_n_step_distance(velocity, noise, steps, cond=cond),
-                       "reflow_stage": progress.stage}
+        with self.states.whole_model(model, self.accelerator.device) as whole:
+            if not self.is_main:
+                model.train()
+                return
+            velocity = self.task.flow_velocity_fn(whole)
+            noise, cond = self.task.flow_probe()
+            steps = self.config.sample_inference_steps
+            with torch.no_grad(), self.accelerator.autocast():
+                metrics = {"straightness": straightness(velocity, noise, steps, cond=cond),
+                           "one_vs_n_step_distance": one_step_vs_n_step_distance(velocity, noise, steps, cond=cond),
+                           "reflow_stage": progress.stage}
         model.train()
         tracker.log(metrics, step=progress.global_step)
         _say(f"after stage {progress.stage}: straightness {metrics['straightness']:.4f}, "
@@ -487,18 +479,21 @@ class Trainer:
                     _say(f"warning: {key} changed from {before[key]!r} to {getattr(self.config, key)!r} "
                          "since the checkpoint; the data order after resume cannot match the "
                          "original run exactly.")
-        try:
-            self.task.load_model(self.accelerator.unwrap_model(model), folder)
-        except RuntimeError as error:  # load_state_dict: missing/unexpected keys, shape mismatches
-            detail = " ".join(str(error).split())
-            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
-            raise ConfigError(
-                f"checkpoint '{folder}' does not fit the network this config builds ({detail}). Resume "
-                f"with the settings it was trained with (its config.json, e.g. "
-                f"'python train.py --config {folder / 'config.json'} --resume_ckpt {folder}'), or start a "
-                "new run without resume_ckpt.") from None
+        def read_into(module: nn.Module) -> None:
+            try:
+                self.task.load_model(module, folder)
+            except RuntimeError as error:  # load_state_dict: missing/unexpected keys, shape mismatches
+                detail = " ".join(str(error).split())
+                detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+                raise ConfigError(
+                    f"checkpoint '{folder}' does not fit the network this config builds ({detail}). Resume "
+                    f"with the settings it was trained with (its config.json, e.g. "
+                    f"'python train.py --config {folder / 'config.json'} --resume_ckpt {folder}'), or start a "
+                    "new run without resume_ckpt.") from None
+
+        self.states.load_model(model, read_into, self._decide_on_main)
         state = load_trainer_tensors(folder)
-        optimizer.load_state_dict(state["optimizer"])
+        self.states.load_optimizer_state(model, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         per_rank = state.get("generator_per_rank")
@@ -576,7 +571,9 @@ class Trainer:
         return outcome[0]
 
     def _check_process_group(self) -> None:
-        refuse_sharded_training(str(self.accelerator.distributed_type))
+        # DeepSpeed / FSDP version 1 are refused here, before the task loads its (large) models.
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        sharding_of(str(self.accelerator.distributed_type), getattr(plugin, "fsdp_version", None))
         launched_as = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched_as > 1 and self.accelerator.num_processes == 1:
             # Each process would train alone and write its own run folder: refuse rather than
@@ -613,18 +610,21 @@ class Trainer:
         if progress.epoch % self.config.validate_every_n_epochs:
             return
         model.eval()
-        with torch.no_grad(), self.accelerator.autocast():
-            value = self.task.validation_loss(self.accelerator.unwrap_model(model))
+        with self.states.whole_model(model, self.accelerator.device) as whole, torch.no_grad(), \
+                self.accelerator.autocast():
+            value = self.task.validation_loss(whole) if whole is not None else None
         model.train()
         if value is not None:
             tracker.log({"epoch": progress.epoch, "loss_valid": value}, step=progress.global_step)
 
     def _log_samples(self, model, tracker, step: int, run_dir: Optional[Path], log_folder: Optional[Path]) -> None:
-        if not self.is_main:
-            return
         model.eval()
-        with torch.no_grad():
-            images = self.task.samples(self.accelerator.unwrap_model(model))  # images and metrics
+        with self.states.whole_model(model, self.accelerator.device) as whole:
+            if not self.is_main:
+                model.train()
+                return
+            with torch.no_grad():
+                images = self.task.samples(whole)  # images and metrics
         model.train()
         pictures = {key: value for key, value in images.items() if hasattr(value, "save")}
         numbers = {key: value for key, value in images.items() if not hasattr(value, "save")}

@@ -245,15 +245,3 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     sys.exit(train_with_item_noise(sys.argv[1]))
 
-
-def test_sharded_setups_are_refused_before_training_and_data_parallel_is_not():
-    from accelerate.utils import DistributedType
-
-    from difftrain.errors import ConfigError
-    from difftrain.trainer import refuse_sharded_training
-
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        with pytest.raises(ConfigError, match=f"selects {kind.name}.*--multi_gpu"):
-            refuse_sharded_training(str(kind))
-    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        refuse_sharded_training(str(kind))

@@ -720,10 +720,15 @@ class SDTask:
                                overwrite=config.save_overwrite)
         return path
 
+    def exports_at(self, global_step: int) -> bool:
+        """Whether after_step writes a file at this step (the loop then hands it the whole model)."""
+        every = self.config.save_per_steps
+        return bool(self.is_lora and every and not global_step % every
+                    and not global_step >= self.config.max_steps > 0)
+
     def after_step(self, model: nn.Module, global_step: int, log_folder: Optional[Path]) -> None:
         """TrainTrain's save_per_steps: <name>_<N>steps.safetensors every N steps (not at the last)."""
-        every = self.config.save_per_steps
-        if not self.is_lora or not every or global_step % every or global_step >= self.config.max_steps > 0:
+        if not self.exports_at(global_step):
             return
         path = self.write_lora_file(model, f"{self.output_stem(log_folder)}_{global_step}steps", log_folder)
         _say(f"LoRA at step {global_step}: {path}")

@@ -1,0 +1,142 @@
+"""Sharded training: accelerate's FSDP (version 2) with 2 CPU processes (torchrun, gloo).
+
+accelerate selects FSDP only on accelerators: on a CPU-only machine its state stays MULTI_CPU
+whatever the config says. Every piece FSDP itself needs works on the CPU with gloo (fully_shard,
+DTensor shards, reduce-scatter, the state-dict gathers), so the worker below sets the state
+accelerate would set with a GPU (distributed type FSDP, an FSDP plugin of version 2) before the
+trainer builds its Accelerator; everything after that (accelerator.prepare sharding the model and
+the optimizer, the training loop, checkpoints, resume) is the code that runs on GPUs.
+
+Run as a script (`python -m torch.distributed.run ... tests/test_fsdp.py ARGS`), this file is that
+worker: `--item-noise CONFIG.json` trains the tiny task with noise keyed by item (for the 2-vs-1
+comparison), anything else is passed to train.py's main.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if __name__ != "__main__":
+    from tests.test_distributed import (finish, item_noise_task_class, losses, only, run_two_processes,
+                                        start_two_processes, weights, write_config)
+    from tests.test_trainer import tiny_config, tiny_field_data  # noqa: F401  (pytest fixture)
+
+
+def act_as_if_accelerate_chose_fsdp2() -> None:
+    """Every Accelerator made from now on in this process holds the state accelerate builds for an
+    FSDP config on GPUs."""
+    import accelerate
+    import torch
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    class FSDPOnCPUAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.state.distributed_type = DistributedType.FSDP
+            self.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+
+        def prepare(self, *objects, **kwargs):
+            prepared = super().prepare(*objects, **kwargs)
+            from torch.distributed.tensor import DTensor
+
+            for model in (item for item in prepared if isinstance(item, torch.nn.Module)):
+                kinds = {type(parameter) for parameter in model.parameters()}
+                print(f"parameters are DTensor shards: {kinds == {DTensor}}", file=sys.stderr, flush=True)
+            return prepared
+
+    accelerate.Accelerator = FSDPOnCPUAccelerator
+
+
+def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_field_data):
+    import torch
+
+    from difftrain.checkpoint import load_trainer_tensors
+    from difftrain.sharding import OPTIMIZER_BY_NAME
+    from difftrain.trainer import Trainer
+
+    settings = dict(max_epochs=2, ckpt_every_n_steps=6, sample_steps=10, num_samples=1)
+    sharded = tiny_config(tmp_path / "fsdp", tiny_field_data, batch_size=2, **settings)
+    launched = start_two_processes(__file__, "--item-noise", write_config(tmp_path / "fsdp.json", sharded))
+    one = tiny_config(tmp_path / "one", tiny_field_data, batch_size=4, **settings)
+    assert Trainer(one, item_noise_task_class()).run() == 0
+    stderr = finish(launched)
+    # The state was FSDP (not quietly data parallel) and prepare sharded every parameter.
+    assert "sharded with FSDP over 2 processes" in stderr
+    assert stderr.count("parameters are DTensor shards: True") == 2, stderr[-3000:]
+
+    run_folder, single_folder = only(tmp_path / "fsdp" / "runs"), only(tmp_path / "one" / "runs")
+    fsdp_losses, one_losses = losses(run_folder), losses(single_folder)
+    assert [step for step, _ in fsdp_losses] == list(range(1, 21))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(fsdp_losses, one_losses)) < 1e-6
+    # state.pth holds whole tensors (gathered from the shards), equal to the 1-process run's.
+    fsdp_weights, one_weights = weights(run_folder), weights(single_folder)
+    assert fsdp_weights.keys() == one_weights.keys()
+    assert all(fsdp_weights[key].shape == one_weights[key].shape for key in one_weights)
+    worst = max((fsdp_weights[key] - one_weights[key]).abs().max().item() for key in one_weights)
+    assert worst < 1e-6, f"FSDP 2 x 2 and 1 x 4 differ by {worst}"
+    # Samples were drawn by the main process from the gathered weights.
+    assert sorted(path.name for path in (run_folder / "samples").iterdir())[:2] == \
+        ["vorticity-gs00010.png", "vorticity-gs00020.png"]
+
+    # The checkpoint holds the whole model and the optimizer state keyed by parameter name.
+    ckpts = only(tmp_path / "fsdp" / "logs") / "ckpts"
+    middle = ckpts / "tiny-ep01-gs00012"
+    optimizer_state = load_trainer_tensors(middle)[OPTIMIZER_BY_NAME]
+    first = next(iter(one_weights))
+    assert optimizer_state["state"][first]["exp_avg"].shape == one_weights[first].shape
+
+    resumed = tiny_config(tmp_path / "resumed", tiny_field_data, batch_size=2, resume_ckpt=str(middle), **settings)
+    run_two_processes(__file__, "--item-noise", write_config(tmp_path / "resumed.json", resumed))
+    resumed_run = only(tmp_path / "resumed" / "runs")
+    resumed_weights = weights(resumed_run)
+    assert all(torch.equal(fsdp_weights[key], resumed_weights[key]) for key in fsdp_weights)
+    assert losses(resumed_run) == fsdp_losses[12:]
+
+    # Checkpoints cross between the layouts: the 1-process run's checkpoint goes on under FSDP, and
+    # the FSDP checkpoint in 1 process; both end where the 1-process run ended (up to float sums).
+    plain_middle = only(tmp_path / "one" / "logs") / "ckpts" / "tiny-ep01-gs00012"
+    onto_fsdp = tiny_config(tmp_path / "onto_fsdp", tiny_field_data, batch_size=2, resume_ckpt=str(plain_middle),
+                            **settings)
+    launched = start_two_processes(__file__, "--item-noise", write_config(tmp_path / "onto_fsdp.json", onto_fsdp))
+    off_fsdp = tiny_config(tmp_path / "off_fsdp", tiny_field_data, batch_size=4, resume_ckpt=str(middle), **settings)
+    assert Trainer(off_fsdp, item_noise_task_class()).run() == 0
+    finish(launched)
+    for folder in (tmp_path / "onto_fsdp", tmp_path / "off_fsdp"):
+        crossed = weights(only(folder / "runs"))
+        worst = max((crossed[key] - one_weights[key]).abs().max().item() for key in one_weights)
+        assert worst < 1e-6, f"{folder.name}: {worst}"
+
+
+@pytest.mark.parametrize("distributed_type, version, fix", [
+    ("DistributedType.DEEPSPEED", None, "PyTorch FSDP instead"),
+    ("DistributedType.MEGATRON_LM", None, "PyTorch FSDP instead"),
+    ("DistributedType.FSDP", 1, "fsdp_version: 2"),
+])
+def test_deepspeed_megatron_and_fsdp1_are_refused_with_the_fix(distributed_type, version, fix):
+    from difftrain.errors import ConfigError
+    from difftrain.sharding import sharding_of
+
+    with pytest.raises(ConfigError, match=fix):
+        sharding_of(distributed_type, version)
+
+
+def test_fsdp2_shards_and_data_parallel_does_not():
+    from difftrain.sharding import sharding_of
+
+    assert sharding_of("DistributedType.FSDP", 2) is True
+    for kind in ("DistributedType.NO", "DistributedType.MULTI_CPU", "DistributedType.MULTI_GPU"):
+        assert sharding_of(kind, None) is False
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    act_as_if_accelerate_chose_fsdp2()
+    if sys.argv[1] == "--item-noise":
+        from tests.test_distributed import train_with_item_noise
+
+        sys.exit(train_with_item_noise(sys.argv[2]))
+    from difftrain.cli import main
+
+    sys.exit(main(sys.argv[1:], door="train"))
