@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if __name__ != "__main__":
     from tests.test_distributed import (finish, item_noise_task_class, losses, only, run_two_processes,
                                         start_two_processes, weights, write_config)
+    from tests.test_sd_training import images  # noqa: F401  (pytest fixture)
     from tests.test_trainer import tiny_config, tiny_field_data  # noqa: F401  (pytest fixture)
 
 
@@ -107,6 +108,48 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
         crossed = weights(only(folder / "runs"))
         worst = max((crossed[key] - one_weights[key]).abs().max().item() for key in one_weights)
         assert worst < 1e-6, f"{folder.name}: {worst}"
+
+
+@pytest.mark.parametrize("mode", ["LoRA", "Full"])
+def test_stable_diffusion_under_fsdp2_saves_whole_files_and_resumes_exactly(tmp_path, images, tiny_sd15, mode):
+    """The SD task's own writers (diffusers folders, kohya LoRA files, save_per_steps exports,
+    sample grids) see the whole model, gathered from the shards, and a resume puts it back."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_sd_training import sd_config
+
+    settings = dict(mode=mode, batch_size=1, max_epochs=2, ckpt_every_n_steps=1, sample_steps=2, num_samples=1,
+                    network_rank=2, network_alpha=1.0, save_per_steps=1, lora_dir=str(tmp_path / "loras"),
+                    save_lora_name="tiny", save_precision="fp32")
+    straight = sd_config(tmp_path / "straight", tiny_sd15, images, **settings)
+    stderr = run_two_processes(__file__, "--config", write_config(tmp_path / "straight.json", straight))
+    assert stderr.count("parameters are DTensor shards: True") == 2, stderr[-3000:]
+    run_folder = only(tmp_path / "straight" / "runs")
+    state = weights(run_folder)
+    assert (run_folder / "samples" / "samples-gs00002.png").is_file()
+    (log_folder,) = (tmp_path / "straight" / "logs").glob("sdtest*")  # beside it: the latent cache
+    ckpts = log_folder / "ckpts"
+    # 3 training images over 2 processes x batch 1: 1 step per epoch, 2 in all.
+    assert sorted(path.name for path in ckpts.iterdir()) == ["last-sdtest-ep02-gs00002", "sdtest-ep00-gs00001",
+                                                             "sdtest-ep01-gs00002"]
+    last = ckpts / "last-sdtest-ep02-gs00002"
+    if mode == "LoRA":
+        exported = load_file(str(tmp_path / "loras" / "tiny.safetensors"))
+        assert exported.keys() == state.keys()
+        assert all(torch.equal(exported[key], state[key]) for key in state)
+        assert (tmp_path / "loras" / "tiny_1steps.safetensors").is_file()  # after_step's export
+    else:
+        saved = {}
+        for file in (last / "unet").glob("*.safetensors"):
+            saved.update(load_file(str(file)))
+        assert saved.keys() == state.keys() and all(torch.equal(saved[key], state[key]) for key in state)
+
+    resumed = sd_config(tmp_path / "resumed", tiny_sd15, images, **dict(settings, save_lora_name="again"),
+                        resume_ckpt=str(ckpts / "sdtest-ep00-gs00001"))
+    run_two_processes(__file__, "--config", write_config(tmp_path / "resumed.json", resumed))
+    again = weights(only(tmp_path / "resumed" / "runs"))
+    assert again.keys() == state.keys() and all(torch.equal(again[key], state[key]) for key in state)
 
 
 @pytest.mark.parametrize("distributed_type, version, fix", [
