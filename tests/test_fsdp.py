@@ -104,10 +104,24 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
     off_fsdp = tiny_config(tmp_path / "off_fsdp", tiny_field_data, batch_size=4, resume_ckpt=str(middle), **settings)
     assert Trainer(off_fsdp, item_noise_task_class()).run() == 0
     finish(launched)
-    for folder in (tmp_path / "onto_fsdp", tmp_path / "off_fsdp"):
+    # Gradient accumulation under FSDP: 2 processes x 1 item x 2 micro-batches, the same global batch.
+    accumulated = tiny_config(tmp_path / "accumulated", tiny_field_data, batch_size=1,
+                              gradient_accumulation_steps=2, **settings)
+    run_two_processes(__file__, "--item-noise", write_config(tmp_path / "accumulated.json", accumulated))
+    for folder in (tmp_path / "onto_fsdp", tmp_path / "off_fsdp", tmp_path / "accumulated"):
         crossed = weights(only(folder / "runs"))
         worst = max((crossed[key] - one_weights[key]).abs().max().item() for key in one_weights)
         assert worst < 1e-6, f"{folder.name}: {worst}"
+
+
+def test_reflow_under_fsdp2_generates_pairs_from_the_gathered_model(tmp_path, tiny_field_data):
+    config = tiny_config(tmp_path, tiny_field_data, batch_size=2, max_epochs=2, rectified_flow=True,
+                         reflow_steps=1, reflow_gen_batches=4, reflow_sample_steps=4)
+    stderr = run_two_processes(__file__, "--config", write_config(tmp_path / "reflow.json", config))
+    assert "sharded with FSDP" in stderr and "after stage 1: straightness" in stderr
+    log_folder = only(tmp_path / "logs")
+    assert len(list((log_folder / "reflow" / "reflow_stage_01").iterdir())) > 0
+    assert [step for step, _ in losses(only(tmp_path / "runs"))] == list(range(1, 23))
 
 
 @pytest.mark.parametrize("mode", ["LoRA", "Full"])
