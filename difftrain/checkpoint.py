@@ -250,9 +250,10 @@ def load_trainer_tensors(folder: Path, map_location: Any = "cpu") -> dict[str, A
         raise ConfigError(f"checkpoint '{folder}': {STATE_TENSORS} was refused or cannot be read "
                           f"({first_line}); only tensors and plain data are loaded, never code. "
                           "Resume from a checkpoint this program wrote.") from None
-    # The optimizer state is keyed "optimizer" (data parallel) or "optimizer_by_name" (FSDP).
+    # The optimizer state is keyed "optimizer" (data parallel), "optimizer_by_name" (FSDP) or
+    # "optimizer_in" (DeepSpeed: the folder of its own files).
     if not isinstance(state, dict) or not {"scheduler", "generator", "cpu_rng"} <= set(state) or \
-            not {"optimizer", "optimizer_by_name"} & set(state):
+            not {"optimizer", "optimizer_by_name", "optimizer_in"} & set(state):
         raise ConfigError(f"checkpoint '{folder}': {STATE_TENSORS} lacks the optimizer, schedule or RNG "
                           "state; it was not written by this program.")
     return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -24,7 +25,7 @@ from difftrain.checkpoint import (Progress, checkpoint_name, load_trainer_tensor
                                   save_tensors_atomically, write_file_atomically)
 from difftrain.config import Config
 from difftrain.errors import ConfigError
-from difftrain.sharding import ModelStates, sharding_of
+from difftrain.sharding import model_states, place_staged_files, sharding_of
 from difftrain.tracking import NullTracker, Tracker, create_run_folder, make_run_name
 
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -230,10 +231,10 @@ class Trainer:
         max_epochs = schedule.total_epochs
         units = max_epochs if config.scheduler_interval == "epoch" else total_steps
         scheduler = make_scheduler(config, optimizer, units)
-        self.states = states = ModelStates(accelerator, model)  # before prepare: FSDP shards in place
+        self.states = states = model_states(accelerator, model, config)  # before prepare: FSDP shards in place
         model, optimizer = accelerator.prepare(model, optimizer)
-        if states.sharded and self.is_main:
-            _say(f"model and optimizer state sharded with FSDP over {world} processes")
+        if states.description and self.is_main:
+            _say(states.description)
         generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
         generator.manual_seed(config.seed * 1000 + rank)
 
@@ -257,19 +258,26 @@ class Trainer:
             streams = gather_object([(generator.get_state(), torch.get_rng_state())])
             progress.extra["world_size"] = world
             saved = None
+            name = checkpoint_name(config.project_name, progress, prefix)
             optimizer_state = states.optimizer_state(model, optimizer)  # collective under FSDP
+            # DeepSpeed's files, one part per process, wait beside the checkpoint until it takes them in.
+            staged = states.stage_files(model, Path(self.main_log_folder) / "ckpts" / f".tmp-{name}-parts")
             with states.whole_model(model) as whole:
                 if self.is_main and ckpts_dir is not None:
+                    def write_model(folder: Path) -> None:
+                        task.write_model(whole, folder)
+                        place_staged_files(staged, folder)
+
                     state = {**optimizer_state, "scheduler": scheduler.state_dict(),
                              "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
                              "generator_per_rank": [stream[0] for stream in streams],
                              "cpu_rng_per_rank": [stream[1] for stream in streams]}
                     if accelerator.scaler is not None:
                         state["scaler"] = accelerator.scaler.state_dict()
-                    name = checkpoint_name(config.project_name, progress, prefix)
-                    saved = last_checkpoint = save_checkpoint(
-                        ckpts_dir, name, progress, state, lambda folder: task.write_model(whole, folder),
-                        config.model_dump(mode="json"))
+                    saved = last_checkpoint = save_checkpoint(ckpts_dir, name, progress, state, write_model,
+                                                              config.model_dump(mode="json"))
+                    if staged is not None:
+                        shutil.rmtree(staged, ignore_errors=True)  # a checkpoint of that name existed
             # Nobody moves on before the checkpoint is complete: after an interrupt a process that
             # exits first makes torchrun stop the others, the main one in the middle of writing.
             accelerator.wait_for_everyone()
@@ -491,9 +499,8 @@ class Trainer:
                     f"'python train.py --config {folder / 'config.json'} --resume_ckpt {folder}'), or start a "
                     "new run without resume_ckpt.") from None
 
-        self.states.load_model(model, read_into, self._decide_on_main)
         state = load_trainer_tensors(folder)
-        self.states.load_optimizer_state(model, optimizer, state)
+        self.states.load(model, optimizer, folder, state, read_into, self._decide_on_main)
         scheduler.load_state_dict(state["scheduler"])
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         per_rank = state.get("generator_per_rank")

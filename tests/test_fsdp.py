@@ -166,25 +166,18 @@ def test_stable_diffusion_under_fsdp2_saves_whole_files_and_resumes_exactly(tmp_
     assert again.keys() == state.keys() and all(torch.equal(again[key], state[key]) for key in state)
 
 
-@pytest.mark.parametrize("distributed_type, version, fix", [
-    ("DistributedType.DEEPSPEED", None, "PyTorch FSDP instead"),
-    ("DistributedType.MEGATRON_LM", None, "PyTorch FSDP instead"),
-    ("DistributedType.FSDP", 1, "fsdp_version: 2"),
-])
-def test_deepspeed_megatron_and_fsdp1_are_refused_with_the_fix(distributed_type, version, fix):
+def test_megatron_and_fsdp1_are_refused_with_the_fix():
     from difftrain.errors import ConfigError
     from difftrain.sharding import sharding_of
 
-    with pytest.raises(ConfigError, match=fix):
-        sharding_of(distributed_type, version)
-
-
-def test_fsdp2_shards_and_data_parallel_does_not():
-    from difftrain.sharding import sharding_of
-
-    assert sharding_of("DistributedType.FSDP", 2) is True
+    with pytest.raises(ConfigError, match="FSDP .fsdp_version 2. or DeepSpeed"):
+        sharding_of("DistributedType.MEGATRON_LM", None)
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        sharding_of("DistributedType.FSDP", 1)
+    assert sharding_of("DistributedType.FSDP", 2) == "fsdp"
+    assert sharding_of("DistributedType.DEEPSPEED", None) == "deepspeed"
     for kind in ("DistributedType.NO", "DistributedType.MULTI_CPU", "DistributedType.MULTI_GPU"):
-        assert sharding_of(kind, None) is False
+        assert sharding_of(kind, None) == "none"
 
 
 if __name__ == "__main__":
