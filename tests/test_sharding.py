@@ -1,17 +1,22 @@
-"""Sharded training: accelerate's FSDP (version 2) with 2 CPU processes (torchrun, gloo).
+"""Sharded training with 2 CPU processes (torchrun, gloo): accelerate's FSDP (version 2) and
+DeepSpeed ZeRO stages 2 and 3.
 
-accelerate selects FSDP only on accelerators: on a CPU-only machine its state stays MULTI_CPU
-whatever the config says. Every piece FSDP itself needs works on the CPU with gloo (fully_shard,
-DTensor shards, reduce-scatter, the state-dict gathers), so the worker below sets the state
-accelerate would set with a GPU (distributed type FSDP, an FSDP plugin of version 2) before the
-trainer builds its Accelerator; everything after that (accelerator.prepare sharding the model and
-the optimizer, the training loop, checkpoints, resume) is the code that runs on GPUs.
+accelerate selects FSDP and DeepSpeed only on accelerators: on a CPU-only machine its state stays
+MULTI_CPU whatever the config says. What they need works on the CPU with gloo (fully_shard and
+DTensor shards; DeepSpeed's CPU accelerator and ZeRO partitions; reduce-scatter, the gathers), so
+the worker below sets the state accelerate would set with GPUs (distributed type FSDP with an FSDP
+plugin of version 2, or DEEPSPEED with a DeepSpeedPlugin of the stage) when the trainer builds its
+Accelerator; everything after that (accelerator.prepare sharding the model and the optimizer, the
+training loop, checkpoints, resume) is the code that runs on GPUs.
 
-Run as a script (`python -m torch.distributed.run ... tests/test_fsdp.py ARGS`), this file is that
-worker: `--item-noise CONFIG.json` trains the tiny task with noise keyed by item (for the 2-vs-1
+Run as a script (`python -m torch.distributed.run ... tests/test_sharding.py ARGS`), this file is
+that worker, sharding as DIFFTRAIN_TEST_SHARDING says (fsdp2, zero2, zero3):
+`--item-noise CONFIG.json` trains the tiny task with noise keyed by item (for the 2-vs-1
 comparison), anything else is passed to train.py's main.
 """
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,24 +24,45 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if __name__ != "__main__":
-    from tests.test_distributed import (finish, item_noise_task_class, losses, only, run_two_processes,
-                                        start_two_processes, weights, write_config)
+    from tests.test_distributed import (WORKER_ENV, finish, item_noise_task_class, losses, only,
+                                        torchrun_command, weights, write_config)
     from tests.test_sd_training import images  # noqa: F401  (pytest fixture)
     from tests.test_trainer import tiny_config, tiny_field_data  # noqa: F401  (pytest fixture)
 
+FSDP_ENV = {"DIFFTRAIN_TEST_SHARDING": "fsdp2"}
 
-def act_as_if_accelerate_chose_fsdp2() -> None:
+
+def start_two_processes(*args: str, env: dict = FSDP_ENV) -> subprocess.Popen:
+    return subprocess.Popen(torchrun_command(__file__, *args), cwd=REPO, env={**os.environ, **WORKER_ENV, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_two_processes(*args: str, env: dict = FSDP_ENV) -> str:
+    return finish(start_two_processes(*args, env=env))
+
+
+def act_as_if_accelerate_chose(sharding: str) -> None:
     """Every Accelerator made from now on in this process holds the state accelerate builds for an
-    FSDP config on GPUs."""
+    FSDP or DeepSpeed config on GPUs."""
     import accelerate
     import torch
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
-    class FSDPOnCPUAccelerator(accelerate.Accelerator):
+    class ShardingOnCPUAccelerator(accelerate.Accelerator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.state.distributed_type = DistributedType.FSDP
-            self.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+            from accelerate.state import PartialState
+
+            # Both states: accelerate reads the type from one or the other.
+            kind = DistributedType.FSDP if sharding == "fsdp2" else DistributedType.DEEPSPEED
+            self.state.distributed_type = PartialState().distributed_type = kind
+            if sharding == "fsdp2":
+                self.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+            else:
+                plugin = DeepSpeedPlugin(zero_stage=int(sharding.removeprefix("zero")))
+                plugin.select(_from_accelerator_state=True)
+                self.state.deepspeed_plugins = {"default": plugin}
+                self.deepspeed_engine_wrapped = None  # what Accelerator.__init__ sets up for DeepSpeed
 
         def prepare(self, *objects, **kwargs):
             prepared = super().prepare(*objects, **kwargs)
@@ -47,7 +73,7 @@ def act_as_if_accelerate_chose_fsdp2() -> None:
                 print(f"parameters are DTensor shards: {kinds == {DTensor}}", file=sys.stderr, flush=True)
             return prepared
 
-    accelerate.Accelerator = FSDPOnCPUAccelerator
+    accelerate.Accelerator = ShardingOnCPUAccelerator
 
 
 def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_field_data):
@@ -59,7 +85,7 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
 
     settings = dict(max_epochs=2, ckpt_every_n_steps=6, sample_steps=10, num_samples=1)
     sharded = tiny_config(tmp_path / "fsdp", tiny_field_data, batch_size=2, **settings)
-    launched = start_two_processes(__file__, "--item-noise", write_config(tmp_path / "fsdp.json", sharded))
+    launched = start_two_processes("--item-noise", write_config(tmp_path / "fsdp.json", sharded))
     one = tiny_config(tmp_path / "one", tiny_field_data, batch_size=4, **settings)
     assert Trainer(one, item_noise_task_class()).run() == 0
     stderr = finish(launched)
@@ -89,7 +115,7 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
     assert optimizer_state["state"][first]["exp_avg"].shape == one_weights[first].shape
 
     resumed = tiny_config(tmp_path / "resumed", tiny_field_data, batch_size=2, resume_ckpt=str(middle), **settings)
-    run_two_processes(__file__, "--item-noise", write_config(tmp_path / "resumed.json", resumed))
+    run_two_processes("--item-noise", write_config(tmp_path / "resumed.json", resumed))
     resumed_run = only(tmp_path / "resumed" / "runs")
     resumed_weights = weights(resumed_run)
     assert all(torch.equal(fsdp_weights[key], resumed_weights[key]) for key in fsdp_weights)
@@ -100,14 +126,14 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
     plain_middle = only(tmp_path / "one" / "logs") / "ckpts" / "tiny-ep01-gs00012"
     onto_fsdp = tiny_config(tmp_path / "onto_fsdp", tiny_field_data, batch_size=2, resume_ckpt=str(plain_middle),
                             **settings)
-    launched = start_two_processes(__file__, "--item-noise", write_config(tmp_path / "onto_fsdp.json", onto_fsdp))
+    launched = start_two_processes("--item-noise", write_config(tmp_path / "onto_fsdp.json", onto_fsdp))
     off_fsdp = tiny_config(tmp_path / "off_fsdp", tiny_field_data, batch_size=4, resume_ckpt=str(middle), **settings)
     assert Trainer(off_fsdp, item_noise_task_class()).run() == 0
     finish(launched)
     # Gradient accumulation under FSDP: 2 processes x 1 item x 2 micro-batches, the same global batch.
     accumulated = tiny_config(tmp_path / "accumulated", tiny_field_data, batch_size=1,
                               gradient_accumulation_steps=2, **settings)
-    run_two_processes(__file__, "--item-noise", write_config(tmp_path / "accumulated.json", accumulated))
+    run_two_processes("--item-noise", write_config(tmp_path / "accumulated.json", accumulated))
     for folder in (tmp_path / "onto_fsdp", tmp_path / "off_fsdp", tmp_path / "accumulated"):
         crossed = weights(only(folder / "runs"))
         worst = max((crossed[key] - one_weights[key]).abs().max().item() for key in one_weights)
@@ -117,7 +143,7 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
 def test_reflow_under_fsdp2_generates_pairs_from_the_gathered_model(tmp_path, tiny_field_data):
     config = tiny_config(tmp_path, tiny_field_data, batch_size=2, max_epochs=2, rectified_flow=True,
                          reflow_steps=1, reflow_gen_batches=4, reflow_sample_steps=4)
-    stderr = run_two_processes(__file__, "--config", write_config(tmp_path / "reflow.json", config))
+    stderr = run_two_processes("--config", write_config(tmp_path / "reflow.json", config))
     assert "sharded with FSDP" in stderr and "after stage 1: straightness" in stderr
     log_folder = only(tmp_path / "logs")
     assert len(list((log_folder / "reflow" / "reflow_stage_01").iterdir())) > 0
@@ -137,7 +163,7 @@ def test_stable_diffusion_under_fsdp2_saves_whole_files_and_resumes_exactly(tmp_
                     network_rank=2, network_alpha=1.0, save_per_steps=1, lora_dir=str(tmp_path / "loras"),
                     save_lora_name="tiny", save_precision="fp32")
     straight = sd_config(tmp_path / "straight", tiny_sd15, images, **settings)
-    stderr = run_two_processes(__file__, "--config", write_config(tmp_path / "straight.json", straight))
+    stderr = run_two_processes("--config", write_config(tmp_path / "straight.json", straight))
     assert stderr.count("parameters are DTensor shards: True") == 2, stderr[-3000:]
     run_folder = only(tmp_path / "straight" / "runs")
     state = weights(run_folder)
@@ -161,9 +187,74 @@ def test_stable_diffusion_under_fsdp2_saves_whole_files_and_resumes_exactly(tmp_
 
     resumed = sd_config(tmp_path / "resumed", tiny_sd15, images, **dict(settings, save_lora_name="again"),
                         resume_ckpt=str(ckpts / "sdtest-ep00-gs00001"))
-    run_two_processes(__file__, "--config", write_config(tmp_path / "resumed.json", resumed))
+    run_two_processes("--config", write_config(tmp_path / "resumed.json", resumed))
     again = weights(only(tmp_path / "resumed" / "runs"))
     assert again.keys() == state.keys() and all(torch.equal(again[key], state[key]) for key in state)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_field_data, stage):
+    import torch
+
+    from difftrain.checkpoint import load_trainer_tensors, read_manifest
+    from difftrain.errors import ConfigError
+    from difftrain.trainer import Trainer
+
+    env = {"DIFFTRAIN_TEST_SHARDING": f"zero{stage}"}
+    settings = dict(max_epochs=2, ckpt_every_n_steps=6, sample_steps=10, num_samples=1, clip_grad_norm=0.5)
+    sharded = tiny_config(tmp_path / "zero", tiny_field_data, batch_size=2, **settings)
+    launched = start_two_processes("--item-noise", write_config(tmp_path / "zero.json", sharded), env=env)
+    one = tiny_config(tmp_path / "one", tiny_field_data, batch_size=4, **settings)
+    assert Trainer(one, item_noise_task_class()).run() == 0
+    stderr = finish(launched)
+    assert f"optimizer state sharded with DeepSpeed ZeRO stage {stage} over 2 processes" in stderr
+
+    run_folder, single_folder = only(tmp_path / "zero" / "runs"), only(tmp_path / "one" / "runs")
+    zero_losses, one_losses = losses(run_folder), losses(single_folder)
+    assert [step for step, _ in zero_losses] == list(range(1, 21))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(zero_losses, one_losses)) < 1e-5
+    zero_weights, one_weights = weights(run_folder), weights(single_folder)
+    assert zero_weights.keys() == one_weights.keys()
+    worst = max((zero_weights[key] - one_weights[key]).abs().max().item() for key in one_weights)
+    assert worst < 1e-5, f"ZeRO {stage} 2 x 2 and 1 x 4 differ by {worst}"
+    assert (run_folder / "samples" / "vorticity-gs00020.png").is_file()
+
+    # DeepSpeed's per-process files sit inside the checkpoint, under its manifest.
+    middle = only(tmp_path / "zero" / "logs") / "ckpts" / "tiny-ep01-gs00012"
+    listed = read_manifest(middle)
+    assert sum(name.startswith("deepspeed/state/") and "optim_states" in name for name in listed) == 2
+    assert load_trainer_tensors(middle)["optimizer_in"] == "deepspeed"
+    assert not [path for path in middle.parent.iterdir() if path.name.startswith(".tmp-")]
+
+    resumed = tiny_config(tmp_path / "resumed", tiny_field_data, batch_size=2, resume_ckpt=str(middle), **settings)
+    run_two_processes("--item-noise", write_config(tmp_path / "resumed.json", resumed), env=env)
+    resumed_run = only(tmp_path / "resumed" / "runs")
+    resumed_weights = weights(resumed_run)
+    assert all(torch.equal(zero_weights[key], resumed_weights[key]) for key in zero_weights)
+    assert losses(resumed_run) == zero_losses[12:]
+
+    # Outside DeepSpeed its optimizer files cannot be read: a clear refusal, not a crash.
+    elsewhere = tiny_config(tmp_path / "elsewhere", tiny_field_data, batch_size=4, resume_ckpt=str(middle), **settings)
+    with pytest.raises(ConfigError, match="saved by a DeepSpeed run"):
+        Trainer(elsewhere, item_noise_task_class()).run()
+
+
+def test_deepspeed_settings_follow_the_difftrain_config_and_conflicts_are_refused():
+    from types import SimpleNamespace
+
+    from difftrain.errors import ConfigError
+    from difftrain.sharding import configure_deepspeed
+
+    config = SimpleNamespace(batch_size=3, gradient_accumulation_steps=2, clip_grad_norm=0.5)
+    plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto",
+                                               "gradient_accumulation_steps": 2})
+    configure_deepspeed(plugin, config, num_processes=4)
+    assert plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2,
+                                       "gradient_clipping": 0.5, "train_batch_size": 24}
+    with pytest.raises(ConfigError, match="sets gradient_accumulation_steps 4.*2"):
+        configure_deepspeed(SimpleNamespace(deepspeed_config={"gradient_accumulation_steps": 4}), config, 4)
+    with pytest.raises(ConfigError, match="'optimizer' section"):
+        configure_deepspeed(SimpleNamespace(deepspeed_config={"optimizer": {"type": "Adam"}}), config, 4)
 
 
 def test_megatron_and_fsdp1_are_refused_with_the_fix():
@@ -182,7 +273,7 @@ def test_megatron_and_fsdp1_are_refused_with_the_fix():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    act_as_if_accelerate_chose_fsdp2()
+    act_as_if_accelerate_chose(os.environ["DIFFTRAIN_TEST_SHARDING"])
     if sys.argv[1] == "--item-noise":
         from tests.test_distributed import train_with_item_noise
 
