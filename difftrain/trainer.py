@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol, Sequence
@@ -203,7 +204,27 @@ class Trainer:
         # One process picks the checkpoint ('findlast' could otherwise see a folder appear between
         # two processes' searches), and all resume from it.
         self.resume_from = self._decide_on_main(self._find_resume)
-        self.task = task_factory(self.config, self.accelerator)
+        with self._whole_loading():
+            self.task = task_factory(self.config, self.accelerator)
+
+    @contextmanager
+    def _whole_loading(self) -> Iterator[None]:
+        """Under DeepSpeed ZeRO-3, transformers' from_pretrained partitions every model it loads
+        (zero.Init: accelerate registers its DeepSpeed config with transformers whatever
+        zero3_init_flag says), the frozen text encoders included, which then run outside
+        DeepSpeed's engine with empty weights. The task loads whole models; prepare partitions
+        what trains."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
 
     # ---- run ------------------------------------------------------------------------------------
     def run(self) -> int:
