@@ -4,15 +4,15 @@ DeepSpeed ZeRO stages 2 and 3.
 accelerate selects FSDP and DeepSpeed only on accelerators: on a CPU-only machine its state stays
 MULTI_CPU whatever the config says. What they need works on the CPU with gloo (fully_shard and
 DTensor shards; DeepSpeed's CPU accelerator and ZeRO partitions; reduce-scatter, the gathers), so
-the worker below sets the state accelerate would set with GPUs (distributed type FSDP with an FSDP
-plugin of version 2, or DEEPSPEED with a DeepSpeedPlugin of the stage) when the trainer builds its
-Accelerator; everything after that (accelerator.prepare sharding the model and the optimizer, the
-training loop, checkpoints, resume) is the code that runs on GPUs.
+the tests give the workers the environment that `accelerate launch --config_file` makes from our
+shipped configs/accelerate/*.yaml (computed by accelerate's own launch code), and the worker below
+builds accelerate's plugins from it and sets the state accelerate would set with GPUs when the
+trainer builds its Accelerator. Everything after that (accelerator.prepare sharding the model and
+the optimizer, the training loop, checkpoints, resume) is the code that runs on GPUs.
 
 Run as a script (`python -m torch.distributed.run ... tests/test_sharding.py ARGS`), this file is
-that worker, sharding as DIFFTRAIN_TEST_SHARDING says (fsdp2, zero2, zero3):
-`--item-noise CONFIG.json` trains the tiny task with noise keyed by item (for the 2-vs-1
-comparison), anything else is passed to train.py's main.
+that worker: `--item-noise CONFIG.json` trains the tiny task with noise keyed by item (for the
+2-vs-1 comparison), anything else is passed to train.py's main.
 """
 
 import os
@@ -29,37 +29,58 @@ if __name__ != "__main__":
     from tests.test_sd_training import images  # noqa: F401  (pytest fixture)
     from tests.test_trainer import tiny_config, tiny_field_data  # noqa: F401  (pytest fixture)
 
-FSDP_ENV = {"DIFFTRAIN_TEST_SHARDING": "fsdp2"}
+
+def accelerate_env(config_file: str) -> dict[str, str]:
+    """What `accelerate launch --config_file configs/accelerate/<config_file>` puts in its workers'
+    environment for FSDP or DeepSpeed, from accelerate's own launch code. Mixed precision is left
+    out: bf16 autocast would only make the CPU slower."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = REPO / "configs" / "accelerate" / config_file
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = list(defaults.deepspeed_config.keys())
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {key: value for key, value in env.items()
+            if key.startswith(("FSDP_", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_"))}
 
 
-def start_two_processes(*args: str, env: dict = FSDP_ENV) -> subprocess.Popen:
+def start_two_processes(*args: str, env: dict) -> subprocess.Popen:
     return subprocess.Popen(torchrun_command(__file__, *args), cwd=REPO, env={**os.environ, **WORKER_ENV, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_two_processes(*args: str, env: dict = FSDP_ENV) -> str:
+def run_two_processes(*args: str, env: dict) -> str:
     return finish(start_two_processes(*args, env=env))
 
 
-def act_as_if_accelerate_chose(sharding: str) -> None:
-    """Every Accelerator made from now on in this process holds the state accelerate builds for an
-    FSDP or DeepSpeed config on GPUs."""
+def act_as_if_accelerate_chose_what_the_environment_says() -> None:
+    """Every Accelerator made from now on in this process holds the state accelerate builds on GPUs
+    for the FSDP or DeepSpeed settings in the environment (the plugins read them there)."""
     import accelerate
     import torch
+    from accelerate.state import PartialState
     from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+
+    # Taken out, so that the CPU Accelerator does not half-apply them itself.
+    use_fsdp = os.environ.pop("ACCELERATE_USE_FSDP", "") == "true"
+    use_deepspeed = os.environ.pop("ACCELERATE_USE_DEEPSPEED", "") == "true"
+    assert use_fsdp != use_deepspeed, "the test gives the worker FSDP or DeepSpeed settings"
 
     class ShardingOnCPUAccelerator(accelerate.Accelerator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            from accelerate.state import PartialState
-
             # Both states: accelerate reads the type from one or the other.
-            kind = DistributedType.FSDP if sharding == "fsdp2" else DistributedType.DEEPSPEED
+            kind = DistributedType.FSDP if use_fsdp else DistributedType.DEEPSPEED
             self.state.distributed_type = PartialState().distributed_type = kind
-            if sharding == "fsdp2":
-                self.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+            if use_fsdp:
+                self.state.fsdp_plugin = FullyShardedDataParallelPlugin()
             else:
-                plugin = DeepSpeedPlugin(zero_stage=int(sharding.removeprefix("zero")))
+                plugin = DeepSpeedPlugin()
                 plugin.select(_from_accelerator_state=True)
                 self.state.deepspeed_plugins = {"default": plugin}
                 self.deepspeed_engine_wrapped = None  # what Accelerator.__init__ sets up for DeepSpeed
@@ -68,9 +89,13 @@ def act_as_if_accelerate_chose(sharding: str) -> None:
             prepared = super().prepare(*objects, **kwargs)
             from torch.distributed.tensor import DTensor
 
+            from torch.distributed.fsdp import FSDPModule
+
             for model in (item for item in prepared if isinstance(item, torch.nn.Module)):
                 kinds = {type(parameter) for parameter in model.parameters()}
-                print(f"parameters are DTensor shards: {kinds == {DTensor}}", file=sys.stderr, flush=True)
+                units = sum(isinstance(module, FSDPModule) for module in model.modules())
+                print(f"parameters are DTensor shards: {kinds == {DTensor}}; FSDP units: {units}",
+                      file=sys.stderr, flush=True)
             return prepared
 
     accelerate.Accelerator = ShardingOnCPUAccelerator
@@ -83,15 +108,22 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
     from difftrain.sharding import OPTIMIZER_BY_NAME
     from difftrain.trainer import Trainer
 
+    fsdp_env = accelerate_env("fsdp2.yaml")
     settings = dict(max_epochs=2, ckpt_every_n_steps=6, sample_steps=10, num_samples=1)
     sharded = tiny_config(tmp_path / "fsdp", tiny_field_data, batch_size=2, **settings)
-    launched = start_two_processes("--item-noise", write_config(tmp_path / "fsdp.json", sharded))
+    launched = start_two_processes("--item-noise", write_config(tmp_path / "fsdp.json", sharded), env=fsdp_env)
     one = tiny_config(tmp_path / "one", tiny_field_data, batch_size=4, **settings)
     assert Trainer(one, item_noise_task_class()).run() == 0
     stderr = finish(launched)
     # The state was FSDP (not quietly data parallel) and prepare sharded every parameter.
     assert "sharded with FSDP over 2 processes" in stderr
-    assert stderr.count("parameters are DTensor shards: True") == 2, stderr[-3000:]
+    # fsdp2.yaml's TRANSFORMER_BASED_WRAP: each residual block of the network is a unit, and the root.
+    from difftrain.models.score import ResidualBlock
+    from difftrain.tasks.kolmogorov import build_score_network
+
+    units = 1 + sum(isinstance(module, ResidualBlock) for module in build_score_network(one).modules())
+    assert units > 2
+    assert stderr.count(f"parameters are DTensor shards: True; FSDP units: {units}") == 2, stderr[-3000:]
 
     run_folder, single_folder = only(tmp_path / "fsdp" / "runs"), only(tmp_path / "one" / "runs")
     fsdp_losses, one_losses = losses(run_folder), losses(single_folder)
@@ -115,7 +147,7 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
     assert optimizer_state["state"][first]["exp_avg"].shape == one_weights[first].shape
 
     resumed = tiny_config(tmp_path / "resumed", tiny_field_data, batch_size=2, resume_ckpt=str(middle), **settings)
-    run_two_processes("--item-noise", write_config(tmp_path / "resumed.json", resumed))
+    run_two_processes("--item-noise", write_config(tmp_path / "resumed.json", resumed), env=fsdp_env)
     resumed_run = only(tmp_path / "resumed" / "runs")
     resumed_weights = weights(resumed_run)
     assert all(torch.equal(fsdp_weights[key], resumed_weights[key]) for key in fsdp_weights)
@@ -126,14 +158,14 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
     plain_middle = only(tmp_path / "one" / "logs") / "ckpts" / "tiny-ep01-gs00012"
     onto_fsdp = tiny_config(tmp_path / "onto_fsdp", tiny_field_data, batch_size=2, resume_ckpt=str(plain_middle),
                             **settings)
-    launched = start_two_processes("--item-noise", write_config(tmp_path / "onto_fsdp.json", onto_fsdp))
+    launched = start_two_processes("--item-noise", write_config(tmp_path / "onto_fsdp.json", onto_fsdp), env=fsdp_env)
     off_fsdp = tiny_config(tmp_path / "off_fsdp", tiny_field_data, batch_size=4, resume_ckpt=str(middle), **settings)
     assert Trainer(off_fsdp, item_noise_task_class()).run() == 0
     finish(launched)
     # Gradient accumulation under FSDP: 2 processes x 1 item x 2 micro-batches, the same global batch.
     accumulated = tiny_config(tmp_path / "accumulated", tiny_field_data, batch_size=1,
                               gradient_accumulation_steps=2, **settings)
-    run_two_processes("--item-noise", write_config(tmp_path / "accumulated.json", accumulated))
+    run_two_processes("--item-noise", write_config(tmp_path / "accumulated.json", accumulated), env=fsdp_env)
     for folder in (tmp_path / "onto_fsdp", tmp_path / "off_fsdp", tmp_path / "accumulated"):
         crossed = weights(only(folder / "runs"))
         worst = max((crossed[key] - one_weights[key]).abs().max().item() for key in one_weights)
@@ -141,9 +173,10 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
 
 
 def test_reflow_under_fsdp2_generates_pairs_from_the_gathered_model(tmp_path, tiny_field_data):
+    fsdp_env = accelerate_env("fsdp2.yaml")
     config = tiny_config(tmp_path, tiny_field_data, batch_size=2, max_epochs=2, rectified_flow=True,
                          reflow_steps=1, reflow_gen_batches=4, reflow_sample_steps=4)
-    stderr = run_two_processes("--config", write_config(tmp_path / "reflow.json", config))
+    stderr = run_two_processes("--config", write_config(tmp_path / "reflow.json", config), env=fsdp_env)
     assert "sharded with FSDP" in stderr and "after stage 1: straightness" in stderr
     log_folder = only(tmp_path / "logs")
     assert len(list((log_folder / "reflow" / "reflow_stage_01").iterdir())) > 0
@@ -166,9 +199,11 @@ def test_stable_diffusion_sharded_saves_whole_files_and_resumes_exactly(tmp_path
                     network_rank=2, network_alpha=1.0, save_per_steps=1, lora_dir=str(tmp_path / "loras"),
                     save_lora_name="tiny", save_precision="fp32")
     straight = sd_config(tmp_path / "straight", tiny_sd15, images, **settings)
-    env = {"DIFFTRAIN_TEST_SHARDING": sharding}
+    env = accelerate_env({"fsdp2": "fsdp2.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}[sharding])
     stderr = run_two_processes("--config", write_config(tmp_path / "straight.json", straight), env=env)
     assert "sharded with" in stderr, stderr[-3000:]
+    if sharding == "fsdp2":  # the UNet's blocks are units of their own (SDTrainable._no_split_modules)
+        assert int(stderr.split("FSDP units: ")[1].split()[0]) > 5, stderr[-3000:]
     run_folder = only(tmp_path / "straight" / "runs")
     state = weights(run_folder)
     assert (run_folder / "samples" / "samples-gs00002.png").is_file()
@@ -204,7 +239,7 @@ def test_deepspeed_zero_trains_like_one_process_and_resumes_exactly(tmp_path, ti
     from difftrain.errors import ConfigError
     from difftrain.trainer import Trainer
 
-    env = {"DIFFTRAIN_TEST_SHARDING": f"zero{stage}"}
+    env = accelerate_env(f"deepspeed_zero{stage}.yaml")
     settings = dict(max_epochs=2, ckpt_every_n_steps=6, sample_steps=10, num_samples=1, clip_grad_norm=0.5)
     sharded = tiny_config(tmp_path / "zero", tiny_field_data, batch_size=2, **settings)
     launched = start_two_processes("--item-noise", write_config(tmp_path / "zero.json", sharded), env=env)
@@ -277,7 +312,7 @@ def test_megatron_and_fsdp1_are_refused_with_the_fix():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    act_as_if_accelerate_chose(os.environ["DIFFTRAIN_TEST_SHARDING"])
+    act_as_if_accelerate_chose_what_the_environment_says()
     if sys.argv[1] == "--item-noise":
         from tests.test_distributed import train_with_item_noise
 

@@ -65,6 +65,10 @@ class ScoreUNet(nn.Module):
     H and W must be divisible by 2 ** (len(hidden_channels) - 1).
     """
 
+    # FSDP's unit of sharding under a TRANSFORMER_BASED_WRAP accelerate config (accelerate reads this
+    # transformers convention): one block's weights are gathered at a time.
+    _no_split_modules = ["ResidualBlock"]
+
     def __init__(self, window: int, embedding: int, hidden_channels: Sequence[int],
                  hidden_blocks: Sequence[int], kernel_size: int = 3, activation: str = "SiLU",
                  forcing_wavenumber: int = 4):

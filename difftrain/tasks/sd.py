@@ -126,6 +126,9 @@ def image_grid(images: list[Any]):
 
 # ---- the trained module -------------------------------------------------------------------------
 
+FSDP_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer")
+
+
 class SDTrainable(nn.Module):
     """The modules whose parameters train: the UNet, plus the text encoders when they train.
 
@@ -140,6 +143,13 @@ class SDTrainable(nn.Module):
         self.unet = sd.unet
         self.text_encoders = nn.ModuleList(sd.text_encoders if train_text_encoders else [])
         self._sd = [sd]  # a list, so nn.Module does not register the frozen VAE as ours
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """FSDP's units under a TRANSFORMER_BASED_WRAP accelerate config: the UNet's attention and
+        residual blocks, the text encoders' layers when they train (those of them this model has)."""
+        present = {type(module).__name__ for module in self.modules()}
+        return [name for name in FSDP_BLOCKS if name in present]
 
     def encode_captions(self, captions: Sequence[str], time_ids: Optional[torch.Tensor] = None) -> dict[str, Any]:
         return self._sd[0].encode_prompts(list(captions), time_ids=time_ids)
