@@ -86,11 +86,10 @@ def act_as_if_accelerate_chose_what_the_environment_says() -> None:
                 self.deepspeed_engine_wrapped = None  # what Accelerator.__init__ sets up for DeepSpeed
 
         def prepare(self, *objects, **kwargs):
-            prepared = super().prepare(*objects, **kwargs)
+            from torch.distributed.fsdp import FSDPModule
             from torch.distributed.tensor import DTensor
 
-            from torch.distributed.fsdp import FSDPModule
-
+            prepared = super().prepare(*objects, **kwargs)
             for model in (item for item in prepared if isinstance(item, torch.nn.Module)):
                 kinds = {type(parameter) for parameter in model.parameters()}
                 units = sum(isinstance(module, FSDPModule) for module in model.modules())
