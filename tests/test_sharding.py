@@ -58,6 +58,24 @@ def run_two_processes(*args: str, env: dict) -> str:
     return finish(start_two_processes(*args, env=env))
 
 
+def largest_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and all(a[key].shape == b[key].shape for key in a)
+    return max((a[key] - b[key]).abs().max().item() for key in a)
+
+
+def trained_alike(sharded_run: Path, single_run: Path, tolerance: float):
+    """The 20 logged losses and the weights in state.pth (whole tensors, gathered from the shards)
+    of a 2-process sharded run and a 1-process run of the same global batch agree within
+    `tolerance`; returns (sharded losses, sharded weights, single weights)."""
+    sharded_losses, single_losses = losses(sharded_run), losses(single_run)
+    assert [step for step, _ in sharded_losses] == [step for step, _ in single_losses] == list(range(1, 21))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(sharded_losses, single_losses)) < tolerance
+    sharded_weights, single_weights = weights(sharded_run), weights(single_run)
+    worst = largest_difference(sharded_weights, single_weights)
+    assert worst < tolerance, f"2 processes x 2 and 1 x 4 differ by {worst}"
+    return sharded_losses, sharded_weights, single_weights
+
+
 def act_as_if_accelerate_chose_what_the_environment_says() -> None:
     """Every Accelerator made from now on in this process holds the state accelerate builds on GPUs
     for the FSDP or DeepSpeed settings in the environment (the plugins read them there)."""
@@ -124,16 +142,8 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
     assert units > 2
     assert stderr.count(f"parameters are DTensor shards: True; FSDP units: {units}") == 2, stderr[-3000:]
 
-    run_folder, single_folder = only(tmp_path / "fsdp" / "runs"), only(tmp_path / "one" / "runs")
-    fsdp_losses, one_losses = losses(run_folder), losses(single_folder)
-    assert [step for step, _ in fsdp_losses] == list(range(1, 21))
-    assert max(abs(a - b) for (_, a), (_, b) in zip(fsdp_losses, one_losses)) < 1e-6
-    # state.pth holds whole tensors (gathered from the shards), equal to the 1-process run's.
-    fsdp_weights, one_weights = weights(run_folder), weights(single_folder)
-    assert fsdp_weights.keys() == one_weights.keys()
-    assert all(fsdp_weights[key].shape == one_weights[key].shape for key in one_weights)
-    worst = max((fsdp_weights[key] - one_weights[key]).abs().max().item() for key in one_weights)
-    assert worst < 1e-6, f"FSDP 2 x 2 and 1 x 4 differ by {worst}"
+    run_folder = only(tmp_path / "fsdp" / "runs")
+    fsdp_losses, fsdp_weights, one_weights = trained_alike(run_folder, only(tmp_path / "one" / "runs"), 1e-6)
     # Samples were drawn by the main process from the gathered weights.
     assert sorted(path.name for path in (run_folder / "samples").iterdir())[:2] == \
         ["vorticity-gs00010.png", "vorticity-gs00020.png"]
@@ -166,9 +176,7 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
                               gradient_accumulation_steps=2, **settings)
     run_two_processes("--item-noise", write_config(tmp_path / "accumulated.json", accumulated), env=fsdp_env)
     for folder in (tmp_path / "onto_fsdp", tmp_path / "off_fsdp", tmp_path / "accumulated"):
-        crossed = weights(only(folder / "runs"))
-        worst = max((crossed[key] - one_weights[key]).abs().max().item() for key in one_weights)
-        assert worst < 1e-6, f"{folder.name}: {worst}"
+        assert largest_difference(weights(only(folder / "runs")), one_weights) < 1e-6, folder.name
 
 
 def test_reflow_under_fsdp2_generates_pairs_from_the_gathered_model(tmp_path, tiny_field_data):
@@ -247,14 +255,8 @@ def test_deepspeed_zero_trains_like_one_process_and_resumes_exactly(tmp_path, ti
     stderr = finish(launched)
     assert f"optimizer state sharded with DeepSpeed ZeRO stage {stage} over 2 processes" in stderr
 
-    run_folder, single_folder = only(tmp_path / "zero" / "runs"), only(tmp_path / "one" / "runs")
-    zero_losses, one_losses = losses(run_folder), losses(single_folder)
-    assert [step for step, _ in zero_losses] == list(range(1, 21))
-    assert max(abs(a - b) for (_, a), (_, b) in zip(zero_losses, one_losses)) < 1e-5
-    zero_weights, one_weights = weights(run_folder), weights(single_folder)
-    assert zero_weights.keys() == one_weights.keys()
-    worst = max((zero_weights[key] - one_weights[key]).abs().max().item() for key in one_weights)
-    assert worst < 1e-5, f"ZeRO {stage} 2 x 2 and 1 x 4 differ by {worst}"
+    run_folder = only(tmp_path / "zero" / "runs")
+    zero_losses, zero_weights, _ = trained_alike(run_folder, only(tmp_path / "one" / "runs"), 1e-5)
     assert (run_folder / "samples" / "vorticity-gs00020.png").is_file()
 
     # DeepSpeed's per-process files sit inside the checkpoint, under its manifest.
