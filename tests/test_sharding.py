@@ -76,6 +76,20 @@ def trained_alike(sharded_run: Path, single_run: Path, tolerance: float):
     return sharded_losses, sharded_weights, single_weights
 
 
+def resumes_bitwise(tmp_path: Path, data: Path, checkpoint: Path, settings: dict, env: dict,
+                    straight_losses: list, straight_weights: dict) -> None:
+    """2 processes resumed from `checkpoint` (step 12) log the straight run's last losses and end
+    with its weights, bit for bit."""
+    import torch
+
+    resumed = tiny_config(tmp_path / "resumed", data, batch_size=2, resume_ckpt=str(checkpoint), **settings)
+    run_two_processes("--item-noise", write_config(tmp_path / "resumed.json", resumed), env=env)
+    resumed_run = only(tmp_path / "resumed" / "runs")
+    resumed_weights = weights(resumed_run)
+    assert all(torch.equal(straight_weights[key], resumed_weights[key]) for key in straight_weights)
+    assert losses(resumed_run) == straight_losses[12:]
+
+
 def act_as_if_accelerate_chose_what_the_environment_says() -> None:
     """Every Accelerator made from now on in this process holds the state accelerate builds on GPUs
     for the FSDP or DeepSpeed settings in the environment (the plugins read them there)."""
@@ -119,8 +133,6 @@ def act_as_if_accelerate_chose_what_the_environment_says() -> None:
 
 
 def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_field_data):
-    import torch
-
     from difftrain.checkpoint import load_trainer_tensors
     from difftrain.sharding import OPTIMIZER_BY_NAME
     from difftrain.trainer import Trainer
@@ -155,12 +167,7 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
     first = next(iter(one_weights))
     assert optimizer_state["state"][first]["exp_avg"].shape == one_weights[first].shape
 
-    resumed = tiny_config(tmp_path / "resumed", tiny_field_data, batch_size=2, resume_ckpt=str(middle), **settings)
-    run_two_processes("--item-noise", write_config(tmp_path / "resumed.json", resumed), env=fsdp_env)
-    resumed_run = only(tmp_path / "resumed" / "runs")
-    resumed_weights = weights(resumed_run)
-    assert all(torch.equal(fsdp_weights[key], resumed_weights[key]) for key in fsdp_weights)
-    assert losses(resumed_run) == fsdp_losses[12:]
+    resumes_bitwise(tmp_path, tiny_field_data, middle, settings, fsdp_env, fsdp_losses, fsdp_weights)
 
     # Checkpoints cross between the layouts: the 1-process run's checkpoint goes on under FSDP, and
     # the FSDP checkpoint in 1 process; both end where the 1-process run ended (up to float sums).
@@ -240,8 +247,6 @@ def test_stable_diffusion_sharded_saves_whole_files_and_resumes_exactly(tmp_path
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_field_data, stage):
-    import torch
-
     from difftrain.checkpoint import load_trainer_tensors, read_manifest
     from difftrain.errors import ConfigError
     from difftrain.trainer import Trainer
@@ -266,12 +271,7 @@ def test_deepspeed_zero_trains_like_one_process_and_resumes_exactly(tmp_path, ti
     assert load_trainer_tensors(middle)["optimizer_in"] == "deepspeed"
     assert not [path for path in middle.parent.iterdir() if path.name.startswith(".tmp-")]
 
-    resumed = tiny_config(tmp_path / "resumed", tiny_field_data, batch_size=2, resume_ckpt=str(middle), **settings)
-    run_two_processes("--item-noise", write_config(tmp_path / "resumed.json", resumed), env=env)
-    resumed_run = only(tmp_path / "resumed" / "runs")
-    resumed_weights = weights(resumed_run)
-    assert all(torch.equal(zero_weights[key], resumed_weights[key]) for key in zero_weights)
-    assert losses(resumed_run) == zero_losses[12:]
+    resumes_bitwise(tmp_path, tiny_field_data, middle, settings, env, zero_losses, zero_weights)
 
     # Outside DeepSpeed its optimizer files cannot be read: a clear refusal, not a crash.
     elsewhere = tiny_config(tmp_path / "elsewhere", tiny_field_data, batch_size=4, resume_ckpt=str(middle), **settings)
