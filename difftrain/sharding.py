@@ -112,9 +112,12 @@ class ReplicatedStates:
         """Restore a checkpoint's model (`read_into(module)` reads the task's files into a plain
         module) and optimizer state; every process calls it."""
         _refuse_deepspeed_state(saved, folder, "without DeepSpeed")
-        read_into(self.accelerator.unwrap_model(model))
-        names = parameter_names(self.accelerator.unwrap_model(model), optimizer)
-        optimizer.load_state_dict(saved.get("optimizer") or by_position(saved[OPTIMIZER_BY_NAME], names))
+        module = self.accelerator.unwrap_model(model)
+        read_into(module)
+        if "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
+        else:  # an FSDP checkpoint
+            optimizer.load_state_dict(by_position(saved[OPTIMIZER_BY_NAME], parameter_names(module, optimizer)))
 
 
 class FSDPStates(ReplicatedStates):
@@ -153,8 +156,10 @@ class FSDPStates(ReplicatedStates):
         decide_on_main(lambda: read_into(self.main_copy))
         full = self.main_copy.state_dict() if self.is_main else {}
         set_model_state_dict(model, full, options=_state_dict_options(full_state_dict=True, broadcast_from_rank0=True))
-        names = parameter_names(self.accelerator.unwrap_model(model), optimizer)
-        state = saved.get(OPTIMIZER_BY_NAME) or by_name(saved["optimizer"], names)
+        if OPTIMIZER_BY_NAME in saved:
+            state = saved[OPTIMIZER_BY_NAME]
+        else:  # a data-parallel checkpoint
+            state = by_name(saved["optimizer"], parameter_names(self.accelerator.unwrap_model(model), optimizer))
         set_optimizer_state_dict(model, _inner(optimizer), state, options=_state_dict_options(full_state_dict=True))
 
 
