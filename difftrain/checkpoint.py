@@ -27,6 +27,12 @@ from typing import Any, Callable, Optional
 
 from difftrain.errors import ConfigError
 
+# trainer_state.pt holds the optimizer state under one of these keys: torch.optim's own state_dict
+# (one process, data parallel), the whole state keyed by parameter name (FSDP), or the name of the
+# folder of DeepSpeed's own per-process files (difftrain.sharding).
+OPTIMIZER = "optimizer"
+OPTIMIZER_BY_NAME = "optimizer_by_name"
+OPTIMIZER_ELSEWHERE = "optimizer_in"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -250,10 +256,8 @@ def load_trainer_tensors(folder: Path, map_location: Any = "cpu") -> dict[str, A
         raise ConfigError(f"checkpoint '{folder}': {STATE_TENSORS} was refused or cannot be read "
                           f"({first_line}); only tensors and plain data are loaded, never code. "
                           "Resume from a checkpoint this program wrote.") from None
-    # The optimizer state is keyed "optimizer" (data parallel), "optimizer_by_name" (FSDP) or
-    # "optimizer_in" (DeepSpeed: the folder of its own files).
     if not isinstance(state, dict) or not {"scheduler", "generator", "cpu_rng"} <= set(state) or \
-            not {"optimizer", "optimizer_by_name", "optimizer_in"} & set(state):
+            not {OPTIMIZER, OPTIMIZER_BY_NAME, OPTIMIZER_ELSEWHERE} & set(state):
         raise ConfigError(f"checkpoint '{folder}': {STATE_TENSORS} lacks the optimizer, schedule or RNG "
                           "state; it was not written by this program.")
     return state

@@ -33,10 +33,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from difftrain.checkpoint import OPTIMIZER, OPTIMIZER_BY_NAME, OPTIMIZER_ELSEWHERE
 from difftrain.errors import ConfigError
 
-OPTIMIZER_BY_NAME = "optimizer_by_name"  # trainer_state key of an FSDP run's optimizer state
-OPTIMIZER_ELSEWHERE = "optimizer_in"  # trainer_state key naming the folder of DeepSpeed's files
 DEEPSPEED_FOLDER = "deepspeed"
 DEEPSPEED_TAG = "state"
 
@@ -101,7 +100,7 @@ class ReplicatedStates:
 
     def optimizer_state(self, model: nn.Module, optimizer) -> Optional[dict[str, Any]]:
         """{key: state} for trainer_state on the main process (None elsewhere); collective."""
-        return {"optimizer": optimizer.state_dict()} if self.is_main else None
+        return {OPTIMIZER: optimizer.state_dict()} if self.is_main else None
 
     def stage_files(self, model: nn.Module, staging: Path) -> Optional[Path]:
         """Write files that every process contributes to a checkpoint (collective); their folder."""
@@ -114,8 +113,8 @@ class ReplicatedStates:
         _refuse_deepspeed_state(saved, folder, "without DeepSpeed")
         module = self.accelerator.unwrap_model(model)
         read_into(module)
-        if "optimizer" in saved:
-            optimizer.load_state_dict(saved["optimizer"])
+        if OPTIMIZER in saved:
+            optimizer.load_state_dict(saved[OPTIMIZER])
         else:  # an FSDP checkpoint
             optimizer.load_state_dict(by_position(saved[OPTIMIZER_BY_NAME], parameter_names(module, optimizer)))
 
@@ -159,7 +158,7 @@ class FSDPStates(ReplicatedStates):
         if OPTIMIZER_BY_NAME in saved:
             state = saved[OPTIMIZER_BY_NAME]
         else:  # a data-parallel checkpoint
-            state = by_name(saved["optimizer"], parameter_names(self.accelerator.unwrap_model(model), optimizer))
+            state = by_name(saved[OPTIMIZER], parameter_names(self.accelerator.unwrap_model(model), optimizer))
         set_optimizer_state_dict(model, _inner(optimizer), state, options=_state_dict_options(full_state_dict=True))
 
 

@@ -133,8 +133,7 @@ def act_as_if_accelerate_chose_what_the_environment_says() -> None:
 
 
 def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_field_data):
-    from difftrain.checkpoint import load_trainer_tensors
-    from difftrain.sharding import OPTIMIZER_BY_NAME
+    from difftrain.checkpoint import OPTIMIZER_BY_NAME, load_trainer_tensors
     from difftrain.trainer import Trainer
 
     fsdp_env = accelerate_env("fsdp2.yaml")
@@ -247,7 +246,7 @@ def test_stable_diffusion_sharded_saves_whole_files_and_resumes_exactly(tmp_path
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_like_one_process_and_resumes_exactly(tmp_path, tiny_field_data, stage):
-    from difftrain.checkpoint import load_trainer_tensors, read_manifest
+    from difftrain.checkpoint import OPTIMIZER_ELSEWHERE, load_trainer_tensors, read_manifest
     from difftrain.errors import ConfigError
     from difftrain.trainer import Trainer
 
@@ -268,7 +267,7 @@ def test_deepspeed_zero_trains_like_one_process_and_resumes_exactly(tmp_path, ti
     middle = only(tmp_path / "zero" / "logs") / "ckpts" / "tiny-ep01-gs00012"
     listed = read_manifest(middle)
     assert sum(name.startswith("deepspeed/state/") and "optim_states" in name for name in listed) == 2
-    assert load_trainer_tensors(middle)["optimizer_in"] == "deepspeed"
+    assert load_trainer_tensors(middle)[OPTIMIZER_ELSEWHERE] == "deepspeed"
     assert not [path for path in middle.parent.iterdir() if path.name.startswith(".tmp-")]
 
     resumes_bitwise(tmp_path, tiny_field_data, middle, settings, env, zero_losses, zero_weights)
