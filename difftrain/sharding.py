@@ -56,11 +56,36 @@ def sharding_of(distributed_type: str, fsdp_version: Optional[int]) -> str:
     return {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(name, "none")
 
 
+def sharding_kind(accelerator) -> str:
+    """sharding_of for an Accelerator (its distributed type and FSDP plugin)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return sharding_of(str(accelerator.distributed_type), getattr(plugin, "fsdp_version", None))
+
+
+@contextmanager
+def models_load_whole(accelerator) -> Iterator[None]:
+    """Around the task's model loading. Under DeepSpeed ZeRO-3, transformers' from_pretrained
+    partitions every model it loads (zero.Init: accelerate registers its DeepSpeed config with
+    transformers whatever zero3_init_flag says), the frozen text encoders included, which then run
+    outside DeepSpeed's engine with empty weights. Tasks load whole models; prepare partitions what
+    trains."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def model_states(accelerator, module: nn.Module, config) -> "ReplicatedStates":
     """The whole-model access that fits the accelerator; `module` is the task's trainable module
     BEFORE accelerator.prepare (FSDP shards it in place)."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    kind = sharding_of(str(accelerator.distributed_type), getattr(plugin, "fsdp_version", None))
+    kind = sharding_kind(accelerator)
     if kind == "fsdp":
         return FSDPStates(accelerator, module)
     if kind == "deepspeed":
@@ -91,12 +116,11 @@ class ReplicatedStates:
 
     @contextmanager
     def whole_model(self, model: nn.Module, device: Optional[torch.device] = None) -> Iterator[Optional[nn.Module]]:
-        """The whole trained module on the main process, on `device` if given.
+        """The whole trained module on the main process, on `device` if given; None on the others.
 
-        Every process must enter it (a gather is a collective). Where each process holds a
-        replica it gets its own, so work that each may do (validation) still can.
+        Every process must enter it: under sharding the gather is a collective.
         """
-        yield self.accelerator.unwrap_model(model)
+        yield self.accelerator.unwrap_model(model) if self.is_main else None
 
     def optimizer_state(self, model: nn.Module, optimizer) -> Optional[dict[str, Any]]:
         """{key: state} for trainer_state on the main process (None elsewhere); collective."""
@@ -181,12 +205,13 @@ class DeepSpeedStates(ReplicatedStates):
 
     @contextmanager
     def whole_model(self, model: nn.Module, device: Optional[torch.device] = None) -> Iterator[Optional[nn.Module]]:
-        module = self.accelerator.unwrap_model(model)
         if self.stage < 3:  # the weights are whole on every process
-            yield module
+            with super().whole_model(model, device) as whole:
+                yield whole
             return
         import deepspeed
 
+        module = self.accelerator.unwrap_model(model)
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             full = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()} \
                 if self.is_main else {}

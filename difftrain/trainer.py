@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol, Sequence
@@ -26,7 +26,7 @@ from difftrain.checkpoint import (Progress, checkpoint_name, load_trainer_tensor
                                   save_tensors_atomically, write_file_atomically)
 from difftrain.config import Config
 from difftrain.errors import ConfigError
-from difftrain.sharding import model_states, place_staged_files, sharding_of
+from difftrain.sharding import model_states, models_load_whole, place_staged_files, sharding_kind
 from difftrain.tracking import NullTracker, Tracker, create_run_folder, make_run_name
 
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -204,27 +204,8 @@ class Trainer:
         # One process picks the checkpoint ('findlast' could otherwise see a folder appear between
         # two processes' searches), and all resume from it.
         self.resume_from = self._decide_on_main(self._find_resume)
-        with self._whole_loading():
+        with models_load_whole(self.accelerator):
             self.task = task_factory(self.config, self.accelerator)
-
-    @contextmanager
-    def _whole_loading(self) -> Iterator[None]:
-        """Under DeepSpeed ZeRO-3, transformers' from_pretrained partitions every model it loads
-        (zero.Init: accelerate registers its DeepSpeed config with transformers whatever
-        zero3_init_flag says), the frozen text encoders included, which then run outside
-        DeepSpeed's engine with empty weights. The task loads whole models; prepare partitions
-        what trains."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is None:
-            yield
-            return
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        try:
-            yield
-        finally:
-            plugin.set_deepspeed_weakref()
 
     # ---- run ------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -358,7 +339,7 @@ class Trainer:
                             self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
                         if hasattr(task, "after_step") and task.exports_at(progress.global_step):
                             with states.whole_model(model) as whole:
-                                if self.is_main:
+                                if whole is not None:
                                     task.after_step(whole, progress.global_step, log_folder)
                         if stopping:
                             break
@@ -396,13 +377,13 @@ class Trainer:
                     self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
                     if hasattr(task, "finish"):
                         with states.whole_model(model) as whole:
-                            if self.is_main:
+                            if whole is not None:
                                 task.finish(whole, log_folder, run_dir)
             finally:
                 bar.close()
                 tracker.close()
         with states.whole_model(model) as whole:
-            if self.is_main:
+            if whole is not None:
                 if run_dir is not None:
                     save_tensors_atomically(run_dir / "state.pth", task.run_state_dict(whole))
                 self._print_summary(run_dir, log_folder, saved)
@@ -454,16 +435,13 @@ class Trainer:
                                                  Path(self.config.logdir)) / "reflow")
         pairs_dir = ReflowSchedule.pairs_dir(progress.extra["reflow_root"], position.stage)
         if position.needs_new_pairs and progress.batch_in_epoch == 0:
-            model.eval()
-            with self.states.whole_model(model, self.accelerator.device) as whole:
-                if self.is_main:
+            with self._evaluating(model) as whole:
+                if whole is not None:
                     _say(f"reflow {position.stage}/{schedule.reflow_steps}: generating "
                          f"{schedule.samples_per_iteration} pairs with {schedule.simulation_steps} Euler steps")
                     velocity = self.task.flow_velocity_fn(whole)
                     noise, cond = self.task.reflow_inputs(position.stage, self.config.reflow_gen_batches)
-                    with torch.no_grad(), self.accelerator.autocast():
-                        generate_reflow_pairs(velocity, noise, schedule.simulation_steps, cond, pairs_dir)
-            model.train()
+                    generate_reflow_pairs(velocity, noise, schedule.simulation_steps, cond, pairs_dir)
             self.accelerator.wait_for_everyone()
         self.task.use_reflow_pairs(ReflowPairDataset(pairs_dir))
 
@@ -471,19 +449,15 @@ class Trainer:
         """Straightness and 1-step vs N-step distance on fixed noise, at the end of each stage."""
         from difftrain.reflow import one_step_vs_n_step_distance, straightness
 
-        model.eval()
-        with self.states.whole_model(model, self.accelerator.device) as whole:
-            if not self.is_main:
-                model.train()
+        with self._evaluating(model) as whole:
+            if whole is None:
                 return
             velocity = self.task.flow_velocity_fn(whole)
             noise, cond = self.task.flow_probe()
             steps = self.config.sample_inference_steps
-            with torch.no_grad(), self.accelerator.autocast():
-                metrics = {"straightness": straightness(velocity, noise, steps, cond=cond),
-                           "one_vs_n_step_distance": one_step_vs_n_step_distance(velocity, noise, steps, cond=cond),
-                           "reflow_stage": progress.stage}
-        model.train()
+            metrics = {"straightness": straightness(velocity, noise, steps, cond=cond),
+                       "one_vs_n_step_distance": one_step_vs_n_step_distance(velocity, noise, steps, cond=cond),
+                       "reflow_stage": progress.stage}
         tracker.log(metrics, step=progress.global_step)
         _say(f"after stage {progress.stage}: straightness {metrics['straightness']:.4f}, "
              f"1-step vs {steps}-step distance {metrics['one_vs_n_step_distance']:.4f}")
@@ -508,6 +482,7 @@ class Trainer:
                     _say(f"warning: {key} changed from {before[key]!r} to {getattr(self.config, key)!r} "
                          "since the checkpoint; the data order after resume cannot match the "
                          "original run exactly.")
+
         def read_into(module: nn.Module) -> None:
             try:
                 self.task.load_model(module, folder)
@@ -599,9 +574,7 @@ class Trainer:
         return outcome[0]
 
     def _check_process_group(self) -> None:
-        # DeepSpeed / FSDP version 1 are refused here, before the task loads its (large) models.
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        sharding_of(str(self.accelerator.distributed_type), getattr(plugin, "fsdp_version", None))
+        sharding_kind(self.accelerator)  # refuses Megatron-LM / FSDP1 before the task loads its models
         launched_as = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched_as > 1 and self.accelerator.num_processes == 1:
             # Each process would train alone and write its own run folder: refuse rather than
@@ -634,26 +607,32 @@ class Trainer:
         return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                     disable=not self.is_main, desc=self.config.project_name)
 
+    @contextmanager
+    def _evaluating(self, model, autocast: bool = True) -> Iterator[Optional[nn.Module]]:
+        """The whole model on the main process (None on the others, which must enter too: under
+        sharding this is a gather), on the accelerator's device, in eval mode without gradients."""
+        model.eval()
+        try:
+            with self.states.whole_model(model, self.accelerator.device) as whole, torch.no_grad(), \
+                    (self.accelerator.autocast() if autocast else nullcontext()):
+                yield whole
+        finally:
+            model.train()
+
     def _validate(self, model, tracker, progress: Progress) -> None:
         if progress.epoch % self.config.validate_every_n_epochs:
             return
-        model.eval()
-        with self.states.whole_model(model, self.accelerator.device) as whole, torch.no_grad(), \
-                self.accelerator.autocast():
+        with self._evaluating(model) as whole:
             value = self.task.validation_loss(whole) if whole is not None else None
-        model.train()
         if value is not None:
             tracker.log({"epoch": progress.epoch, "loss_valid": value}, step=progress.global_step)
 
     def _log_samples(self, model, tracker, step: int, run_dir: Optional[Path], log_folder: Optional[Path]) -> None:
-        model.eval()
-        with self.states.whole_model(model, self.accelerator.device) as whole:
-            if not self.is_main:
-                model.train()
+        # Without autocast: the samples' own pipelines choose their precision.
+        with self._evaluating(model, autocast=False) as whole:
+            if whole is None:
                 return
-            with torch.no_grad():
-                images = self.task.samples(whole)  # images and metrics
-        model.train()
+            images = self.task.samples(whole)  # images and metrics
         pictures = {key: value for key, value in images.items() if hasattr(value, "save")}
         numbers = {key: value for key, value in images.items() if not hasattr(value, "save")}
         for folder in filter(None, (run_dir, log_folder)):

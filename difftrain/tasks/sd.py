@@ -737,9 +737,8 @@ class SDTask:
                     and not global_step >= self.config.max_steps > 0)
 
     def after_step(self, model: nn.Module, global_step: int, log_folder: Optional[Path]) -> None:
-        """TrainTrain's save_per_steps: <name>_<N>steps.safetensors every N steps (not at the last)."""
-        if not self.exports_at(global_step):
-            return
+        """TrainTrain's save_per_steps: <name>_<N>steps.safetensors; the loop calls it at the steps
+        exports_at names (every N steps, not at the last)."""
         path = self.write_lora_file(model, f"{self.output_stem(log_folder)}_{global_step}steps", log_folder)
         _say(f"LoRA at step {global_step}: {path}")
 
