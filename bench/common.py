@@ -527,7 +527,7 @@ class BareLoop:
     def __init__(self, model, config, task, device, mixed_precision: str, engine_optimizer=None):
         import torch
 
-        from difftrain.trainer import make_optimizer
+        from difftrain.optim import make_optimizer
 
         self.model = model
         self.device = device
