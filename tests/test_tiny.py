@@ -13,7 +13,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from difftrain.tiny import EMBEDDED_CONFIG_KEY, build_tiny_pipeline, main, single_file_path  # noqa: E402
+from difftrain.models.metadata import EMBEDDED_CONFIG_KEY  # noqa: E402
+from difftrain.tiny import build_tiny_pipeline, main, single_file_path  # noqa: E402
 
 FIXTURE_OF = {"sd15": "tiny_sd15", "sd2-v": "tiny_sd2v", "sdxl": "tiny_sdxl"}
 

@@ -28,7 +28,7 @@ import torch
 
 from difftrain.errors import ConfigError
 from difftrain.models import single_file as sf
-from difftrain.tiny import EMBEDDED_CONFIG_KEY, checkpoint_metadata
+from difftrain.models.metadata import EMBEDDED_CONFIG_KEY, checkpoint_metadata
 
 COMPONENT_CONFIG_DIR = Path(__file__).parent / "component_configs"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
