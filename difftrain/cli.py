@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import typing
 from typing import Any, Optional, Sequence
 
-from difftrain.config import (ALIASES, FIELD_NAMES, TRAINTRAIN_DEFAULTS, Config, canonical_keys,
-                              read_json_config, validate_config_dict)
+from difftrain import log
+from difftrain.config import ALIASES, FIELD_NAMES, TRAINTRAIN_DEFAULTS, Config, load_config
 from difftrain.errors import ConfigError, exit_on_user_error
 
 TRUE_WORDS = {"true", "1", "yes", "on"}
@@ -95,7 +96,7 @@ class UserErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}. Run with --help for every option.", file=sys.stderr)
+        log.say(f"{self.prog}: error: {message}. Run with --help for every option.", level=logging.ERROR)
         raise SystemExit(2)
 
 
@@ -128,23 +129,13 @@ def config_from_argv(argv: Sequence[str], door: str) -> Config:
     flag_path = namespace.pop("config_flag", None)
     if path and flag_path:
         raise ConfigError(f"two configs given ('{path}' and --config '{flag_path}'); pass one.")
-    path = path or flag_path
-    data: dict[str, Any] = {}
-    source = "command line"
-    if path:
-        raw = read_json_config(path)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a JSON object {{...}}.")
-        data = canonical_keys(raw, FIELD_NAMES, str(path))
-        source = str(path)
-    if door == "train_j":
-        data = {**TRAINTRAIN_DEFAULTS, **data}
-    data.update(namespace)
-    return validate_config_dict(data, source)
+    defaults = TRAINTRAIN_DEFAULTS if door == "train_j" else None
+    return load_config(path or flag_path, flags=namespace, defaults=defaults)
 
 
 def main(argv: Optional[Sequence[str]] = None, door: str = "train") -> int:
     program = "train_j.py" if door == "train_j" else "train.py"
+    log.setup()
     with exit_on_user_error(program):
         config = config_from_argv(sys.argv[1:] if argv is None else argv, door)
         from difftrain.tracking import check_output_folders

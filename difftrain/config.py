@@ -14,14 +14,14 @@ a config without paying for torch.
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from difftrain.errors import ConfigError
+from difftrain.errors import ConfigError, did_you_mean
+from difftrain.jsonfile import read_json_object
 
 SECOND_PASS_KEY = "2nd pass"
 
@@ -312,17 +312,21 @@ class Config(BaseModel):
         if self.task == "kolmogorov" and self.window > self.simulation.keep:
             problems.append(f"window {self.window} is longer than the trajectories (simulation.keep "
                             f"{self.simulation.keep} states); lower window or raise keep")
+        second = self.for_second_pass()
+        if second is not self and second.min_timestep >= second.max_timestep:
+            problems.append(f"in '{SECOND_PASS_KEY}', min_timestep ({second.min_timestep}) must be below "
+                            f"max_timestep ({second.max_timestep}); swap them or widen the range")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     @field_validator("second_pass")
     @classmethod
-    def _second_pass_keys(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    def _second_pass_values(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        # Keys are canonical by now (validate_config_dict renamed them, naming the file on a typo).
         if value is None:
             return None
-        return SecondPass.model_validate(canonical_keys(value, PER_PASS_NAMES, SECOND_PASS_KEY))\
-            .model_dump(exclude_none=True)
+        return SecondPass.model_validate(value).model_dump(exclude_none=True)
 
     def resolved_prediction_type(self) -> str:
         """prediction_type with TrainTrain's model_v_pred folded in."""
@@ -348,10 +352,18 @@ FIELD_NAMES: tuple[str, ...] = tuple(Config.model_fields)
 ALIASES: dict[str, str] = {alias: name for name in FIELD_NAMES for alias in _extra(name)["aliases"]}
 PER_PASS_NAMES: tuple[str, ...] = tuple(name for name in FIELD_NAMES if _extra(name)["per_pass"])
 
+
+
+def _type_with_bounds(name: str) -> Any:
+    field = Config.model_fields[name]
+    return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+
+
+# The same types and bounds as the first pass (a negative lr is as wrong in pass 2), each optional.
 SecondPass = create_model(  # type: ignore[call-overload]
     "SecondPass",
-    __config__=ConfigDict(extra="forbid"),
-    **{name: (Optional[Config.model_fields[name].annotation], None) for name in PER_PASS_NAMES},
+    __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+    **{name: (Optional[_type_with_bounds(name)], None) for name in PER_PASS_NAMES},
 )
 
 # train_j.py starts from TrainTrain's defaults where they differ from the engine's (EveryDream2's),
@@ -389,28 +401,44 @@ def canonical_keys(data: dict[str, Any], names: tuple[str, ...] = FIELD_NAMES, w
     return result
 
 
-def did_you_mean(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return " Did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
-
-
 def _describe_type(annotation: Any) -> str:
     # list[int] has __name__ 'list'; str() keeps the element type, which is what the user needs.
     text = str(annotation) if get_args(annotation) else getattr(annotation, "__name__", str(annotation))
     return text.replace("typing.", "")
 
 
-def validate_config_dict(data: dict[str, Any], source: str = "config") -> Config:
-    """Validate a parsed JSON config (canonical names, aliases, or both) into a Config."""
+def validate_config_dict(data: Any, source: str = "config",
+                         defaults: Optional[dict[str, Any]] = None) -> Config:
+    """Validate a parsed JSON config (canonical names, aliases, or both) into a Config.
+
+    `defaults` (canonical names) fill the keys `data` leaves out: a door's own defaults, such as
+    TRAINTRAIN_DEFAULTS for train_j.py.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object {{...}}, "
                           f"not {type(data).__name__}.")
-    canonical = canonical_keys(data, FIELD_NAMES, source)
-    if isinstance(canonical.get("second_pass"), dict):
-        # Checked here too, so that a typo inside "2nd pass" names the file it is in.
-        canonical_keys(canonical["second_pass"], PER_PASS_NAMES, f"{source}: '{SECOND_PASS_KEY}'")
+    return _validated({**(defaults or {}), **canonical_keys(data, FIELD_NAMES, source)}, source)
+
+
+def load_config(path: Union[str, Path, None], flags: Optional[dict[str, Any]] = None,
+                defaults: Optional[dict[str, Any]] = None) -> Config:
+    """The Config of a front door: `defaults`, then the JSON file at `path` (if any), then `flags`.
+
+    `flags` and `defaults` use canonical names (the CLI's flags are generated from them); the file
+    may use aliases. Each source wins over the one before it.
+    """
+    source = str(path) if path else "command line"
+    from_file = canonical_keys(read_json_object(path), FIELD_NAMES, source) if path else {}
+    return _validated({**(defaults or {}), **from_file, **(flags or {})}, source)
+
+
+def _validated(canonical: dict[str, Any], source: str) -> Config:
+    """The one validation of a config whose top-level keys are canonical."""
+    second_pass = canonical.get("second_pass")
+    if isinstance(second_pass, dict):
+        # Renamed here, not in the field validator, so that a typo inside it names the file.
+        second_pass = canonical_keys(second_pass, PER_PASS_NAMES, f"{source}: '{SECOND_PASS_KEY}'")
+        canonical = {**canonical, "second_pass": second_pass}
     try:
         return Config.model_validate(canonical)
     except ValidationError as error:
@@ -421,7 +449,8 @@ def _explain(error: ValidationError, source: str) -> str:
     lines = []
     for problem in error.errors():
         loc = list(problem["loc"])
-        key = ".".join(str(part) for part in loc) or "(top level)"
+        written = [SECOND_PASS_KEY if part == "second_pass" else part for part in loc[:1]] + loc[1:]
+        key = ".".join(str(part) for part in written) or "(top level)"
         field = Config.model_fields.get(str(loc[0])) if loc else None
         expected = f" (expected {_describe_type(field.annotation)})" if field is not None and len(loc) == 1 else ""
         message = problem["msg"]
@@ -435,42 +464,6 @@ def _explain(error: ValidationError, source: str) -> str:
             continue
         lines.append(f"{source}: key '{key}'{expected}: {message}; got {problem.get('input')!r}.")
     return "\n".join(lines)
-
-
-def read_json_config(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a JSON file; syntax errors name file, line and column (and the backslash fix)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' does not exist; check the path.") from None
-    except IsADirectoryError:
-        raise ConfigError(f"'{path}' is a folder, not a JSON config file.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: is not UTF-8 text; save it as UTF-8.") from None
-    except ValueError:  # a NUL character, which no file system allows in a path
-        raise ConfigError(f"config path {str(path)!r} contains a NUL character; check the command line.") from None
-    except OSError as error:  # permissions, a name too long, a device that fails
-        raise ConfigError(f"cannot read config file '{path}': {error.strerror or error}.") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        hint = ""
-        if "escape" in error.msg:
-            hint = (" A single backslash starts an escape in JSON: write Windows paths with "
-                    "double backslashes (C:\\\\data) or forward slashes (C:/data).")
-        raise ConfigError(f"{path}: line {error.lineno}, column {error.colno}: invalid JSON "
-                          f"({error.msg}).{hint}") from None
-
-
-def load_config(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> Config:
-    """Read and validate a JSON config, then apply already-canonical overrides (e.g. CLI flags)."""
-    data = read_json_config(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a JSON object {{...}}.")
-    merged = canonical_keys(data, FIELD_NAMES, str(path))
-    merged.update(overrides or {})
-    return validate_config_dict(merged, str(path))
 
 
 # --- JSON Schema for editors --------------------------------------------------------------------------

@@ -6,9 +6,12 @@ Entry points print its message and exit with status 2, never a traceback.
 
 from __future__ import annotations
 
-import sys
+import difflib
+import logging
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from difftrain import log
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -23,5 +26,28 @@ def exit_on_user_error(program: str) -> Iterator[None]:
     try:
         yield
     except ConfigError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
+        log.say(f"{program}: error: {error}", level=logging.ERROR)
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
+
+
+def closest_matches(word: str, candidates: Iterable[str], limit: int = 3) -> list[str]:
+    """The candidates that look most like `word`, best first.
+
+    Whole names are compared first; then, for dot-paths (``2nd pass.train_learning_rate``), the
+    last parts, so a typo deep in a path still finds the key it meant.
+    """
+    names = list(dict.fromkeys(candidates))
+    whole = difflib.get_close_matches(word, names, n=limit, cutoff=0.6)
+    by_last_part: dict[str, str] = {}
+    for name in names:
+        by_last_part.setdefault(name.rsplit(".", 1)[-1], name)
+    last_parts = difflib.get_close_matches(word.rsplit(".", 1)[-1], list(by_last_part), n=limit, cutoff=0.6)
+    return list(dict.fromkeys(whole + [by_last_part[part] for part in last_parts]))[:limit]
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """The sentence ` Did you mean 'a' or 'b'?` naming the closest candidates; "" when none is close."""
+    close = closest_matches(word, candidates)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(f"'{name}'" for name in close) + "?"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Optional, Sequence
 
 from difftrain.errors import ConfigError, exit_on_user_error
+from difftrain.jsonfile import read_json_object
 from difftrain.overrides import (
     MISSING,
     Change,
@@ -32,7 +33,6 @@ from difftrain.overrides import (
     Sweep,
     apply_overrides,
     format_value,
-    load_json_file,
     parse_override,
     parse_sweep,
 )
@@ -241,7 +241,7 @@ def make_plan(options: argparse.Namespace, passthrough: list[str]) -> Plan:
     if options.jobs is not None and options.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {options.jobs}")
     base_path = Path(options.json_path)
-    base = load_json_file(base_path)
+    base = read_json_object(base_path)
     overrides = [parse_override(text) for text in options.override]
     sweeps = [parse_sweep(text) for text in options.sweep]
 

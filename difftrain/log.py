@@ -42,10 +42,11 @@ def setup(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
-def say(message: str) -> None:
-    """A line the user must see (progress notes, where files went, warnings already worded)."""
+def say(message: str, level: int = logging.INFO) -> None:
+    """A line the user must see (progress notes, where files went, warnings already worded);
+    errors pass level=logging.ERROR so that a quieter setup still shows them."""
     setup_if_needed()
-    logger.info(message)
+    logger.log(level, message)
     for handler in logger.handlers:
         handler.flush()
 

@@ -1,7 +1,8 @@
 """``KEY:VALUE`` overrides: parsing, typing and dot-path editing of JSON configs.
 
-Shared by the launcher (``train_json_edit.py``) and the trainer front doors. Standard library
-only, because the launcher must start in a fraction of a second.
+Used by the launcher (``train_json_edit.py``); the JSON files it edits are read by
+``difftrain.jsonfile``. Standard library only, because the launcher must start in a fraction of a
+second.
 
 The rules, in short (docs/launcher.md has the long version with examples):
 
@@ -15,15 +16,13 @@ The rules, in short (docs/launcher.md has the long version with examples):
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
-from difftrain.errors import ConfigError
+from difftrain.errors import ConfigError, closest_matches
 
 _INTEGER = re.compile(r"[+-]?(?:0|[1-9][0-9]*)")
 _DIGITS_WITH_LEADING_ZERO = re.compile(r"[+-]?0[0-9]+")
@@ -424,7 +423,7 @@ def _unknown_key_message(
     if len(remaining) > 1 or parent:
         message += f" ({missing_part!r} does not exist {location})"
     message += "."
-    suggestions = closest_keys(override.key, container, prefix=parent)
+    suggestions = closest_matches(override.key, all_key_paths(container, parent), limit=5)
     if suggestions:
         message += " Closest existing keys: " + ", ".join(suggestions) + "."
     message += f" To add it as a new key, write '+{override.text}'."
@@ -440,113 +439,3 @@ def all_key_paths(config: Any, prefix: str = "") -> list[str]:
             paths.append(path)
             paths.extend(all_key_paths(value, path))
     return paths
-
-
-def closest_keys(key: str, config: Any, prefix: str = "", limit: int = 5) -> list[str]:
-    """Existing dot-paths that look most like ``key`` (whole path first, then the last part)."""
-    paths = all_key_paths(config, prefix)
-    whole = difflib.get_close_matches(key, paths, n=limit, cutoff=0.6)
-    last_part = key.rsplit(".", 1)[-1]
-    by_leaf = {path.rsplit(".", 1)[-1]: path for path in reversed(paths)}
-    leaves = [by_leaf[leaf] for leaf in difflib.get_close_matches(last_part, list(by_leaf), n=limit,
-                                                                   cutoff=0.6)]
-    ordered: list[str] = []
-    for path in whole + leaves:
-        if path not in ordered:
-            ordered.append(path)
-    return ordered[:limit]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading JSON files
-
-
-_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
-_BACKSLASH_HINT = (
-    "A single backslash starts an escape in JSON; in Windows paths write '\\\\' or '/' "
-    '(e.g. "C:\\\\models\\\\x.safetensors" or "C:/models/x.safetensors").'
-)
-
-
-def load_json_file(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a JSON object from ``path`` with messages a user can act on.
-
-    Raises ConfigError (never a traceback) for: a missing file; bytes that are not UTF-8 (a BOM
-    is fine); a syntax error (naming file, line and column, showing the line, and pointing at
-    single backslashes in Windows paths); a top level that is not an object; a key written twice;
-    and a Windows path whose single backslash silently became a tab or newline (``C:\\new``).
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder; expected a JSON config file") from None
-    except OSError as error:
-        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8 and try again"
-        ) from None
-    if not text.strip():
-        raise ConfigError(f"{path} is empty; it must hold a JSON object like {{\"key\": value}}")
-    try:
-        data = json.loads(text, object_pairs_hook=_reject_duplicate_keys(path))
-    except json.JSONDecodeError as error:
-        raise ConfigError(_syntax_error_message(path, text, error)) from None
-    except RecursionError:
-        raise ConfigError(f"{path} is nested too deeply to be a config file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path} holds a JSON {type(data).__name__}, but a config must be an object "
-            "({\"key\": value, ...})"
-        )
-    _check_mangled_windows_paths(data, path)
-    return data
-
-
-def _reject_duplicate_keys(path: Path):
-    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise ConfigError(
-                    f"{path}: the key {key!r} is written twice in the same object; JSON would "
-                    "silently keep the last one. Delete one of them."
-                )
-            result[key] = value
-        return result
-
-    return build
-
-
-def _syntax_error_message(path: Path, text: str, error: json.JSONDecodeError) -> str:
-    lines = text.splitlines()
-    shown = lines[error.lineno - 1] if 0 < error.lineno <= len(lines) else ""
-    message = (
-        f"{path}, line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})\n"
-        f"    {shown}\n    {' ' * (error.colno - 1)}^"
-    )
-    if "escape" in error.msg:
-        message += "\n" + _BACKSLASH_HINT
-    elif text[:error.pos].rstrip().endswith(",") and text[error.pos:error.pos + 1] in ("}", "]"):
-        message += "\nJSON allows no comma after the last item of an object or list."
-    return message
-
-
-def _check_mangled_windows_paths(data: Any, path: Path, where: str = "") -> None:
-    if isinstance(data, dict):
-        for key, value in data.items():
-            _check_mangled_windows_paths(value, path, f"{where}.{key}" if where else key)
-    elif isinstance(data, list):
-        for position, value in enumerate(data):
-            _check_mangled_windows_paths(value, path, f"{where}.{position}")
-    elif isinstance(data, str) and _WINDOWS_DRIVE.match(data) and re.search(r"[\t\n\r\f\b]", data):
-        raise ConfigError(
-            f"{path}: {where!r} is {data!r}: a Windows path with a tab or newline inside, "
-            f"which is what a single backslash before t, n, r, f or b turns into. "
-            + _BACKSLASH_HINT
-        )

@@ -9,8 +9,9 @@ import pytest
 
 from difftrain.cli import config_from_argv
 from difftrain.config import (ALIASES, FIELD_NAMES, TRAINTRAIN_DEFAULTS, Config, export_json_schema,
-                              load_config, read_json_config, validate_config_dict)
+                              load_config, validate_config_dict)
 from difftrain.errors import ConfigError
+from difftrain.jsonfile import read_json_object
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ def write(tmp_path: Path, text: str, name: str = "c.json") -> Path:
 def test_syntax_error_names_file_line_and_column(tmp_path):
     path = write(tmp_path, '{\n  "lr": 1e-4,\n  "batch_size": ,\n}')
     with pytest.raises(ConfigError) as error:
-        read_json_config(path)
+        read_json_object(path)
     message = str(error.value)
     assert str(path) in message and "line 3" in message and "column 17" in message
 
@@ -32,8 +33,55 @@ def test_syntax_error_names_file_line_and_column(tmp_path):
 def test_single_backslash_gets_the_fix(tmp_path):
     path = write(tmp_path, '{"data_root": "x:\\mydata"}')
     with pytest.raises(ConfigError) as error:
-        read_json_config(path)
+        read_json_object(path)
     assert "\\\\" in str(error.value) and "forward slashes" in str(error.value)
+
+
+DUPLICATED_LR = '{\n  "lr": 0.001,\n  "batch_size": 2,\n  "lr": 0.002\n}\n'
+
+
+@pytest.mark.parametrize("door", ["train", "train_j"])
+def test_both_front_doors_refuse_a_duplicated_key_naming_both_lines(tmp_path, door):
+    path = write(tmp_path, DUPLICATED_LR)
+    with pytest.raises(ConfigError) as error:
+        config_from_argv([str(path)], door)
+    message = str(error.value)
+    assert str(path) in message and "'lr' is written twice" in message and "line 2 and line 4" in message
+
+
+def test_the_launcher_refuses_the_same_duplicated_key_with_the_same_words(tmp_path):
+    path = write(tmp_path, DUPLICATED_LR)
+    result = subprocess.run([sys.executable, "train_json_edit.py", str(path), "--dry-run"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'lr' is written twice in the same object (line 2 and line 4)" in result.stderr
+
+
+def test_duplicated_key_lines_are_found_in_nested_objects_and_past_escapes(tmp_path):
+    # A string holding a brace, a colon and an escaped quote comes first; the duplicate is in a nested
+    # object, its second copy spelt with an escape; the 'lr' in the list and the outer one are not copies.
+    path = write(tmp_path, '{"prompt": "a {\\"x\\": 1} cat",\n "2nd pass": {"lr": 1,\n  "x": [{"lr": 2}],\n'
+                           '  "\\u006cr": 3},\n "lr": 4}')
+    with pytest.raises(ConfigError, match=r"'lr' is written twice .*\(line 2 and line 4\)"):
+        read_json_object(path)
+
+
+@pytest.mark.parametrize("door", ["train", "train_j"])
+def test_both_front_doors_accept_a_utf8_byte_order_mark(tmp_path, door):
+    path = tmp_path / "notepad.json"
+    path.write_bytes("\ufeff".encode() + '{"project_name": "café", "lr": 0.002}'.encode())
+    config = config_from_argv([str(path)], door)
+    assert (config.project_name, config.lr) == ("café", 0.002)
+
+
+def test_second_pass_values_have_the_first_pass_bounds():
+    with pytest.raises(ConfigError, match=r"'2nd pass.lr'.*greater than 0"):
+        validate_config_dict({"2nd pass": {"train_learning_rate": -1}}, "preset.json")
+    with pytest.raises(ConfigError, match=r"in '2nd pass', min_timestep \(900\) must be below max_timestep \(800\)"):
+        validate_config_dict({"max_timestep": 800, "use_2nd_pass_settings": True,
+                              "2nd pass": {"train_min_timesteps": 900}}, "preset.json")
+    # Unused (use_2nd_pass_settings off), the section's cross-key rule cannot matter.
+    validate_config_dict({"max_timestep": 800, "2nd pass": {"train_min_timesteps": 900}})
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -1,4 +1,5 @@
-"""KEY:VALUE parsing, value typing, dot-path editing and JSON reading (difftrain.overrides)."""
+"""KEY:VALUE parsing, value typing, dot-path editing (difftrain.overrides) and the one JSON reader
+(difftrain.jsonfile) the launcher reads its base config with."""
 
 import json
 
@@ -6,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from difftrain.errors import ConfigError
+from difftrain.errors import ConfigError, closest_matches
+from difftrain.jsonfile import read_json_object
 from difftrain.overrides import (
     MISSING,
+    all_key_paths,
     apply_overrides,
-    closest_keys,
-    load_json_file,
     parse_override,
     parse_sweep,
     parse_value,
@@ -234,23 +235,26 @@ def test_same_value_is_reported_unchanged_but_int_to_float_is_a_change():
 
 
 def test_closest_keys_reaches_nested_keys_by_their_last_part():
-    assert "2nd pass.train_learning_rate" in closest_keys("2nd pass.train_learning_rte", BASE)
+    assert "2nd pass.train_learning_rate" in closest_matches("2nd pass.train_learning_rte", all_key_paths(BASE))
+    # The whole path is far from every key; its last part still finds the key it meant.
+    word = "section_that_does_not_exist.train_learning_rte"
+    assert closest_matches(word, ["train_learning_rate", "buckets"]) == ["train_learning_rate"]
 
 
 # --- reading JSON -------------------------------------------------------------------------------
 
 
-def test_load_json_file_accepts_a_utf8_bom_and_non_ascii(tmp_path):
+def test_read_json_object_accepts_a_utf8_bom_and_non_ascii(tmp_path):
     path = tmp_path / "preset.json"
     path.write_bytes("\ufeff".encode() + json.dumps({"prompt": "猫"}, ensure_ascii=False).encode())
-    assert load_json_file(path) == {"prompt": "猫"}
+    assert read_json_object(path) == {"prompt": "猫"}
 
 
 def test_single_backslash_error_names_file_line_column_and_the_fix(tmp_path):
     path = tmp_path / "windows.json"
     path.write_text('{\n  "train_batch_size": 1,\n  "model": "C:\\models\\sd.safetensors"\n}\n')
     with pytest.raises(ConfigError) as caught:
-        load_json_file(path)
+        read_json_object(path)
     message = str(caught.value)
     assert str(path) in message
     assert "line 3, column" in message
@@ -261,13 +265,13 @@ def test_backslash_that_became_a_newline_is_caught(tmp_path):
     path = tmp_path / "windows.json"
     path.write_text('{"model": "C:\\new\\x.safetensors"}'.replace("\\x", "/x"))
     with pytest.raises(ConfigError, match="single backslash"):
-        load_json_file(path)
+        read_json_object(path)
 
 
 @pytest.mark.parametrize("content, fragment", [
     ('{"a": 1,}', "no comma after the last item"),
     ('{"a": [1,\n 2,\n ]}', "no comma after the last item"),
-    ('[1, 2]', "must be an object"),
+    ('[1, 2]', "must be a JSON object .*not a list"),
     ('', "is empty"),
     ('{"a": 1, "a": 2}', "written twice"),
 ])
@@ -275,13 +279,13 @@ def test_other_json_mistakes(tmp_path, content, fragment):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(ConfigError, match=fragment):
-        load_json_file(path)
+        read_json_object(path)
 
 
 def test_missing_file_and_non_utf8(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
-        load_json_file(tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_json_object(tmp_path / "nope.json")
     path = tmp_path / "latin1.json"
     path.write_bytes('{"a": "caf\xe9"}'.encode("latin-1"))
     with pytest.raises(ConfigError, match="UTF-8"):
-        load_json_file(path)
+        read_json_object(path)

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from difftrain.cli import config_from_argv
-from difftrain.config import ALIASES, FIELD_NAMES, Config, load_config, read_json_config, validate_config_dict
+from difftrain.config import ALIASES, FIELD_NAMES, Config, load_config, validate_config_dict
 from difftrain.errors import ConfigError
+from difftrain.jsonfile import read_json_object
 from difftrain.overrides import apply_overrides
 
 KNOWN_KEYS = sorted({*FIELD_NAMES, *ALIASES, "2nd pass", "$schema", "simulation"})
@@ -65,7 +66,7 @@ def test_any_bytes_as_a_config_file_load_or_raise_config_error(tmp_path, content
     path = tmp_path / "random.json"
     path.write_bytes(content)
     loads_or_refuses(lambda: load_config(path))
-    loads_or_refuses(lambda: read_json_config(path) and None)
+    loads_or_refuses(lambda: read_json_object(path) and None)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
