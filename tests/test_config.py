@@ -1,13 +1,14 @@
 """The one schema: loading JSON with good errors, aliases, both front doors, schema.json."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from difftrain.cli import config_from_argv
+from difftrain.cli import config_from_argv, main
 from difftrain.config import (ALIASES, FIELD_NAMES, TRAINTRAIN_DEFAULTS, Config, export_json_schema,
                               load_config, validate_config_dict)
 from difftrain.errors import ConfigError
@@ -173,3 +174,21 @@ def test_front_door_mistakes_exit_2_without_traceback(argv, expected):
                             text=True, timeout=120)
     assert result.returncode == 2
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv, words", [(["missing.json"], "'missing.json' does not exist"),
+                                         (["--lr"], "expected one argument")])
+def test_front_door_errors_are_records_of_the_difftrain_logger(argv, words):
+    # A log file or a --quiet flag is then one handler or one level away (difftrain/log.py).
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("difftrain").addHandler(catcher)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(argv, door="train")
+    finally:
+        logging.getLogger("difftrain").removeHandler(catcher)
+    assert stop.value.code == 2
+    assert [record.levelno for record in records] == [logging.ERROR]
+    assert records[0].getMessage().startswith("train.py: error:") and words in records[0].getMessage()

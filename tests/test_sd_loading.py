@@ -205,7 +205,7 @@ def test_sd2_without_description_assumes_v_prediction_with_a_note(tiny_sd2v, tmp
     bare = _strip_self_description(single_file_path(tiny_sd2v), tmp_path / "sd2.safetensors")
     assumed = load_sd(bare, config_from=tiny_sd2v)
     assert assumed.prediction_type == "v_prediction"
-    assert "assuming v-prediction" in capsys.readouterr().out
+    assert "assuming v-prediction" in capsys.readouterr().err
     told = load_sd(bare, config_from=tiny_sd2v, prediction_type="epsilon")
     assert told.prediction_type == "epsilon" and told.noise_scheduler.config.prediction_type == "epsilon"
     assert_same_weights(assumed, load_sd(tiny_sd2v))

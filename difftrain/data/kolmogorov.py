@@ -38,6 +38,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from difftrain import log
 from difftrain.errors import ConfigError, exit_on_user_error
 
 logger = logging.getLogger(__name__)
@@ -719,6 +720,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     """Command-line entry point; user mistakes exit with status 2 and a one-line message."""
     program = "python -m difftrain.data.kolmogorov"
+    log.setup()
     with exit_on_user_error(program):
         args = build_argument_parser().parse_args(argv)
         params = KolmogorovParams(
@@ -735,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         paths = generate_dataset(args.out, params, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, device=device, batch_size=args.batch)
         sizes = split_sizes(params.trajectories)
         for split, path in paths.items():
-            print(f"{path}: {sizes[split]} trajectories x {params.keep} steps x 2 x {params.output_size} x {params.output_size}")
+            log.say(f"{path}: {sizes[split]} trajectories x {params.keep} steps x 2 x {params.output_size} x {params.output_size}")
         return paths
 
 

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from difftrain.errors import ConfigError
+from difftrain.log import say
 from difftrain.models import single_file as sf
 from difftrain.models.metadata import EMBEDDED_CONFIG_KEY, checkpoint_metadata
 
@@ -620,7 +621,7 @@ def _load_single_file(
     if prediction_type is None:
         if detected == "sd2":
             # The keys of SD2-base (512, epsilon) and SD2.x-768 (v) files are identical.
-            print(
+            say(
                 f"note: {path.name} is an SD2 checkpoint that does not state its prediction type; "
                 "assuming v-prediction (SD2.x 768). For SD2-base 512 models set the prediction "
                 "type to epsilon (model_v_pred false)."
