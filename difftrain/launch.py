@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import re
-import secrets
 import shlex
 import signal
 import subprocess
@@ -24,8 +23,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Optional, Sequence
 
+from difftrain import log
 from difftrain.errors import ConfigError, exit_on_user_error
 from difftrain.jsonfile import read_json_object
+from difftrain.log import say
 from difftrain.overrides import (
     MISSING,
     Change,
@@ -44,34 +45,16 @@ DEFAULT_TEMP_CONFIG_DIR = REPO_ROOT / "temp_configs"
 OUR_TRAINERS = ("train_j.py", "train.py")
 RUN_FOLDER_LINE = re.compile(r"^run folder: (.+?)\s*$")
 
-# How many command-line values each launcher option takes ("+" means one or more). Anything not
-# listed here belongs to the train script.
-_OWNED_OPTIONS: dict[str, Any] = {
-    "-h": 0, "--help": 0,
-    "--override": "+", "--sweep": "+",
-    "--train-script-path": 1, "--temp-config-dir": 1,
-    "--delete-temp-config": 0, "--dry-run": 0,
-    "--jobs": 1, "--runs": 1,
-    "--slurm": 0, "--slurm-dry-run": 0, "--slurm-wait": 0,
-    "--slurm-partition": 1, "--slurm-gpus": 1, "--slurm-cpus": 1, "--slurm-mem": 1,
-    "--slurm-time": 1, "--slurm-account": 1, "--slurm-qos": 1, "--slurm-folder": 1,
-    "--slurm-cluster": 1, "--slurm-job-name": 1,
-}
-_SLURM_VALUE_OPTIONS = ("slurm_partition", "slurm_gpus", "slurm_cpus", "slurm_mem", "slurm_time",
-                        "slurm_account", "slurm_qos", "slurm_folder", "slurm_cluster",
-                        "slurm_job_name")
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The launcher's own options (used for --help and for checking them)."""
+    """The launcher's own options. Whatever else is on the command line is the train script's."""
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
         usage=f"{PROGRAM} json_path [--override KEY:VALUE ...] [launcher options] "
-              "[train script arguments]",
+              "[train script arguments] [-- more train script arguments]",
         description="Run a train script on a base JSON config edited from the command line. "
                     "The edited config is written to a new file in the temp config folder, and "
                     "the train script gets its path as first argument, followed by every argument "
@@ -81,10 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Values are typed: 4 -> int, 1e-4 -> float, true/True/false/False -> bool, "
                "null/None -> null, [1,2] -> list, {\"a\": 1} -> dict, quoted ('\"0001\"') or "
                "anything else -> string. Keys are dot-paths ('2nd pass.train_learning_rate', "
-               "list.0); '+KEY:VALUE' adds a key that does not exist yet. See docs/launcher.md.",
+               "list.0) and may hold spaces and parentheses ('image_size(height, width):640,768'); "
+               "'+KEY:VALUE' adds a key that does not exist yet. See docs/launcher.md.",
+        # An abbreviation of ours (--over) may well be one of the train script's options.
         allow_abbrev=False,
     )
-    parser.add_argument("json_path", help="base JSON config (never modified)")
+    # Not an argparse positional: parse_known_args would give it the value of a train-script
+    # option written before it (`--models-dir /m base.json`). parse_command_line picks it.
+    parser.add_argument_group(
+        "base config", "json_path             the base JSON config (required; never modified)")
+    _add_run_options(parser)
+    _add_slurm_options(parser)
+    return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--override", nargs="+", action="extend", default=[], metavar="KEY:VALUE",
         help="set a key of the config; repeatable, several pairs per flag, the last value for "
@@ -119,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many runs go at once (default: on this machine 1, one after another; "
              "with --slurm all of them)",
     )
+
+
+def _add_slurm_options(parser: argparse.ArgumentParser) -> None:
     slurm = parser.add_argument_group(
         "Slurm", "submit every run as one task of ONE job array (through submitit); "
-                 "see docs/scaling.md")
+                 "see docs/scaling.md. The --slurm-* options that take a value apply only with "
+                 "--slurm or --slurm-dry-run.")
     slurm.add_argument("--slurm", action="store_true",
                        help="submit the runs to Slurm instead of running them here")
     slurm.add_argument("--slurm-dry-run", action="store_true",
@@ -142,57 +140,41 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--slurm-cluster", metavar="KIND", choices=["slurm", "local"],
                        help="'local' runs the same array on this machine through submitit "
                             "(to try a sweep before queueing it); default slurm")
-    return parser
 
 
-def split_command_line(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate the launcher's arguments from the train script's, keeping the latter's order.
+def parse_command_line(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The launcher's options (with ``json_path``) and the train script's arguments, in order.
 
-    argparse's parse_known_args cannot do this reliably: it gives ``json_path`` the value of an
-    unknown option written before it, and it accepts abbreviations of our options that are really
-    the train script's. Here, the first bare argument is the base JSON unless it directly follows
-    an unknown option (then it is that option's value).
+    argparse takes the launcher's options wherever they are; everything it does not know stays
+    in order for the train script, and everything after the first ``--`` goes there as is.
     """
-    ours: list[str] = []
-    theirs: list[str] = []
-    have_json_path = False
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        index += 1
-        if token == "--":
-            theirs.extend(argv[index:])
-            break
-        name, has_inline_value, _ = token.partition("=") if token.startswith("--") else (
-            token, "", "")
-        if name in _OWNED_OPTIONS:
-            ours.append(token)
-            arity = _OWNED_OPTIONS[name]
-            if has_inline_value or arity == 0:
-                continue
-            if arity == 1:
-                if index < len(argv):
-                    ours.append(argv[index])
-                    index += 1
-                continue
-            while index < len(argv) and not argv[index].startswith("-"):
-                ours.append(argv[index])
-                index += 1
-            continue
-        if token.startswith("-") and token != "-":
-            theirs.append(token)
-            takes_next = (not have_json_path and not has_inline_value and index < len(argv)
-                          and not argv[index].startswith("-"))
-            if takes_next:
-                theirs.append(argv[index])
-                index += 1
-            continue
-        if have_json_path:
-            theirs.append(token)
-        else:
-            ours.append(token)
-            have_json_path = True
-    return ours, theirs
+    arguments = list(argv)
+    after_separator: list[str] = []
+    if "--" in arguments:
+        cut = arguments.index("--")
+        arguments, after_separator = arguments[:cut], arguments[cut + 1:]
+    parser = build_parser()
+    options, unknown = parser.parse_known_args(arguments)
+    position = _json_path_position(unknown)
+    if position is None:
+        parser.error("the following arguments are required: json_path (write it first, before "
+                     "the train script's arguments)")
+    options.json_path = unknown.pop(position)
+    return options, unknown + after_separator
+
+
+def _json_path_position(unknown: list[str]) -> Optional[int]:
+    """Where the base JSON is among the arguments the launcher does not own: the first bare one,
+    unless it directly follows one of the train script's options written without '=', whose
+    value it then is (`--models-dir /m base.json`)."""
+    def is_option(token: str) -> bool:
+        return token.startswith("-") and token != "-"
+
+    for index, token in enumerate(unknown):
+        previous = unknown[index - 1] if index else ""
+        if not is_option(token) and not (is_option(previous) and "=" not in previous):
+            return index
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,8 +339,13 @@ def temp_config_path(plan: Plan, run: PlannedRun) -> Path:
     """A fresh name: base stem, local time, pid and random characters (unique under races)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_part = f"_run{run.number}" if len(plan.runs) > 1 else ""
-    name = f"{plan.base_path.stem}_{stamp}_{os.getpid()}_{secrets.token_hex(3)}{run_part}.json"
+    name = f"{plan.base_path.stem}_{stamp}_{os.getpid()}_{_random_hex()}{run_part}.json"
     return Path(os.path.abspath(plan.temp_dir / name))
+
+
+def _random_hex() -> str:
+    # Not the secrets module: it imports hashlib and hmac, a few ms of start-up for six letters.
+    return os.urandom(3).hex()
 
 
 def write_temp_config(plan: Plan, run: PlannedRun) -> Path:
@@ -532,11 +519,35 @@ class _StderrScanner(threading.Thread):
         self.stream.close()
 
 
+@dataclass
+class _Child:
+    """A started run: its train script process and, when runs share the terminal, its pump."""
+
+    run: PlannedRun
+    process: subprocess.Popen
+    pump: Optional[_OutputPump]
+
+    def ended(self, wait: bool) -> bool:
+        """Whether the process has exited (waiting for it if `wait`); records its exit code."""
+        returncode = self.process.wait() if wait else self.process.poll()
+        if returncode is None:
+            return False
+        if self.pump is not None:
+            self.pump.join()  # the last lines (and the run folder) are in once the pipe closes
+        self.run.exit_code = _exit_status(returncode)
+        return True
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+
+
 def execute(plan: Plan) -> int:
     """Run every planned run (``plan.jobs`` at a time); return the launcher's exit status."""
     single = len(plan.runs) == 1
     pending = list(plan.runs)
-    active: list[tuple[PlannedRun, subprocess.Popen, Optional[_OutputPump]]] = []
+    active: list[_Child] = []
     output_lock = threading.Lock()
     child_env = dict(os.environ)
     if not single:
@@ -546,49 +557,32 @@ def execute(plan: Plan) -> int:
         try:
             while active or (pending and relay.stop_signal is None):
                 while pending and len(active) < plan.jobs and relay.stop_signal is None:
-                    run = pending.pop(0)
-                    active.append(_start(plan, run, single, child_env, relay, output_lock))
-                if single:
-                    run, process, _ = active[0]
-                    run.exit_code = _exit_status(process.wait())
-                    active.clear()
-                    _finish(plan, run)
-                    continue
-                time.sleep(0.05)
-                for entry in list(active):
-                    run, process, pump = entry
-                    if process.poll() is None:
-                        continue
-                    if pump is not None:
-                        pump.join()
-                    run.exit_code = _exit_status(process.returncode)
-                    active.remove(entry)
-                    _finish(plan, run)
-                    if plan.jobs == 1:
-                        print(f"{PROGRAM}: run {run.number}/{len(plan.runs)} ended with exit "
-                              f"code {run.exit_code}", flush=True)
+                    active.append(_start(plan, pending.pop(0), single, child_env, relay,
+                                         output_lock))
+                if not single:
+                    time.sleep(0.05)
+                for child in [child for child in active if child.ended(wait=single)]:
+                    active.remove(child)
+                    _finish(plan, child.run)
+                    if plan.jobs == 1 and not single:
+                        _say(f"run {child.run.number}/{len(plan.runs)} ended with exit code "
+                             f"{child.run.exit_code}")
         finally:
             # Only reached with children alive if the launcher itself crashed: do not orphan them.
-            for run, process, _ in active:
-                if process.poll() is None:
-                    process.terminate()
-                    process.wait()
-                _finish(plan, run)
+            for child in active:
+                child.stop()
+                _finish(plan, child.run)
     if not single:
-        print_summary(plan)
+        say_summary(plan)
     return _overall_status(plan, relay.stop_signal)
 
 
 def _start(plan: Plan, run: PlannedRun, single: bool, env: dict[str, str], relay: _SignalRelay,
-           output_lock: threading.Lock) -> tuple[PlannedRun, subprocess.Popen,
-                                                  Optional[_OutputPump]]:
+           output_lock: threading.Lock) -> _Child:
     run.temp_path = write_temp_config(plan, run)
     command = command_for(plan, run.temp_path)
-    if not single:
-        print(f"{PROGRAM}: run {run.number}/{len(plan.runs)} [{run.label(plan.repeats)}]",
-              flush=True)
-    print(f"{PROGRAM}: config {run.temp_path}", flush=True)
-    print(f"{PROGRAM}: running {format_command(command)}", flush=True)
+    lines = [] if single else [f"run {run.number}/{len(plan.runs)} [{run.label(plan.repeats)}]"]
+    _say(*lines, f"config {run.temp_path}", f"running {format_command(command)}")
     try:
         process = subprocess.Popen(command, env=env,
                                    stdout=None if single else subprocess.PIPE,
@@ -602,7 +596,7 @@ def _start(plan: Plan, run: PlannedRun, single: bool, env: dict[str, str], relay
         prefix = f"[{run.number}] " if plan.jobs > 1 else ""
         pump = _OutputPump(run, process.stdout, prefix, output_lock, errors=process.stderr)
         pump.start()
-    return run, process, pump
+    return _Child(run, process, pump)
 
 
 def _finish(plan: Plan, run: PlannedRun) -> None:
@@ -619,45 +613,56 @@ def _overall_status(plan: Plan, stop_signal: Optional[int]) -> int:
     return 0
 
 
-def print_summary(plan: Plan) -> None:
+# ---------------------------------------------------------------------------------------------
+# What the launcher says (through difftrain/log.py, on stderr like the trainers' own messages;
+# stdout carries the train scripts' output)
+
+
+def _say(*lines: str) -> None:
+    """Each line prefixed with the program's name, so it stands out among the trainer's."""
+    say("\n".join(f"{PROGRAM}: {line}" for line in lines))
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def say_summary(plan: Plan) -> None:
     """A table of every run: its settings, exit code, run folder and config file."""
-    header = ("run", "settings", "exit", "run folder", "config")
-    rows = []
+    rows = [("run", "settings", "exit", "run folder", "config")]
     for run in plan.runs:
         exit_text = "not run" if run.exit_code is None else str(run.exit_code)
         config_text = "-" if run.temp_path is None else (
             f"{run.temp_path} (deleted)" if plan.delete_temp_config else str(run.temp_path))
         rows.append((str(run.number), run.label(plan.repeats), exit_text,
                      run.run_folder or "-", config_text))
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
-    print(f"\n{PROGRAM}: summary of {len(plan.runs)} runs", flush=False)
-    print("\n".join(lines), flush=True)
+    say(f"\n{PROGRAM}: summary of {len(plan.runs)} runs\n{_table(rows)}")
 
 
-def print_changes(changes: list[Change]) -> None:
+def say_changes(changes: list[Change]) -> None:
     """Show old -> new for each key the overrides touched."""
     if not changes:
-        print(f"{PROGRAM}: no keys changed", flush=True)
+        _say("no keys changed")
         return
-    print(f"{PROGRAM}: changed keys (old -> new):")
+    lines = [f"{PROGRAM}: changed keys (old -> new):"]
     for change in changes:
         note = "" if change.changed else "  (unchanged)"
         old = "(new key)" if change.old is MISSING else format_value(change.old)
-        print(f"  {change.key}: {old} -> {format_value(change.new)}{note}")
-    sys.stdout.flush()
+        lines.append(f"  {change.key}: {old} -> {format_value(change.new)}{note}")
+    say("\n".join(lines))
 
 
-def print_dry_run(plan: Plan) -> None:
+def say_dry_run(plan: Plan) -> None:
     """What would happen, without writing or running anything."""
     for run in plan.runs:
         if len(plan.runs) > 1:
-            print(f"{PROGRAM}: run {run.number}/{len(plan.runs)} [{run.label(plan.repeats)}]")
-        print_changes(run.changes)
+            _say(f"run {run.number}/{len(plan.runs)} [{run.label(plan.repeats)}]")
+        say_changes(run.changes)
         planned = temp_config_path(plan, run)
-        print(f"{PROGRAM}: would write {planned}")
-        print(f"{PROGRAM}: would run {format_command(command_for(plan, planned))}", flush=True)
+        _say(f"would write {planned}",
+             f"would run {format_command(command_for(plan, planned))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,25 +671,20 @@ def print_dry_run(plan: Plan) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, plan, and run; returns the exit status (the train script's, or 2 for a mistake)."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    ours, theirs = split_command_line(arguments)
-    options = build_parser().parse_args(ours)
+    log.setup()
+    options, passthrough = parse_command_line(sys.argv[1:] if argv is None else argv)
     with exit_on_user_error(PROGRAM):
-        plan = make_plan(options, theirs)
-        slurm = slurm_settings(options, len(plan.runs))
-        if slurm is not None:
-            if options.dry_run or options.slurm_dry_run:
-                print_slurm_dry_run(plan, slurm)
-                return 0
-            print_changes(plan.override_changes if len(plan.runs) > 1 else plan.runs[0].changes)
-            return execute_on_slurm(plan, slurm, wait=options.slurm_wait or slurm.cluster == "local")
-        if options.dry_run:
-            print_dry_run(plan)
+        plan = make_plan(options, passthrough)
+        slurm = slurm_settings(options)
+        if slurm is not None and (options.dry_run or options.slurm_dry_run):
+            say_slurm_dry_run(plan, slurm)
             return 0
-        if len(plan.runs) == 1:
-            print_changes(plan.runs[0].changes)
-        else:
-            print_changes(plan.override_changes)
+        if options.dry_run:
+            say_dry_run(plan)
+            return 0
+        say_changes(plan.runs[0].changes if len(plan.runs) == 1 else plan.override_changes)
+        if slurm is not None:
+            return execute_on_slurm(plan, slurm, wait=options.slurm_wait or slurm.cluster == "local")
         return execute(plan)
 
 
@@ -692,12 +692,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 # Slurm: every run is one task of one job array (difftrain/slurm.py does the submitit part)
 
 
-def slurm_settings(options: argparse.Namespace, runs: int):
+def slurm_settings(options: argparse.Namespace):
     """The array's resources from the --slurm-* options; None when not submitting to Slurm."""
-    given = [name for name in _SLURM_VALUE_OPTIONS if getattr(options, name) is not None]
     if not (options.slurm or options.slurm_dry_run):
-        if given or options.slurm_wait:
-            flag = "--" + (given[0] if given else "slurm_wait").replace("_", "-")
+        given = [name for name, value in vars(options).items()
+                 if name.startswith("slurm_") and value not in (None, False)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
             raise ConfigError(f"{flag} only applies with --slurm (or --slurm-dry-run); add --slurm")
         return None
     from difftrain.slurm import DEFAULT_LOG_FOLDER, SlurmSettings, check_settings, parse_memory_gb
@@ -712,21 +713,20 @@ def slurm_settings(options: argparse.Namespace, runs: int):
     return settings
 
 
-def print_slurm_dry_run(plan: Plan, settings) -> None:
+def say_slurm_dry_run(plan: Plan, settings) -> None:
     """Each task's changes and command, then the sbatch script; nothing is written."""
     from difftrain.slurm import sbatch_script
 
     plan = _with_absolute_train_script(plan)
     for index, run in enumerate(plan.runs):
-        print(f"{PROGRAM}: array task {index} (run {run.number}/{len(plan.runs)}) "
-              f"[{run.label(plan.repeats)}]")
-        print_changes(run.changes)
+        _say(f"array task {index} (run {run.number}/{len(plan.runs)}) [{run.label(plan.repeats)}]")
+        say_changes(run.changes)
         planned = temp_config_path(plan, run)
-        print(f"{PROGRAM}: would write {planned}")
-        print(f"{PROGRAM}: task {index} would run {format_command(command_for(plan, planned))}")
-    print(f"{PROGRAM}: would submit this sbatch script ({len(plan.runs)} task(s), submitit runs "
-          "each task's command):\n")
-    print(sbatch_script(settings, len(plan.runs)), flush=True)
+        _say(f"would write {planned}",
+             f"task {index} would run {format_command(command_for(plan, planned))}")
+    _say(f"would submit this sbatch script ({len(plan.runs)} task(s), submitit runs each task's "
+         "command):\n")
+    say(sbatch_script(settings, len(plan.runs)))
 
 
 def _with_absolute_train_script(plan: Plan) -> Plan:
@@ -754,30 +754,29 @@ def execute_on_slurm(plan: Plan, settings, *, wait: bool) -> int:
     array_id = str(jobs[0].job_id).split("_")[0]
     where = f"as job array {array_id}" if settings.cluster == "slurm" else \
         "to submitit's local executor (one process per run, all at once)"
-    print(f"{PROGRAM}: submitted {len(jobs)} run(s) {where}; each task's output is in its log file")
     rows = [("task", "settings", "job", "log", "config")]
-    for index, (run, job) in enumerate(zip(plan.runs, jobs)):
-        rows.append((str(index), run.label(plan.repeats), str(job.job_id), job_log_path(job),
-                     str(run.temp_path)))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    print("\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                    for row in rows), flush=True)
+    rows += [(str(index), run.label(plan.repeats), str(job.job_id), job_log_path(job),
+              str(run.temp_path)) for index, (run, job) in enumerate(zip(plan.runs, jobs))]
+    _say(f"submitted {len(jobs)} run(s) {where}; each task's output is in its log file")
+    say(_table(rows))
     if not wait:
-        print(f"{PROGRAM}: follow with squeue -j {array_id}; cancel with scancel {array_id}", flush=True)
+        _say(f"follow with squeue -j {array_id}; cancel with scancel {array_id}")
         return 0
+    return _wait_for_array(plan, jobs, array_id)
+
+
+def _wait_for_array(plan: Plan, jobs: list[Any], array_id: str) -> int:
     try:
         for run, job in zip(plan.runs, jobs):
             try:
                 result = job.result()
             except Exception as error:  # the task itself failed (killed, out of memory, ...)
-                print(f"{PROGRAM}: run {run.number} failed: {str(error).strip().splitlines()[-1:]}",
-                      flush=True)
+                _say(f"run {run.number} failed: {str(error).strip().splitlines()[-1:]}")
                 run.exit_code = 1
                 continue
             run.exit_code, run.run_folder = result["exit_code"], result["run_folder"]
     except KeyboardInterrupt:
-        print(f"\n{PROGRAM}: stopped waiting; the array keeps running (scancel {array_id} stops it)",
-              flush=True)
+        say(f"\n{PROGRAM}: stopped waiting; the array keeps running (scancel {array_id} stops it)")
         return 130
-    print_summary(plan)
+    say_summary(plan)
     return _overall_status(plan, None)

@@ -368,7 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command = accelerate_launch_command(os.environ, script_and_args,
                                             processes_per_node=options.processes_per_node, port=options.port)
         if options.print:
-            print(shlex.join(command), flush=True)
+            # The command itself, for a shell to capture ($(...)): data on stdout, not a message.
+            sys.stdout.write(shlex.join(command) + "\n")
             return 0
         sys.stdout.flush()
         os.execvp(command[0], command)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from difftrain import launch
-from difftrain.launch import build_parser, split_command_line
+from difftrain.launch import build_parser, parse_command_line
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "train_json_edit.py"
@@ -204,9 +204,9 @@ def test_override_forms_and_the_printed_changes(configs, record, tmp_path):
     assert config["model"] == "C:/models/x.safetensors"
     assert config["train_seed"] == 42
     assert config["save_lora_name"] == "0001"
-    assert "train_batch_size: 2 -> 8" in result.stdout
-    assert '2nd pass.train_learning_rate: "0.0001" -> 5e-05' in result.stdout
-    assert "train_seed: (new key) -> 42" in result.stdout
+    assert "train_batch_size: 2 -> 8" in result.stderr
+    assert '2nd pass.train_learning_rate: "0.0001" -> 5e-05' in result.stderr
+    assert "train_seed: (new key) -> 42" in result.stderr
 
 
 def test_unknown_key_fails_without_launching_or_writing(configs, record, tmp_path):
@@ -272,9 +272,106 @@ def test_passthrough_keeps_everything_else_in_order(configs, record, tmp_path):
 
 
 def test_abbreviations_of_launcher_options_go_to_the_train_script():
-    ours, theirs = split_command_line(["base.json", "--over", "a:1", "--delete", "--jobs=2"])
+    options, theirs = parse_command_line(["base.json", "--over", "a:1", "--delete", "--jobs=2"])
     assert theirs == ["--over", "a:1", "--delete"]
-    assert build_parser().parse_args(ours).jobs == 2
+    assert options.json_path == "base.json"
+    assert options.jobs == 2 and options.override == [] and not options.delete_temp_config
+
+
+@pytest.mark.parametrize("argv, json_path, options, theirs", [
+    # A train-script option written before the base JSON takes the bare word after it.
+    (["--models-dir", "/m", "base.json", "--override", "a:1", "b:2", "--ckpt-dir", "/c"],
+     "base.json", {"override": ["a:1", "b:2"]}, ["--models-dir", "/m", "--ckpt-dir", "/c"]),
+    # ... unless it carries its value after '='.
+    (["--vae-dir=/v", "base.json", "rest"], "base.json", {}, ["--vae-dir=/v", "rest"]),
+    # The launcher's options anywhere, in both spellings; the rest keeps its order.
+    (["base.json", "--te-dir", "/te", "--override=a:1", "--sweep", "b:[1,2]", "--runs", "2",
+      "pos", "--delete-temp-config", "--x"],
+     "base.json", {"override": ["a:1"], "sweep": ["b:[1,2]"], "runs": 2,
+                   "delete_temp_config": True}, ["--te-dir", "/te", "pos", "--x"]),
+    # After '--' everything is the train script's, the launcher's own option names included.
+    (["base.json", "--jobs", "2", "--", "--jobs", "9", "--dry-run"],
+     "base.json", {"jobs": 2, "dry_run": False}, ["--jobs", "9", "--dry-run"]),
+    # '-' (standard input) is a bare word, not an option.
+    (["-", "--override", "k:v"], "-", {"override": ["k:v"]}, []),
+])
+def test_command_line_split(argv, json_path, options, theirs):
+    parsed, passthrough = parse_command_line(argv)
+    assert parsed.json_path == json_path
+    assert {name: getattr(parsed, name) for name in options} == options
+    assert passthrough == theirs
+
+
+@pytest.mark.parametrize("argv", [[], ["--models-dir", "/m"], ["--override", "a:1"],
+                                  ["--", "base.json"]])
+def test_missing_json_path_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_command_line(argv)
+    assert stopped.value.code == 2
+    assert "json_path" in capsys.readouterr().err
+
+
+def test_help_names_json_path_and_every_option(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_command_line(["--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("json_path", "--override", "--sweep", "--runs", "--jobs", "--dry-run",
+                 "--train-script-path", "--temp-config-dir", "--delete-temp-config", "--slurm",
+                 "--slurm-cluster"):
+        assert name in text, name
+
+
+def test_traintrain_keys_with_parentheses_and_spaces(tmp_path, record):
+    """TrainTrain's own spellings are addressed as written; values keep their colons and
+    backslashes (Windows paths)."""
+    base = tmp_path / "LoRA.json"
+    base.write_text(json.dumps({
+        "mode": "LoRA", "image_size(height, width)": "512",
+        "network_blocks(BASE = TextEncoder)": ["BASE", "IN01"], "original prompt": "",
+        "model": "", "2nd pass": {"use_2nd_pass_settings": False, "train_iterations": "500"},
+    }), encoding="utf-8")
+    result = launch_cli([
+        str(base), "--override", "image_size(height, width):640,768",
+        "network_blocks(BASE = TextEncoder):[BASE, IN02, OUT11]",
+        "original prompt:a photo: of a cat", r"model:C:\models\sd 1.5.safetensors",
+        "2nd pass.use_2nd_pass_settings:true",
+        "--temp-config-dir", str(tmp_path / "temp")], record)
+    assert result.returncode == 0, result.stderr
+    config = records(record)[0]["config"]
+    assert config["image_size(height, width)"] == "640,768"
+    assert config["network_blocks(BASE = TextEncoder)"] == ["BASE", "IN02", "OUT11"]
+    assert config["original prompt"] == "a photo: of a cat"
+    assert config["model"] == r"C:\models\sd 1.5.safetensors"
+    assert config["2nd pass"] == {"use_2nd_pass_settings": True, "train_iterations": "500"}
+    assert 'image_size(height, width): "512" -> "640,768"' in result.stderr
+    typo = launch_cli([str(base), "--override", "image_size(height,width):640",
+                       "--temp-config-dir", str(tmp_path / "temp")], record)
+    assert_user_error(typo, "unknown key 'image_size(height,width)'",
+                      "Closest existing keys: image_size(height, width)")
+
+
+def test_the_launcher_speaks_through_difftrains_logger(configs, tmp_path, monkeypatch, capsys):
+    """One handler added to the "difftrain" logger (a log file, a --quiet) gets every line."""
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda entry: lines.append(entry.getMessage())
+    logging.getLogger("difftrain").addHandler(handler)
+    try:
+        status = launch.main([str(configs / "base_settings.json"),
+                              "--train-script-path", str(REPO / STANDIN),
+                              "--override", "train_batch_size:3", "--sweep",
+                              "train_iterations:[1,2]", "--dry-run",
+                              "--temp-config-dir", str(tmp_path / "temp")])
+    finally:
+        logging.getLogger("difftrain").removeHandler(handler)
+    assert status == 0
+    text = "\n".join(lines)
+    assert "train_batch_size: 2 -> 3" in text
+    assert text.count("would run ") == 2 and "train_iterations: 1000 -> 2" in text
+    assert capsys.readouterr().out == "", "stdout is the train scripts' alone"
 
 
 def test_temp_config_is_utf8_indented_json_and_kept(configs, record, tmp_path):
@@ -303,9 +400,9 @@ def test_dry_run_writes_and_runs_nothing(configs, record, tmp_path):
                          "--dry-run", "--temp-config-dir", str(temp), "--models-dir", "/m"],
                         record)
     assert result.returncode == 0, result.stderr
-    assert "train_batch_size: 2 -> 5" in result.stdout
+    assert "train_batch_size: 2 -> 5" in result.stderr
     assert re.search(r"would run .*standin_train\.py .*base_settings_.*\.json --models-dir /m",
-                     result.stdout)
+                     result.stderr)
     assert not record.exists()
     assert not temp.exists()
 
@@ -313,7 +410,7 @@ def test_dry_run_writes_and_runs_nothing(configs, record, tmp_path):
 def test_temp_names_are_unique_within_one_second_and_one_process(monkeypatch, tmp_path):
     monkeypatch.setattr(launch.time, "strftime", lambda fmt: "20250101-000000")
     drawn = iter(["aaaaaa", "aaaaaa", *[f"{n:06x}" for n in range(100)]])
-    monkeypatch.setattr(launch.secrets, "token_hex", lambda n: next(drawn))
+    monkeypatch.setattr(launch, "_random_hex", lambda: next(drawn))
     run = launch.PlannedRun(number=1, settings={}, repeat=1, config={"k": 1}, changes=[])
     plan = launch.Plan(base_path=Path("base.json"), train_script=Path("t.py"), temp_dir=tmp_path,
                        passthrough=[], runs=[run], repeats=1, jobs=1, delete_temp_config=False,
@@ -387,10 +484,10 @@ def test_ctrl_c_during_a_sweep_starts_no_further_runs(configs, record, tmp_path)
     process = _start_waiting_launch(configs, record, tmp_path,
                                     "--sweep", "train_batch_size:[1,2,3]")
     os.killpg(process.pid, signal.SIGINT)
-    stdout, _ = process.communicate(timeout=30)
+    _, stderr = process.communicate(timeout=30)
     assert [r["config"]["train_batch_size"] for r in records(record)] == [1]
     assert process.returncode == 130
-    summary = stdout.decode().split("summary of 3 runs")[1]
+    summary = stderr.decode().split("summary of 3 runs")[1]
     assert summary.count("not run") == 2
 
 
@@ -410,7 +507,7 @@ def test_sweep_grid_runs_every_combination_and_summarises(configs, record, tmp_p
     assert combos == [(1e-4, 1), (1e-4, 2), (2e-4, 1), (2e-4, 2)], "one after another, in order"
     assert len({r["config_path"] for r in received}) == 4
     assert all(r["argv"][1:] == ["--lora-dir", "/l"] for r in received)
-    summary = result.stdout.split("summary of 4 runs")[1]
+    summary = result.stderr.split("summary of 4 runs")[1]
     assert summary.count("runs/crimson-cloud-4_6k7cjnx7") == 4
     assert "train_learning_rate=0.0002, train_batch_size=1" in summary
 
@@ -422,7 +519,7 @@ def test_sweep_exit_code_is_the_first_failure_and_the_table_shows_each(configs, 
         "--temp-config-dir", str(tmp_path / "temp"), "--delete-temp-config",
     ], record, env={"STANDIN_EXIT_CODE_KEY": "exit_code"})
     assert result.returncode == 3
-    rows = [line.split() for line in result.stdout.split("summary of 3 runs")[1].splitlines()
+    rows = [line.split() for line in result.stderr.split("summary of 3 runs")[1].splitlines()
             if line.strip() and line.split()[0].isdigit()]
     assert [(row[0], row[2]) for row in rows] == [("1", "0"), ("2", "3"), ("3", "5")]
     assert list((tmp_path / "temp").iterdir()) == []
@@ -441,7 +538,7 @@ def test_jobs_run_at_once_and_runs_repeat_the_same_config(configs, record, tmp_p
     latest_start = max(r["started"] for r in received)
     earliest_end = min(r["ended"] for r in received)
     assert latest_start < earliest_end, "the three runs overlapped"
-    assert "repeat 3/3" in result.stdout
+    assert "repeat 3/3" in result.stderr
 
 
 # --- lightness ----------------------------------------------------------------------------------
@@ -517,14 +614,14 @@ def test_our_trainers_get_the_config_their_way_and_schema_names_work(configs, re
     result = launch_cli([str(configs / "base_settings.json"), "--override", "lr:2e-4",
                          "--dry-run", "--models-dir", "/m"], record, standin=False)
     assert result.returncode == 0, result.stderr
-    assert 'train_learning_rate: "0.0001" -> 0.0002' in result.stdout
-    assert re.search(r"train_j\.py \S+base_settings_\S+\.json --models-dir /m", result.stdout)
+    assert 'train_learning_rate: "0.0001" -> 0.0002' in result.stderr
+    assert re.search(r"train_j\.py \S+base_settings_\S+\.json --models-dir /m", result.stderr)
     edtrainer = tmp_path / "ed.json"
     edtrainer.write_text('{"lr": 0.001, "batch_size": 2}')
     result = launch_cli([str(edtrainer), "--override", "batch_size:4", "--dry-run",
                          "--train-script-path", "train.py"], record, standin=False)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"train\.py \S+ed_\S+\.json$", result.stdout.strip())
+    assert re.search(r"train\.py \S+ed_\S+\.json$", result.stderr.strip())
 
 
 def test_stand_in_train_script_is_not_validated(configs, record, tmp_path):
@@ -564,8 +661,7 @@ def test_examples_use_only_flags_the_launcher_or_train_j_accepts():
             flags = {token.split("=")[0] for token in argv if token.startswith("--")}
             unknown = flags - launcher_flags - TRAIN_J_FLAGS
             assert not unknown, f"{script.name} uses {unknown}"
-            ours, theirs = split_command_line(argv)
-            options = build_parser().parse_args(ours)  # raises SystemExit on a bad launcher arg
+            options, _ = parse_command_line(argv)  # raises SystemExit on a bad launcher arg
             assert options.json_path.startswith("configs")
             for override in options.override + options.sweep:
                 assert ":" in override

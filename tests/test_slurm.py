@@ -6,7 +6,6 @@ fake `sbatch` / `srun` programs on PATH capture the script submitit submits.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from difftrain import launch
 from difftrain.errors import ConfigError
 from difftrain.slurm import (ArrayTask, SlurmSettings, accelerate_launch_command, expand_nodelist,
                              parse_memory_gb, sbatch_script, time_in_minutes)
@@ -56,7 +54,7 @@ def test_dry_run_prints_one_array_with_the_resources_and_writes_nothing(tmp_path
     result = launcher(tmp_path, base, "--sweep", "lr:[0.1,0.2,0.3]", "--runs", "2", "--jobs", "4",
                       "--slurm-dry-run", "--slurm-folder", str(tmp_path / "jobs"), *RESOURCES)
     assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = result.stderr
     for line in ("#SBATCH --array=0-5%4", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2",
                  "#SBATCH --cpus-per-task=16", "#SBATCH --mem=64GB", "#SBATCH --time=1440",
                  "#SBATCH --account=lab", "#SBATCH --qos=normal", "#SBATCH --signal=USR2@90",
@@ -84,8 +82,8 @@ def test_the_dry_run_script_is_the_one_submitit_submits(tmp_path, base):
     args = ["--sweep", "lr:[0.1,0.2,0.3]", "--slurm-folder", str(folder), *RESOURCES]
     submitted = launcher(tmp_path, base, "--slurm", *args, env=env)
     assert submitted.returncode == 0, submitted.stderr
-    assert "job array 4242" in submitted.stdout
-    assert all(f"4242_{task}" in submitted.stdout for task in range(3))
+    assert "job array 4242" in submitted.stderr
+    assert all(f"4242_{task}" in submitted.stderr for task in range(3))
     assert len(list((tmp_path / "temp").glob("*.json"))) == 3  # one config per task
 
     expected = sbatch_script(SlurmSettings(partition="gpu", gpus=2, cpus=16, mem_gb=64.0,
@@ -93,7 +91,7 @@ def test_the_dry_run_script_is_the_one_submitit_submits(tmp_path, base):
                                            folder=str(folder)), tasks=3)
     assert captured.read_text() == expected
     dry = launcher(tmp_path, base, "--slurm-dry-run", *args)
-    assert expected in dry.stdout
+    assert expected in dry.stderr
 
 
 def test_without_sbatch_the_launcher_says_where_to_run(tmp_path, base):
@@ -104,6 +102,7 @@ def test_without_sbatch_the_launcher_says_where_to_run(tmp_path, base):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--slurm-partition", "gpu"], "--slurm-partition only applies with --slurm"),
+    (["--slurm-wait"], "--slurm-wait only applies with --slurm"),
     (["--slurm", "--slurm-time", "soon"], "--slurm-time 'soon' is not a Slurm time"),
     (["--slurm", "--slurm-mem", "lots"], "--slurm-mem 'lots' is not a memory size"),
     (["--slurm", "--slurm-gpus", "-1"], "--slurm-gpus must be at least 0"),
@@ -140,8 +139,8 @@ def test_a_sweep_runs_as_one_local_array_each_task_with_its_own_config(tmp_path,
     assert sorted(entry["config"]["exit_code"] for entry in seen) == [0, 0, 3, 3]
     assert len({entry["config_path"] for entry in seen}) == 4  # a temp config per task
     assert len({entry["pid"] for entry in seen}) == 4
-    assert result.stdout.count("submitted 4 run(s) to submitit's local executor") == 1
-    summary = result.stdout.split("summary of 4 runs")[1].splitlines()
+    assert result.stderr.count("submitted 4 run(s) to submitit's local executor") == 1
+    summary = result.stderr.split("summary of 4 runs")[1].splitlines()
     # run, settings (3 words), exit, run folder, config
     rows = [line.split() for line in summary[2:] if line.strip()]
     assert [(row[0], row[1], row[4], row[5]) for row in rows] == [
@@ -305,7 +304,7 @@ def test_local_sweep_summary_finds_the_run_folder_our_trainers_print_on_stderr(t
                              "--temp-config-dir", str(tmp_path / "temp"), "--sweep", "lr:[0.1,0.2]"],
                             cwd=REPO, capture_output=True, timeout=60)  # bytes: keep the \r
     assert result.returncode == 0, result.stderr
-    summary = result.stdout.decode().split("summary of 2 runs")[1]
+    summary = result.stderr.decode().split("summary of 2 runs")[1]
     assert "runs/lr-0.1_abcdefgh" in summary and "runs/lr-0.2_abcdefgh" in summary
     assert result.stderr.count(b"step 1\rstep 2\r") == 2
 
