@@ -17,7 +17,7 @@ import typing
 from typing import Any, Optional, Sequence
 
 from difftrain import log
-from difftrain.config import ALIASES, FIELD_NAMES, TRAINTRAIN_DEFAULTS, Config, load_config
+from difftrain.config import ALIASES, FIELD_NAMES, Config, load_config
 from difftrain.errors import ConfigError, exit_on_user_error
 
 TRUE_WORDS = {"true", "1", "yes", "on"}
@@ -129,8 +129,11 @@ def config_from_argv(argv: Sequence[str], door: str) -> Config:
     flag_path = namespace.pop("config_flag", None)
     if path and flag_path:
         raise ConfigError(f"two configs given ('{path}' and --config '{flag_path}'); pass one.")
-    defaults = TRAINTRAIN_DEFAULTS if door == "train_j" else None
-    return load_config(path or flag_path, flags=namespace, defaults=defaults)
+    if door == "train_j":  # TrainTrain's vocabulary, translated at this door (difftrain/vocab/traintrain.py)
+        from difftrain.vocab import traintrain
+
+        return traintrain.load(path or flag_path, flags=namespace)
+    return load_config(path or flag_path, flags=namespace)
 
 
 def main(argv: Optional[Sequence[str]] = None, door: str = "train") -> int:

@@ -185,14 +185,18 @@ class Config(BaseModel):
         "auto", "Autocast precision of the trained model; 'auto': bf16 on a GPU that supports it, "
         "fp32 on CPU.")
     model_precision: Precision = setting("fp16", "Storage precision of frozen weights on GPU "
-                                         "(always fp32 on CPU).", "train_model_precision")
+                                         "(always fp32 on CPU).", "train_model_precision",
+                                         per_pass=True)
     gradient_checkpointing: bool = setting(False, "Trade compute for memory in the UNet.",
-                                           "use_gradient_checkpointing")
+                                           "use_gradient_checkpointing", per_pass=True)
     num_workers: int = setting(0, "DataLoader worker processes.", ge=0)
 
     # ---- data ---------------------------------------------------------------------------------
     resolution: int = setting(512, "Training resolution class (EveryDream2: 256..1536 in steps of "
                               "64) or TrainTrain's image_size.", "image_size", ge=64)
+    image_height_width: Optional[list[int]] = setting(
+        None, "TrainTrain modes: a non-square training size [height, width]; its area is the bucket pixel "
+        "budget and iLECO draws latents of this shape. None: resolution x resolution.")
     flip_p: float = setting(0.0, "Probability of a horizontal flip.", ge=0, le=1)
     caption_dropout: float = setting(0.0, "Probability of training on an empty caption.", ge=0, le=1)
     image_buckets_step: int = setting(256, "TrainTrain bucket step.", ge=8)
@@ -251,11 +255,11 @@ class Config(BaseModel):
     lora_trigger_word: str = setting("", "Prepended to every caption.")
     diff_target_name: str = setting("", "Multi-ADDifT: suffix of target images (a.png -> a<suffix>.png).")
     lora_precision: Precision = setting("fp32", "Precision of LoRA weights while training.",
-                                        "train_lora_precision")
+                                        "train_lora_precision", per_pass=True)
     save_lora_name: str = setting("", "Output LoRA file name (no extension); empty: the run name.")
-    save_per_steps: int = setting(0, "Save an intermediate LoRA every N steps; 0: off.", ge=0)
-    save_precision: Precision = setting("fp16", "Precision of saved LoRA files.")
-    save_overwrite: bool = setting(False, "Overwrite an existing LoRA file of the same name.")
+    save_per_steps: int = setting(0, "Save an intermediate LoRA every N steps; 0: off.", per_pass=True, ge=0)
+    save_precision: Precision = setting("fp16", "Precision of saved LoRA files.", per_pass=True)
+    save_overwrite: bool = setting(False, "Overwrite an existing LoRA file of the same name.", per_pass=True)
     save_as_json: bool = setting(False, "Also save the settings as JSON beside the LoRA.")
     logging_save_csv: bool = setting(False, "Also write the metrics as CSV beside the LoRA.")
     diff_save_1st_pass: bool = setting(False, "Difference: save the copier LoRA of pass 1.")
@@ -281,6 +285,14 @@ class Config(BaseModel):
     def _odd_kernel(cls, value: int) -> int:
         if value % 2 == 0:
             raise ValueError("kernel_size must be odd so that circular padding keeps the grid size")
+        return value
+
+    @field_validator("image_height_width")
+    @classmethod
+    def _height_width(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and (len(value) != 2 or any(side < 64 or side % 8 for side in value)):
+            raise ValueError("image_height_width is [height, width], each side a multiple of 8 (the VAE works "
+                             "on 8x8 blocks) and at least 64, e.g. [512, 768]")
         return value
 
     @field_validator("resolution")
@@ -333,6 +345,12 @@ class Config(BaseModel):
         if self.prediction_type == "auto" and self.model_v_pred is not None:
             return "v_prediction" if self.model_v_pred else "epsilon"
         return self.prediction_type
+
+    def training_size(self) -> tuple[int, int]:
+        """(height, width) of TrainTrain modes' training size: image_height_width, or a square."""
+        if self.image_height_width:
+            return self.image_height_width[0], self.image_height_width[1]
+        return self.resolution, self.resolution
 
     def for_second_pass(self) -> "Config":
         """This config with the '2nd pass' section applied (when use_2nd_pass_settings is true)."""

@@ -230,11 +230,12 @@ def make_plan(options: argparse.Namespace, passthrough: list[str]) -> Plan:
     source = str(base_path)
     train_script = Path(options.train_script_path or DEFAULT_TRAIN_SCRIPT)
     ours = _is_our_trainer(train_script)
+    traintrain_door = ours and train_script.name == "train_j.py"
     if ours:
-        overrides = _resolve_schema_names(overrides, base)
+        overrides = _resolve_schema_names(overrides, base, traintrain_door)
     overridden, override_changes = apply_overrides(base, overrides, source)
     if ours:
-        sweeps = _resolve_schema_names(sweeps, overridden)
+        sweeps = _resolve_schema_names(sweeps, overridden, traintrain_door)
     _check_sweeps_do_not_clash(overrides, sweeps)
     runs: list[PlannedRun] = []
     combinations = itertools.product(*(sweep.values for sweep in sweeps))
@@ -250,7 +251,7 @@ def make_plan(options: argparse.Namespace, passthrough: list[str]) -> Plan:
                                    config=config, changes=override_changes + sweep_changes))
 
     if ours:
-        _validate_with_schema(runs, source, options.runs)
+        _validate_with_schema(runs, source, options.runs, traintrain_door)
     if not train_script.is_file():
         raise ConfigError(
             f"train script not found: {train_script}. Pass the right one with "
@@ -279,18 +280,20 @@ def _check_sweeps_do_not_clash(overrides: list[Override], sweeps: list[Sweep]) -
         seen.add(sweep.key)
 
 
-def _resolve_schema_names(items: list[Any], base: dict[str, Any]) -> list[Any]:
+def _resolve_schema_names(items: list[Any], base: dict[str, Any], traintrain_door: bool = False) -> list[Any]:
     """For our trainers, a key the schema knows need not be in the file to be overridden.
 
     ``lr:1e-4`` on a TrainTrain preset sets its ``train_learning_rate`` (the same setting under
     another name, so the config never holds both), and a known setting the preset leaves at its
     default is added. A missing "2nd pass" object is still an error: creating one would be
-    silently ignored unless use_2nd_pass_settings is on.
+    silently ignored unless use_2nd_pass_settings is on. For train_j.py, TrainTrain's keys are
+    known by their table (difftrain/vocab/traintrain.py) and a created key takes their spelling.
     """
     from difftrain.config import ALIASES, FIELD_NAMES, PER_PASS_NAMES, SECOND_PASS_KEY
+    from difftrain.vocab.traintrain import our_setting, their_key
 
     def canonical(name: str) -> Optional[str]:
-        return name if name in FIELD_NAMES else ALIASES.get(name)
+        return name if name in FIELD_NAMES else ALIASES.get(name) or our_setting(name)
 
     resolved = []
     for item in items:
@@ -310,7 +313,8 @@ def _resolve_schema_names(items: list[Any], base: dict[str, Any]) -> list[Any]:
         if same_setting:
             resolved.append(replace(item, key=prefix + same_setting[0]))
         else:
-            resolved.append(replace(item, create=True))
+            spelling = (their_key(setting) if traintrain_door else None) or key
+            resolved.append(replace(item, key=prefix + spelling, create=True))
     return resolved
 
 
@@ -319,16 +323,20 @@ def _is_our_trainer(train_script: Path) -> bool:
     return any(resolved == (REPO_ROOT / name).resolve() for name in OUR_TRAINERS)
 
 
-def _validate_with_schema(runs: list[PlannedRun], source: str, repeats: int) -> None:
+def _validate_with_schema(runs: list[PlannedRun], source: str, repeats: int, traintrain_door: bool = False) -> None:
     # Lazy: pydantic is light but not free, and other train scripts have their own schema.
     from difftrain.config import validate_config_dict
+    from difftrain.vocab import traintrain
 
     checked_first_of_each = (run for run in runs if run.repeat == 1)
     for run in checked_first_of_each:
         where = f"{source} with the command-line overrides"
         if run.settings:
             where += f" ({run.label(repeats)})"
-        validate_config_dict(run.config, where)
+        if traintrain_door:  # the same translation train_j.py makes; the run prints its notes
+            traintrain.load(None, data=run.config, say_notes=False, require_model=False, source=where)
+        else:
+            validate_config_dict(run.config, where)
 
 
 # ---------------------------------------------------------------------------------------------

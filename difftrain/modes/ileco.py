@@ -38,14 +38,16 @@ class ILECOTask(ModeTask):
 
     def collate(self, indices: Sequence[int], epoch: int) -> dict[str, Any]:
         """{"original", "target": conditioning of each prompt for len(indices) rows}."""
-        size = (self.config.resolution, self.config.resolution)
+        height, width = self.config.training_size()
+        size = (width, height)
         return {"original": self.prompt_cond(self.config.original_prompt, len(indices), size),
                 "target": self.prompt_cond(self.config.target_prompt, len(indices), size)}
 
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         rows = batch["original"]["encoder_hidden_states"].shape[0]
-        side = self.config.resolution // self.sd.vae_scale_factor
-        shape = (rows, self.sd.unet.config.in_channels, side, side)
+        height, width = self.config.training_size()
+        factor = self.sd.vae_scale_factor
+        shape = (rows, self.sd.unet.config.in_channels, height // factor, width // factor)
         latents = randn(shape, generator, device=self.device)
         timesteps = self.objective.sample_timesteps(rows, generator, self.device)
         with torch.no_grad(), self.lora_strength(0.0):

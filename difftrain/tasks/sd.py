@@ -60,8 +60,9 @@ def buckets_for(config: Config) -> list[tuple[int, int]]:
     """
     resolution = config.resolution
     if config.mode != "Full":
-        return make_buckets_traintrain(resolution, config.image_buckets_step,
-                                       min(config.image_min_length, resolution), config.image_max_ratio)
+        height, width = config.training_size()  # TrainTrain's image_size(height, width): its area is the budget
+        return make_buckets_traintrain((width, height), config.image_buckets_step,
+                                       min(config.image_min_length, height, width), config.image_max_ratio)
     if resolution < RESOLUTION_CLASSES[0]:
         if resolution % 8:
             raise ConfigError(f"resolution {resolution} is not a multiple of 8; the VAE works on 8x8 blocks.")

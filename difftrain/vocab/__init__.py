@@ -1,0 +1,1 @@
+"""Other programs' configuration vocabularies, each one table translated at the front door."""
