@@ -192,3 +192,38 @@ def test_front_door_errors_are_records_of_the_difftrain_logger(argv, words):
     assert stop.value.code == 2
     assert [record.levelno for record in records] == [logging.ERROR]
     assert records[0].getMessage().startswith("train.py: error:") and words in records[0].getMessage()
+
+
+class CountingValidator:
+    """Stands in for Config's pydantic validator and counts every validation that goes through it."""
+
+    def __init__(self, validator):
+        self.validator = validator
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        attribute = getattr(self.validator, name)
+        if name.startswith("validate"):
+            def counted(*args, **kwargs):
+                self.calls.append(name)
+                return attribute(*args, **kwargs)
+            return counted
+        return attribute
+
+
+def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch):
+    # The front door validates; the engine, trainer, task and checkpoints only read what it built.
+    from difftrain.data.kolmogorov import KolmogorovParams, ensure_dataset
+    from tests.test_trainer import TINY_SIMULATION
+
+    ensure_dataset(tmp_path / "data", KolmogorovParams(**TINY_SIMULATION), seed=0, progress=False)
+    path = write(tmp_path, json.dumps({
+        "task": "kolmogorov", "data_root": str(tmp_path / "data"), "simulation": TINY_SIMULATION, "window": 2,
+        "embedding": 8, "hidden_channels": [4, 8], "max_epochs": 1, "max_steps": 2, "batch_size": 4, "sample_steps": 0,
+        "sample_inference_steps": 2, "num_samples": 1, "tracker": "none", "logdir": str(tmp_path / "logs"),
+        "runs_dir": str(tmp_path / "runs"), "ckpt_every_n_minutes": 0, "seed": -1}))
+    counter = CountingValidator(Config.__pydantic_validator__)
+    monkeypatch.setattr(Config, "__pydantic_validator__", counter)
+    assert main([str(path), "--lr", "0.001"], door="train") == 0
+    assert counter.calls == ["validate_python"]
+    assert list((tmp_path / "runs").iterdir())  # it did train and save
