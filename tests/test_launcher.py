@@ -18,6 +18,7 @@ import pytest
 
 from difftrain import launch
 from difftrain.launch import build_parser, parse_command_line
+from difftrain.overrides import parse_override, parse_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "train_json_edit.py"
@@ -595,7 +596,6 @@ def test_wrong_type_for_our_trainer_fails_in_the_launcher(configs, record, tmp_p
 
 def test_schema_names_reach_the_key_the_preset_uses():
     pytest.importorskip("difftrain.config", reason="difftrain.config (the schema) not written yet")
-    from difftrain.overrides import parse_override
 
     base = {"train_learning_rate": "1e-4", "train_batch_size": 1,
             "2nd pass": {"train_learning_rate": "1e-4"}}
@@ -663,8 +663,10 @@ def test_examples_use_only_flags_the_launcher_or_train_j_accepts():
             assert not unknown, f"{script.name} uses {unknown}"
             options, _ = parse_command_line(argv)  # raises SystemExit on a bad launcher arg
             assert options.json_path.startswith("configs")
-            for override in options.override + options.sweep:
-                assert ":" in override
+            for override in options.override:
+                parse_override(override)  # raises ConfigError on a malformed pair
+            for sweep in options.sweep:
+                parse_sweep(sweep)
 
 
 def test_bat_and_sh_examples_match():
