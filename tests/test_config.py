@@ -211,7 +211,8 @@ class CountingValidator:
         return attribute
 
 
-def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("door", ["train", "train_j"])
+def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch, door):
     # The front door validates; the engine, trainer, task and checkpoints only read what it built.
     from difftrain.data.kolmogorov import KolmogorovParams, ensure_dataset
     from tests.test_trainer import TINY_SIMULATION
@@ -224,6 +225,6 @@ def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch):
         "runs_dir": str(tmp_path / "runs"), "ckpt_every_n_minutes": 0, "seed": -1}))
     counter = CountingValidator(Config.__pydantic_validator__)
     monkeypatch.setattr(Config, "__pydantic_validator__", counter)
-    assert main([str(path), "--lr", "0.001"], door="train") == 0
+    assert main([str(path), "--lr", "0.001"], door=door) == 0
     assert counter.calls == ["validate_python"]
     assert list((tmp_path / "runs").iterdir())  # it did train and save
