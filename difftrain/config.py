@@ -132,19 +132,26 @@ class Config(BaseModel):
                         per_pass=True, gt=0)
     text_encoder_lr: float = setting(0.0, "Learning rate of the text encoder(s); 0: same as lr.",
                                      "train_textencoder_learning_rate", per_pass=True, ge=0)
-    optimizer: str = setting("AdamW", "Optimizer: AdamW, AdamW8bit (CUDA + bitsandbytes), Adam, SGD, "
-                             "Lion (if installed), or any torch.optim class name.", "train_optimizer",
+    optimizer: str = setting("AdamW", "Optimizer: a name of TrainTrain's list (AdamW, AdamW8bit, AdaFactor, "
+                             "Lion, Prodigy, DAdaptAdam, AdamWScheduleFree, CAME, ...: difftrain/optim.py "
+                             "lists them) or any torch.optim class name.", "train_optimizer",
                              per_pass=True)
     optimizer_settings: str = setting("", "Extra optimizer arguments, 'k=v;k=v' "
                                       "(e.g. 'betas=(0.9,0.99);eps=1e-8').",
                                       "train_optimizer_settings", per_pass=True)
-    weight_decay: float = setting(1e-2, "Decoupled weight decay.", ge=0)
+    weight_decay: Optional[float] = setting(None, "Weight decay; unset: the optimizer's own default "
+                                            "(AdamW 0.01, most others 0), as in TrainTrain.", ge=0)
     lr_scheduler: Literal["constant", "linear", "cosine", "polynomial", "cosine_with_restarts",
-                          "constant_with_warmup"] = setting(
-        "constant", "Learning-rate schedule (diffusers' get_scheduler names).", "scheduler",
-        "train_lr_scheduler", per_pass=True)
+                          "constant_with_warmup", "piecewise_constant", "cosine_annealing",
+                          "cosine_annealing_with_restarts", "exponential", "step", "multi_step",
+                          "reduce_on_plateau", "cyclic", "one_cycle"] = setting(
+        "constant", "Learning-rate schedule: TrainTrain's 15 names (diffusers' get_scheduler and "
+        "torch.optim.lr_scheduler).", "scheduler", "train_lr_scheduler", per_pass=True)
     lr_scheduler_settings: str = setting("", "Extra scheduler arguments 'k=v;k=v' (TrainTrain).",
                                          "train_lr_scheduler_settings", per_pass=True)
+    lr_step_rules: str = setting("", "Piecewise-constant LR factors 'f1:s1,f2:s2,...,f_last' (x f1 before "
+                                 "step s1, ...; lr_scheduler piecewise_constant).", "train_lr_step_rules",
+                                 per_pass=True)
     lr_warmup_steps: Optional[int] = setting(
         None, "Warm-up steps; default 2% of lr_decay_steps (EveryDream2), 0 for TrainTrain modes.",
         "train_lr_warmup_steps", per_pass=True, ge=0)

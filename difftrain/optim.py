@@ -1,76 +1,401 @@
-"""Optimizers and learning-rate schedules built from a Config (names as users write them)."""
+"""Optimizers and learning-rate schedules built from a Config, under the names users write.
+
+The names are TrainTrain's (its optimizer list and its 15 schedulers) plus any torch.optim class.
+Each optimizer comes from a library made for it: torch.optim, pytorch-optimizer (D-Adaptation,
+Prodigy, schedule-free, Lion, CAME, Tiger, Adam-mini), bitsandbytes (8-bit and paged, CUDA only)
+and transformers (Adafactor, the one TrainTrain uses). Settings strings are TrainTrain's: `key=value`
+pairs separated by ';' or new lines, each value read as a Python literal (`betas=(0.9,0.99)`,
+`eta_min=1e-6`, `milestones=[100,200]`), or as plain text when it is not one (`mode=triangular2`).
+
+Two kinds of optimizer set their own learning rate over time, so the run's schedule steps aside
+for them (as in TrainTrain): the schedule-free ones (their averaged weights are the ones to
+evaluate and save: see `evaluation_weights`), and Adafactor with `relative_step=True`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import ast
+import difflib
+import importlib
+import inspect
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import torch
+from torch import nn
+from torch.optim import lr_scheduler as torch_schedulers
 
 from difftrain.config import Config
 from difftrain.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 
 def parse_key_values(text: str, where: str) -> dict[str, Any]:
-    """'k=v;k=v' (TrainTrain optimizer/scheduler settings) -> dict with Python literals."""
-    import ast
-
+    """TrainTrain's settings string ('k=v;k=v', or one pair a line) -> {key: Python value}."""
     result: dict[str, Any] = {}
-    for part in filter(None, (piece.strip() for piece in text.split(";"))):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
+    for part in filter(None, (piece.strip() for piece in text.replace("\n", ";").split(";"))):
+        key, sep, value = (piece.strip() for piece in part.partition("="))
+        if not sep or not key.isidentifier():
             raise ConfigError(f"{where}: '{part}' is not of the form key=value (separate pairs with ';').")
         try:
-            result[key.strip()] = ast.literal_eval(value.strip())
+            result[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            result[key.strip()] = value.strip()
+            if "=" in value:  # 'a=1 b=2': kohya separates pairs with spaces, TrainTrain does not
+                raise ConfigError(f"{where}: '{part}' holds two settings; separate pairs with ';'.") from None
+            result[key] = value
     return result
 
 
-def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """AdamW by default; AdamW8bit through bitsandbytes on CUDA; any torch.optim class by name."""
-    settings = parse_key_values(config.optimizer_settings, "optimizer_settings")
-    settings.setdefault("weight_decay", config.weight_decay)
-    name = config.optimizer
-    if name.lower() in ("adamw8bit", "adamw_8bit"):
-        try:
-            import bitsandbytes  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConfigError("optimizer 'AdamW8bit' needs the bitsandbytes package and a CUDA GPU; "
-                              "install bitsandbytes or use 'AdamW'.") from None
-        return bitsandbytes.optim.AdamW8bit(groups, lr=config.lr, **settings)
-    if name.lower() == "lion":
-        try:
-            from lion_pytorch import Lion  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConfigError("optimizer 'Lion' needs the lion-pytorch package; install it or use 'AdamW'.") from None
-        return Lion(groups, lr=config.lr, **settings)
-    matches = [attr for attr in dir(torch.optim) if attr.lower() == name.lower()]
-    optimizer_class = getattr(torch.optim, matches[0], None) if matches else None
-    if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
-        raise ConfigError(f"optimizer '{name}' is unknown; use AdamW, AdamW8bit, Adam, SGD, Lion or "
-                          "another torch.optim class name.")
-    if optimizer_class is torch.optim.SGD:
-        settings.pop("weight_decay") if settings.get("weight_decay") == config.weight_decay else None
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word.lower(), [choice.lower() for choice in choices], n=1, cutoff=0.6)
+    spelled = {choice.lower(): choice for choice in choices}
+    return f" Did you mean '{spelled[close[0]]}'?" if close else ""
+
+
+# ---- optimizers ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer name: where its class lives and what the name itself implies."""
+
+    name: str  # as TrainTrain's list spells it
+    source: str  # "module:Class"
+    package: str  # what `pip install` needs
+    cuda_only: bool = False
+    defaults: dict[str, Any] = field(default_factory=dict)  # the user's settings win over these
+    fixed: dict[str, Any] = field(default_factory=dict)  # what the name means (SGDNesterov: nesterov)
+    # "adaptive": finds its own step size, lr is a multiplier near 1; "schedule_free"; "adafactor";
+    # "whole_model": takes a module instead of parameter groups (Adam-mini).
+    kind: str = "plain"
+
+
+_PO, _BNB, _NESTEROV = "pytorch-optimizer", "bitsandbytes", {"momentum": 0.9}
+
+
+def _spec(name: str, source: str, package: str, **extra: Any) -> OptimizerSpec:
+    return OptimizerSpec(name, source, package, **extra)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name.lower(): spec for spec in (
+    _spec("AdamW", "torch.optim:AdamW", "torch"),
+    _spec("Adam", "torch.optim:Adam", "torch"),
+    _spec("SGDNesterov", "torch.optim:SGD", "torch", defaults=_NESTEROV, fixed={"nesterov": True}),
+    # TrainTrain turns relative_step on unless told otherwise: Adafactor then picks its own step size.
+    _spec("AdaFactor", "transformers.optimization:Adafactor", "transformers",
+          defaults={"relative_step": True}, kind="adafactor"),
+    _spec("Lion", "pytorch_optimizer:Lion", _PO),
+    _spec("Prodigy", "pytorch_optimizer:Prodigy", _PO, kind="adaptive"),
+    _spec("DAdaptAdam", "pytorch_optimizer:DAdaptAdam", _PO, kind="adaptive"),
+    _spec("DAdaptLion", "pytorch_optimizer:DAdaptLion", _PO, kind="adaptive"),
+    _spec("DAdaptAdaGrad", "pytorch_optimizer:DAdaptAdaGrad", _PO, kind="adaptive"),
+    _spec("DAdaptAdan", "pytorch_optimizer:DAdaptAdan", _PO, kind="adaptive"),
+    _spec("DAdaptSGD", "pytorch_optimizer:DAdaptSGD", _PO, kind="adaptive"),
+    _spec("Adam8bit", "bitsandbytes.optim:Adam8bit", _BNB, cuda_only=True),
+    _spec("AdamW8bit", "bitsandbytes.optim:AdamW8bit", _BNB, cuda_only=True),
+    _spec("SGDNesterov8bit", "bitsandbytes.optim:SGD8bit", _BNB, cuda_only=True, defaults=_NESTEROV,
+          fixed={"nesterov": True}),
+    _spec("Lion8bit", "bitsandbytes.optim:Lion8bit", _BNB, cuda_only=True),
+    _spec("PagedAdamW8bit", "bitsandbytes.optim:PagedAdamW8bit", _BNB, cuda_only=True),
+    _spec("PagedLion8bit", "bitsandbytes.optim:PagedLion8bit", _BNB, cuda_only=True),
+    _spec("PagedAdamW", "bitsandbytes.optim:PagedAdamW", _BNB, cuda_only=True),
+    _spec("PagedAdamW32bit", "bitsandbytes.optim:PagedAdamW32bit", _BNB, cuda_only=True),
+    _spec("RAdamScheduleFree", "pytorch_optimizer:ScheduleFreeRAdam", _PO, kind="schedule_free"),
+    _spec("AdamWScheduleFree", "pytorch_optimizer:ScheduleFreeAdamW", _PO, kind="schedule_free"),
+    _spec("SGDScheduleFree", "pytorch_optimizer:ScheduleFreeSGD", _PO, kind="schedule_free"),
+    _spec("CAME", "pytorch_optimizer:CAME", _PO),
+    _spec("Tiger", "pytorch_optimizer:Tiger", _PO),
+    _spec("AdamMini", "pytorch_optimizer:AdamMini", _PO, kind="whole_model"),
+)}
+OPTIMIZER_ALIASES = {"adamw_8bit": "adamw8bit"}  # bitsandbytes' own spelling
+
+# TrainTrain builds D-Adaptation, Prodigy and Lion from dadaptation, prodigyopt and lion-pytorch,
+# so its users' settings strings use those packages' spellings; pytorch-optimizer names them so:
+RENAMED_SETTINGS = {"decouple": "weight_decouple", "use_bias_correction": "bias_correction"}
+# ... and these of theirs change nothing here (logging, kernels, memory layout):
+NO_EFFECT_SETTINGS = {"log_every": "printing", "fsdp_in_use": "FSDP bookkeeping",
+                      "slice_p": "memory use", "use_triton": "the kernel used"}
+
+
+def find_optimizer(name: str) -> OptimizerSpec:
+    """A name from TrainTrain's list (any case) or any torch.optim class -> its spec."""
+    key = OPTIMIZER_ALIASES.get(name.lower(), name.lower())
+    if key in OPTIMIZERS:
+        return OPTIMIZERS[key]
+    for attr in dir(torch.optim):
+        candidate = getattr(torch.optim, attr)
+        if attr.lower() == key and isinstance(candidate, type) and issubclass(candidate, torch.optim.Optimizer):
+            return OptimizerSpec(attr, f"torch.optim:{attr}", "torch")
+    names = [spec.name for spec in OPTIMIZERS.values()]
+    raise ConfigError(f"optimizer '{name}' is unknown.{_did_you_mean(name, names)} Use one of "
+                      f"{', '.join(names)}, or another torch.optim class name.")
+
+
+def _optimizer_class(spec: OptimizerSpec) -> type:
+    module_name, class_name = spec.source.split(":")
+    needs = f"the {spec.package} package" + (" and a CUDA GPU" if spec.cuda_only else "")
+    if spec.cuda_only and not torch.cuda.is_available():
+        raise ConfigError(f"optimizer '{spec.name}' needs {needs}: bitsandbytes' 8-bit and paged "
+                          "optimizers run on CUDA only, and this machine has no CUDA device. Use "
+                          f"'{spec.name.replace('Paged', '').replace('8bit', '').replace('32bit', '')}' instead.")
     try:
-        return optimizer_class(groups, lr=config.lr, **settings)
-    except TypeError as error:
-        raise ConfigError(f"optimizer_settings '{config.optimizer_settings}' do not fit {name}: {error}.") from None
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ConfigError(f"optimizer '{spec.name}' needs {needs}; install it "
+                          f"(pip install {spec.package}) or choose another optimizer.") from None
+    if not hasattr(module, class_name):
+        raise ConfigError(f"optimizer '{spec.name}': the installed {spec.package} has no {class_name}; "
+                          f"upgrade it (pip install -U {spec.package}).")
+    return getattr(module, class_name)
+
+
+def _settings_of(function: Any, skip: tuple[str, ...]) -> list[str]:
+    """The keyword arguments a class or function names (not **kwargs, which would swallow typos)."""
+    parameters = inspect.signature(function).parameters.values()
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in skip]
+
+
+def _optimizer_settings(config: Config, spec: OptimizerSpec, optimizer_class: type) -> dict[str, Any]:
+    text = config.optimizer_settings
+    given = parse_key_values(text, "optimizer_settings")
+    allowed = _settings_of(optimizer_class.__init__, ("self", "params", "model", "lr"))
+    settings = dict(spec.defaults)
+    for key, value in given.items():
+        if spec.package == _PO and key in NO_EFFECT_SETTINGS:
+            logger.info("optimizer_settings: '%s' has no effect here (it only changes %s in the package "
+                        "TrainTrain used).", key, NO_EFFECT_SETTINGS[key])
+            continue
+        key = RENAMED_SETTINGS.get(key, key) if spec.package == _PO else key
+        if key not in allowed:
+            hint = " Set the learning rate with lr (train_learning_rate)." if key == "lr" else \
+                _did_you_mean(key, allowed)
+            raise ConfigError(f"optimizer_settings '{text}': {spec.name} has no setting '{key}'.{hint} "
+                              f"Its settings: {', '.join(allowed)}.")
+        if key in spec.fixed and value != spec.fixed[key]:
+            raise ConfigError(f"optimizer_settings '{text}': {spec.name} means {key}={spec.fixed[key]}; "
+                              "choose another optimizer for a different value.")
+        settings[key] = value
+    settings.update(spec.fixed)
+    if config.weight_decay is not None:
+        if "weight_decay" in allowed:
+            settings.setdefault("weight_decay", config.weight_decay)
+        else:
+            logger.info("weight_decay has no effect: %s has no weight decay.", spec.name)
+    return settings
+
+
+def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer config.optimizer names, over parameter groups [{"params": [...], "lr"?: ...}]."""
+    spec = find_optimizer(config.optimizer)
+    optimizer_class = _optimizer_class(spec)
+    settings = _optimizer_settings(config, spec, optimizer_class)
+    groups = [dict(group) for group in groups]
+    lr: Optional[float] = config.lr
+    if spec.kind == "adafactor" and settings.get("relative_step"):
+        # Adafactor then computes its own step size and refuses an lr, per group too.
+        logger.info("AdaFactor with relative_step=True chooses its own learning rate: lr, the text "
+                    "encoder's lr and lr_scheduler have no effect (relative_step=False uses them).")
+        lr = None
+        for group in groups:
+            group.pop("lr", None)
+    if spec.kind == "adaptive" and max(group.get("lr", config.lr) for group in groups) <= 0.1:
+        logger.info("%s scales its own step size: lr multiplies it and is usually about 1.0, not %g.",
+                    spec.name, config.lr)
+    try:
+        if spec.kind == "whole_model":
+            return _whole_model_optimizer(optimizer_class, groups, config.lr, settings)
+        return optimizer_class(groups, lr=lr, **settings)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"optimizer_settings '{config.optimizer_settings}' do not fit {spec.name}: "
+                          f"{error}.") from None
+
+
+def _whole_model_optimizer(optimizer_class: type, groups: list[dict[str, Any]], lr: float,
+                           settings: dict[str, Any]) -> torch.optim.Optimizer:
+    """Adam-mini partitions a module's named parameters itself. It gets a module holding exactly the
+    trainable tensors (the same objects, one list per group), so it treats each tensor as one block
+    (its per-head and embedding rules need a transformer's own names), and per-group lrs are restored."""
+    holder = nn.Module()
+    for index, group in enumerate(groups):
+        holder.add_module(f"group{index}", nn.ParameterList(group["params"]))
+    optimizer = optimizer_class(holder, lr=lr, **settings)
+    lr_of = {id(p): group.get("lr", lr) for group in groups for p in group["params"]}
+    for group in optimizer.param_groups:
+        group["lr"] = lr_of[id(group["params"][0])]
+    return optimizer
+
+
+def is_schedule_free(optimizer: Any) -> bool:
+    """A schedule-free optimizer (wrapped by accelerate or not): it keeps training and averaged weights."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return callable(getattr(inner, "eval", None)) and "train_mode" in inner.param_groups[0]
+
+
+@contextmanager
+def evaluation_weights(optimizer: Any) -> Iterator[None]:
+    """Inside: the model holds the weights to evaluate and save. A schedule-free optimizer trains one
+    sequence of weights and averages another; the average is the result, so sampling, validation and
+    exports must happen inside this block. Other optimizers: nothing changes."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not is_schedule_free(inner):
+        yield
+        return
+    inner.eval()
+    try:
+        yield
+    finally:
+        inner.train()
+
+
+# ---- learning-rate schedules --------------------------------------------------------------------
+# TrainTrain's schedulers built from torch.optim.lr_scheduler, with TrainTrain's defaults for what a
+# user leaves out ("run" is filled with the run's length in schedule units).
+TORCH_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cosine_annealing": ("CosineAnnealingLR", {"T_max": "run"}),
+    "cosine_annealing_with_restarts": ("CosineAnnealingWarmRestarts", {"T_0": 10}),
+    "exponential": ("ExponentialLR", {"gamma": 0.9}),
+    "step": ("StepLR", {"step_size": 10}),
+    "multi_step": ("MultiStepLR", {"milestones": [30, 60, 90]}),
+    "reduce_on_plateau": ("ReduceLROnPlateau", {"mode": "min"}),
+    "cyclic": ("CyclicLR", {"base_lr": 1e-5, "max_lr": 1e-3, "mode": "triangular"}),
+    "one_cycle": ("OneCycleLR", {"max_lr": 1e-3, "total_steps": "run"}),
+}
+# diffusers' get_scheduler names, and the one setting each takes from lr_scheduler_settings.
+DIFFUSERS_SCHEDULERS: dict[str, Optional[str]] = {
+    "linear": None, "cosine": None, "cosine_with_restarts": "num_cycles", "polynomial": "power",
+    "constant": None, "constant_with_warmup": None, "piecewise_constant": "step_rules",
+}
+SCHEDULERS = [*DIFFUSERS_SCHEDULERS, *TORCH_SCHEDULERS]
+_USES_WARMUP = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"}
+
+
+class TrainingLossPlateau(torch_schedulers.ReduceLROnPlateau):
+    """ReduceLROnPlateau on the training loss: the loop calls step(loss) (`wants_loss`).
+    (TrainTrain called step() with no value, which torch refuses.)"""
+
+    wants_loss = True
+    _warned = False
+
+    def step(self, metrics: Any = None, epoch: Any = None) -> None:  # type: ignore[override]
+        if metrics is None:
+            if not self._warned:
+                logger.warning("reduce_on_plateau: the training loop passed no loss value, so the "
+                               "learning rate stays where it is.")
+                self._warned = True
+            return
+        super().step(float(metrics))
+
+
+class OptimizerOwnLR(torch_schedulers.LambdaLR):
+    """The schedule of an optimizer that sets its own learning rate: reports it, changes nothing.
+    Adafactor's relative step is read from its state (transformers' AdafactorSchedule reads it only
+    while gradients exist, and our loop clears them before the schedule steps)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.adafactor = bool(optimizer.param_groups[0].get("relative_step"))
+        if self.adafactor:  # its groups hold lr=None; the reported value starts at 0
+            for group in optimizer.param_groups:
+                group["initial_lr"] = 0.0
+        super().__init__(optimizer, lambda _: 1.0)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        if not self.adafactor:
+            return list(self.base_lrs)
+        optimizer: Any = self.optimizer
+        states = [optimizer.state[group["params"][0]] for group in optimizer.param_groups]
+        return [float(optimizer._get_lr(group, state)) if "step" in state else 0.0
+                for group, state in zip(optimizer.param_groups, states)]
+
+
+def parse_step_rules(rules: str) -> list[tuple[float, int]]:
+    """kohya/diffusers step rules 'f1:s1,f2:s2,...,f_last' -> [(f1, s1), ..., (f_last, inf)].
+    lr x f1 before step s1, x f2 before step s2 (s are absolute step numbers), x f_last after."""
+    example = "write 'factor:step,...,factor', e.g. '1:100,0.5:200,0.1' (x1 before step 100, x0.5 " \
+              "before step 200, x0.1 after)"
+    *bounded, last = [piece.strip() for piece in rules.split(",")]
+    result: list[tuple[float, int]] = []
+    try:
+        for piece in bounded:
+            factor, step = piece.split(":")
+            result.append((float(factor), int(step)))
+        result.append((float(last), math.inf))  # type: ignore[arg-type]
+    except ValueError:
+        raise ConfigError(f"lr_step_rules '{rules}' (train_lr_step_rules) is not valid: {example}.") from None
+    if any(b[1] <= a[1] for a, b in zip(result, result[1:])):
+        raise ConfigError(f"lr_step_rules '{rules}': the steps must increase; {example}.")
+    return result
 
 
 def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_units: int):
-    """diffusers' get_scheduler; a unit is an optimizer step or an epoch (scheduler_interval)."""
-    from diffusers.optimization import get_scheduler
-
+    """The learning-rate schedule config.lr_scheduler names. A unit is an optimizer step or an
+    epoch (scheduler_interval); total_units is the run's length in those units."""
     decay = config.lr_decay_steps or total_units
     warmup = config.lr_warmup_steps
     if warmup is None:
         warmup = 0 if config.mode != "Full" or config.task == "kolmogorov" else int(0.02 * decay)
-    extra = parse_key_values(config.lr_scheduler_settings, "lr_scheduler_settings")
-    unknown = set(extra) - {"num_cycles", "power"}
-    if unknown:
-        raise ConfigError(f"lr_scheduler_settings: unknown setting(s) {sorted(unknown)}; "
-                          "only num_cycles and power exist.")
-    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
+    name, settings = config.lr_scheduler, parse_key_values(config.lr_scheduler_settings, "lr_scheduler_settings")
+    if getattr(optimizer, "param_groups", None) and (
+            is_schedule_free(optimizer) or optimizer.param_groups[0].get("relative_step")):
+        used = {"lr_scheduler": name != "constant", "lr_scheduler_settings": bool(settings),
+                "lr_warmup_steps": warmup > 0, "lr_step_rules": bool(config.lr_step_rules)}
+        for key in (key for key, set_ in used.items() if set_):
+            logger.info("%s has no effect: %s sets its own learning rate over time.", key,
+                        type(optimizer).__name__)
+        return OptimizerOwnLR(optimizer)
+    if config.lr_step_rules and name != "piecewise_constant":
+        logger.info("lr_step_rules has no effect: only lr_scheduler 'piecewise_constant' reads it.")
+    if warmup and name not in _USES_WARMUP:
+        logger.info("lr_warmup_steps has no effect: lr_scheduler '%s' has no warm-up.", name)
+    if name in TORCH_SCHEDULERS:
+        return _torch_scheduler(config, optimizer, settings, decay)
+    return _diffusers_scheduler(config, optimizer, settings, warmup, decay)
+
+
+def _torch_scheduler(config: Config, optimizer: torch.optim.Optimizer, settings: dict[str, Any], run: int):
+    name = config.lr_scheduler
+    class_name, defaults = TORCH_SCHEDULERS[name]
+    scheduler_class = TrainingLossPlateau if name == "reduce_on_plateau" else getattr(torch_schedulers, class_name)
+    allowed = _settings_of(getattr(torch_schedulers, class_name).__init__,
+                           ("self", "optimizer", "last_epoch", "verbose", "scale_fn"))
+    for key in settings:
+        if key not in allowed:
+            raise ConfigError(f"lr_scheduler_settings '{config.lr_scheduler_settings}': '{key}' is not a "
+                              f"setting of {name}.{_did_you_mean(key, allowed)} Its settings: {', '.join(allowed)}.")
+    arguments = {key: run if value == "run" else value for key, value in defaults.items()} | settings
+    for key in ("max_lr", "base_lr"):
+        if key in arguments and key not in settings:
+            logger.info("%s uses %s=%g (TrainTrain's default), not lr; set %s in lr_scheduler_settings "
+                        "to change it.", name, key, arguments[key], key)
+    try:
+        return scheduler_class(optimizer, **arguments)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ConfigError(f"lr_scheduler_settings '{config.lr_scheduler_settings}' do not fit {name} "
+                          f"({class_name}): {error}.") from None
+
+
+def _diffusers_scheduler(config: Config, optimizer: torch.optim.Optimizer, settings: dict[str, Any],
+                         warmup: int, decay: int):
+    from diffusers.optimization import get_scheduler
+
+    name, takes = config.lr_scheduler, DIFFUSERS_SCHEDULERS[config.lr_scheduler]
+    known = {key for key in DIFFUSERS_SCHEDULERS.values() if key}
+    for key in settings:
+        if key not in known:
+            raise ConfigError(f"lr_scheduler_settings '{config.lr_scheduler_settings}': '{key}' is not a "
+                              f"setting of {name}.{_did_you_mean(key, sorted(known))} "
+                              f"{name} takes {takes or 'no settings'}.")
+        if key != takes:
+            logger.info("lr_scheduler_settings: '%s' has no effect with lr_scheduler '%s'.", key, name)
+    step_rules = str(settings.get("step_rules", config.lr_step_rules))
+    if name == "piecewise_constant":
+        if not step_rules:
+            raise ConfigError("lr_scheduler 'piecewise_constant' needs lr_step_rules (train_lr_step_rules), "
+                              "e.g. '1:100,0.5:200,0.1'.")
+        parse_step_rules(step_rules)
+    return get_scheduler(name, optimizer, step_rules=step_rules or None, num_warmup_steps=warmup,
                          num_training_steps=decay,
-                         num_cycles=int(extra.get("num_cycles", config.lr_num_cycles)),
-                         power=float(extra.get("power", config.lr_power)))
+                         num_cycles=int(settings.get("num_cycles", config.lr_num_cycles)),
+                         power=float(settings.get("power", config.lr_power)))

@@ -1,0 +1,350 @@
+"""TrainTrain's optimizer and scheduler names, built through the libraries made for them.
+
+The name lists below are TrainTrain's own (hako-mikan/sd-webui-traintrain at commit
+7b5892937d088625b84875d1782d49b6e1f55002: `OPTIMIZERS` in trainer/trainer.py, `SCHEDULERS` in
+scripts/traintrain.py); every expected learning-rate curve is computed here from the schedule's
+definition.
+"""
+
+import logging
+import math
+import sys
+
+import pytest
+import torch
+
+from difftrain.config import Config, validate_config_dict
+from difftrain.errors import ConfigError
+from difftrain.optim import (SCHEDULERS, evaluation_weights, find_optimizer, is_schedule_free, make_optimizer,
+                             make_scheduler, parse_key_values, parse_step_rules)
+from tests.test_bad_inputs import assert_user_error, field_data, tiny_settings, write  # noqa: F401  (field_data: a fixture)
+
+TRAINTRAIN_OPTIMIZERS = [
+    "AdamW", "AdamW8bit", "AdaFactor", "Lion", "Prodigy",
+    "DadaptAdam", "DadaptLion", "DAdaptAdaGrad", "DAdaptAdan", "DAdaptSGD",
+    "Adam8bit", "SGDNesterov8bit", "Lion8bit", "PagedAdamW8bit", "PagedLion8bit",
+    "RAdamScheduleFree", "AdamWScheduleFree", "SGDScheduleFree",
+    "CAME", "Tiger", "AdamMini", "PagedAdamW", "PagedAdamW32bit", "SGDNesterov", "Adam",
+]
+TRAINTRAIN_SCHEDULERS = [
+    "cosine_annealing", "cosine_annealing_with_restarts", "linear", "cosine", "cosine_with_restarts",
+    "polynomial", "constant", "constant_with_warmup", "piecewise_constant", "exponential", "step",
+    "multi_step", "reduce_on_plateau", "cyclic", "one_cycle",
+]
+# Where each optimizer must come from: a well-kept library, never code of ours.
+LIBRARY = {"adamw": "torch.optim", "adam": "torch.optim", "sgdnesterov": "torch.optim",
+           "adafactor": "transformers"}
+
+
+def library_of(name: str) -> str:
+    if "8bit" in name or name.startswith("Paged"):
+        return "bitsandbytes"
+    return LIBRARY.get(name.lower(), "pytorch_optimizer")
+
+
+def quadratic(seed: int = 0):
+    """Two parameter tensors pulled towards fixed targets: every optimizer must lower this loss."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.nn.Parameter(torch.randn(4, 3, generator=generator))
+    bias = torch.nn.Parameter(torch.randn(3, generator=generator))
+    targets = (torch.randn(4, 3, generator=generator), torch.randn(3, generator=generator))
+
+    def loss() -> torch.Tensor:
+        return ((weight - targets[0]) ** 2).mean() + ((bias - targets[1]) ** 2).mean()
+
+    return [weight, bias], loss
+
+
+def run_steps(optimizer, scheduler, loss, steps: int) -> list[float]:
+    values = []
+    for _ in range(steps):
+        value = loss()
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # before the schedule steps, as in our loop
+        scheduler.step()
+        values.append(value.item())
+    return values
+
+
+# ---- the settings strings ----------------------------------------------------------------------
+def test_settings_strings_read_as_traintrain_writes_them():
+    text = "betas=(0.9,0.99); eps=1e-8\nweight_decay=0.01;;milestones=[10, 20];mode=triangular2;flag=True"
+    assert parse_key_values(text, "x") == {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.01,
+                                           "milestones": [10, 20], "mode": "triangular2", "flag": True}
+    assert parse_key_values("betas=0.9,0.99", "x") == {"betas": (0.9, 0.99)}
+    assert parse_key_values("  ", "x") == {}
+
+
+@pytest.mark.parametrize("text, fragment", [("betas", "key=value"), ("=3", "key=value"),
+                                            ("weight_decay=0.01 betas=0.9,0.99", "separate pairs with ';'")])
+def test_malformed_settings_strings(text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_key_values(text, "optimizer_settings")
+
+
+# ---- optimizers ------------------------------------------------------------------------------------
+def test_every_traintrain_optimizer_name_is_known():
+    for name in TRAINTRAIN_OPTIMIZERS:
+        assert find_optimizer(name).name.lower() == name.lower()  # TrainTrain matches names in any case
+
+
+@pytest.mark.parametrize("name", TRAINTRAIN_OPTIMIZERS)
+def test_each_traintrain_optimizer_trains_or_says_what_it_needs(name):
+    params, loss = quadratic()
+    adaptive = name.lower().startswith("dadapt") or name == "Prodigy"
+    config = Config(optimizer=name, lr=1.0 if adaptive else 0.02)
+    if library_of(name) == "bitsandbytes" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="bitsandbytes.*CUDA"):
+            make_optimizer(config, [{"params": params}])
+        return
+    optimizer = make_optimizer(config, [{"params": params}])
+    assert type(optimizer).__module__.startswith(library_of(name))
+    before = [p.detach().clone() for p in params]
+    losses = run_steps(optimizer, make_scheduler(config, optimizer, 20), loss, 20)
+    assert all(math.isfinite(value) for value in losses)
+    assert all(not torch.equal(old, new) for old, new in zip(before, params))
+    assert min(losses[1:]) < losses[0], losses
+
+
+def test_a_missing_package_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # import fails, as when not installed
+    params, _ = quadratic()
+    with pytest.raises(ConfigError, match=r"'CAME' needs the pytorch-optimizer package.*pip install pytorch-optimizer"):
+        make_optimizer(Config(optimizer="CAME"), [{"params": params}])
+
+
+def test_unknown_optimizer_name_suggests_the_closest():
+    with pytest.raises(ConfigError, match="optimizer 'Prodgy' is unknown. Did you mean 'Prodigy'"):
+        find_optimizer("Prodgy")
+    assert find_optimizer("rmsprop").source == "torch.optim:RMSprop"  # any torch.optim class still works
+
+
+def test_sgd_nesterov_means_nesterov_momentum():
+    params, _ = quadratic()
+    group = make_optimizer(Config(optimizer="SGDNesterov"), [{"params": params}]).param_groups[0]
+    assert group["nesterov"] is True and group["momentum"] == 0.9
+    group = make_optimizer(Config(optimizer="SGDNesterov", optimizer_settings="momentum=0.5"),
+                           [{"params": params}]).param_groups[0]
+    assert group["momentum"] == 0.5
+    with pytest.raises(ConfigError, match="SGDNesterov means nesterov=True"):
+        make_optimizer(Config(optimizer="SGDNesterov", optimizer_settings="nesterov=False"), [{"params": params}])
+
+
+def test_settings_in_the_spellings_of_the_packages_traintrain_used(caplog):
+    params, _ = quadratic()
+    config = Config(optimizer="Prodigy", lr=1.0,
+                    optimizer_settings="decouple=False;use_bias_correction=True;d_coef=2;safeguard_warmup=True;"
+                                       "log_every=10")
+    with caplog.at_level(logging.INFO, logger="difftrain"):
+        group = make_optimizer(config, [{"params": params}]).param_groups[0]
+    assert (group["weight_decouple"], group["bias_correction"], group["d_coef"]) == (False, True, 2)
+    assert "'log_every' has no effect" in caplog.text
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    ("beta=(0.9,0.99)", "AdamW has no setting 'beta'. Did you mean 'betas'"),
+    ("lr=0.1", "Set the learning rate with lr"),
+    ("betas=0.9", "do not fit AdamW"),
+])
+def test_optimizer_settings_that_do_not_fit(settings, fragment):
+    params, _ = quadratic()
+    with pytest.raises(ConfigError, match=fragment):
+        make_optimizer(Config(optimizer="AdamW", optimizer_settings=settings), [{"params": params}])
+
+
+def test_weight_decay_is_the_optimizers_own_unless_set():
+    params, _ = quadratic()
+    assert make_optimizer(Config(optimizer="Adam"), [{"params": params}]).param_groups[0]["weight_decay"] == 0
+    assert make_optimizer(Config(optimizer="AdamW"), [{"params": params}]).param_groups[0]["weight_decay"] == 0.01
+    assert make_optimizer(Config(optimizer="Lion", weight_decay=0.3),
+                          [{"params": params}]).param_groups[0]["weight_decay"] == 0.3
+
+
+def test_adafactor_chooses_its_own_step_size_and_the_schedule_reports_it(caplog):
+    params, loss = quadratic()
+    config = Config(optimizer="AdaFactor", lr=1e-3, lr_scheduler="cosine", text_encoder_lr=1e-4)
+    with caplog.at_level(logging.INFO, logger="difftrain"):
+        optimizer = make_optimizer(config, [{"params": params[:1]}, {"params": params[1:], "lr": 1e-4}])
+        scheduler = make_scheduler(config, optimizer, 10)
+    assert "lr_scheduler has no effect" in caplog.text and all(g["lr"] is None or g["lr"] == 0 for g in
+                                                                 optimizer.param_groups)
+    for step in range(1, 4):
+        rms = [p.detach().norm().item() / math.sqrt(p.numel()) for p in params]
+        run_steps(optimizer, scheduler, loss, 1)
+        # Adafactor's relative step (Shazeer & Stern 2018): min(1e-2, 1/sqrt(t)) x max(eps2, RMS(param))
+        expected = [min(1e-2, 1 / math.sqrt(step)) * max(1e-3, value) for value in rms]
+        assert scheduler.get_last_lr() == pytest.approx(expected, rel=1e-5)
+
+
+def test_adafactor_without_relative_step_follows_lr_and_the_schedule():
+    params, loss = quadratic()
+    config = Config(optimizer="AdaFactor", lr=0.1, lr_scheduler="linear", lr_warmup_steps=0,
+                    optimizer_settings="relative_step=False;scale_parameter=False")
+    optimizer = make_optimizer(config, [{"params": params}])
+    scheduler = make_scheduler(config, optimizer, 4)
+    run_steps(optimizer, scheduler, loss, 2)
+    assert scheduler.get_last_lr() == pytest.approx([0.1 * 2 / 4])
+
+
+def test_adam_mini_keeps_the_tensors_and_the_learning_rate_of_each_group():
+    params, loss = quadratic()
+    optimizer = make_optimizer(Config(optimizer="AdamMini", lr=0.02), [{"params": params[:1]},
+                                                                         {"params": params[1:], "lr": 0.005}])
+    lr_of = {id(group["params"][0]): group["lr"] for group in optimizer.param_groups}
+    assert lr_of == {id(params[0]): 0.02, id(params[1]): 0.005}
+    losses = run_steps(optimizer, make_scheduler(Config(optimizer="AdamMini"), optimizer, 5), loss, 5)
+    assert losses[-1] < losses[0]
+
+
+def test_schedule_free_optimizers_evaluate_their_averaged_weights(caplog):
+    params, loss = quadratic()
+    config = Config(optimizer="AdamWScheduleFree", lr=0.05, lr_scheduler="cosine")
+    optimizer = make_optimizer(config, [{"params": params}])
+    with caplog.at_level(logging.INFO, logger="difftrain"):
+        scheduler = make_scheduler(config, optimizer, 10)
+    assert is_schedule_free(optimizer) and "lr_scheduler has no effect" in caplog.text
+    run_steps(optimizer, scheduler, loss, 5)
+    assert scheduler.get_last_lr() == [0.05]  # the optimizer warms up and averages by itself
+    training = [p.detach().clone() for p in params]
+    with evaluation_weights(optimizer):
+        averaged = [p.detach().clone() for p in params]
+        assert not optimizer.param_groups[0]["train_mode"]
+    assert all(not torch.equal(a, b) for a, b in zip(training, averaged))
+    assert all(torch.allclose(a, p) for a, p in zip(training, params))  # back to the training weights
+    assert optimizer.param_groups[0]["train_mode"]
+
+
+def test_evaluation_weights_changes_nothing_for_other_optimizers():
+    params, _ = quadratic()
+    optimizer = make_optimizer(Config(optimizer="AdamW"), [{"params": params}])
+    before = [p.detach().clone() for p in params]
+    with evaluation_weights(optimizer):
+        assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert not is_schedule_free(optimizer)
+
+
+def test_cuda_only_optimizer_on_cpu_exits_2_through_the_front_door(tmp_path, field_data, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = write(tmp_path / "c.json", dict(tiny_settings(tmp_path, field_data), optimizer="PagedAdamW8bit"))
+    assert_user_error([path], ["optimizer 'PagedAdamW8bit' needs the bitsandbytes package and a CUDA GPU",
+                               "Use 'AdamW'"], capsys, [tmp_path, field_data])
+
+
+# ---- schedules -------------------------------------------------------------------------------------
+LR, TOTAL, WARMUP, LR_END = 0.1, 10, 2, 1e-7
+
+
+def warm(step: int, after) -> float:
+    return step / WARMUP if step < WARMUP else after((step - WARMUP) / (TOTAL - WARMUP))
+
+
+def cyclic(step: int, low: float = 0.01, high: float = 0.1, up: int = 2) -> float:
+    cycle = math.floor(1 + step / (2 * up))
+    return low + (high - low) * max(0.0, 1 - abs(step / up - 2 * cycle + 1))
+
+
+def one_cycle(step: int, peak: float = 0.1) -> float:  # pct_start 0.5, linear annealing, torch's div factors
+    start, end, top = peak / 25, peak / 25 / 1e4, 0.5 * TOTAL - 1
+    if step <= top:
+        return start + step / top * (peak - start)
+    return peak + (step - top) / (TOTAL - 1 - top) * (end - peak)
+
+
+# name: (lr_scheduler_settings, lr_step_rules, lr at step s -- from each schedule's definition)
+CURVES = {
+    "constant": ("", "", lambda s: LR),
+    "constant_with_warmup": ("", "", lambda s: LR * min(1.0, s / WARMUP)),
+    "linear": ("", "", lambda s: LR * warm(s, lambda p: max(0.0, 1 - p))),
+    "cosine": ("", "", lambda s: LR * warm(s, lambda p: 0.5 * (1 + math.cos(math.pi * p)))),
+    "cosine_with_restarts": ("num_cycles=2", "", lambda s: LR * warm(
+        s, lambda p: 0.5 * (1 + math.cos(math.pi * ((2 * p) % 1.0))))),
+    "polynomial": ("power=2", "", lambda s: warm(s, lambda p: (LR - LR_END) * (1 - p) ** 2 + LR_END) *
+                   (LR if s < WARMUP else 1)),
+    "piecewise_constant": ("", "1:3,0.5:6,0.1", lambda s: LR * (1 if s < 3 else 0.5 if s < 6 else 0.1)),
+    "cosine_annealing": ("eta_min=0.01", "", lambda s: 0.01 + (LR - 0.01) * (1 + math.cos(math.pi * s / TOTAL)) / 2),
+    "cosine_annealing_with_restarts": ("T_0=4;eta_min=0.01", "",
+                                       lambda s: 0.01 + (LR - 0.01) * (1 + math.cos(math.pi * (s % 4) / 4)) / 2),
+    "exponential": ("gamma=0.5", "", lambda s: LR * 0.5 ** s),
+    "step": ("step_size=3;gamma=0.5", "", lambda s: LR * 0.5 ** (s // 3)),
+    "multi_step": ("milestones=[2,5];gamma=0.1", "", lambda s: LR * 0.1 ** sum(m <= s for m in (2, 5))),
+    "cyclic": ("base_lr=0.01;max_lr=0.1;step_size_up=2", "", cyclic),
+    "one_cycle": ("max_lr=0.1;pct_start=0.5;anneal_strategy=linear", "", one_cycle),
+}
+
+
+def test_the_fifteen_traintrain_schedulers_are_ours():
+    assert sorted(SCHEDULERS) == sorted(TRAINTRAIN_SCHEDULERS)
+    assert sorted(Config.model_fields["lr_scheduler"].annotation.__args__) == sorted(TRAINTRAIN_SCHEDULERS)
+    assert sorted([*CURVES, "reduce_on_plateau"]) == sorted(TRAINTRAIN_SCHEDULERS)
+
+
+@pytest.mark.parametrize("name", sorted(CURVES))
+def test_schedule_follows_its_definition(name):
+    settings, rules, expected = CURVES[name]
+    config = Config(lr=LR, lr_scheduler=name, lr_scheduler_settings=settings, lr_step_rules=rules,
+                    lr_warmup_steps=WARMUP)
+    params, loss = quadratic()
+    optimizer = make_optimizer(config, [{"params": params}])
+    scheduler = make_scheduler(config, optimizer, TOTAL)
+    seen = [scheduler.get_last_lr()[0]]
+    for _ in range(TOTAL - 1):
+        run_steps(optimizer, scheduler, loss, 1)
+        seen.append(scheduler.get_last_lr()[0])
+    assert seen == pytest.approx([expected(s) for s in range(TOTAL)], rel=1e-6, abs=1e-12)
+
+
+def test_reduce_on_plateau_lowers_lr_when_the_training_loss_stalls(caplog):
+    config = Config(lr=LR, lr_scheduler="reduce_on_plateau", lr_scheduler_settings="patience=1;factor=0.5")
+    params, _ = quadratic()
+    scheduler = make_scheduler(config, make_optimizer(config, [{"params": params}]), TOTAL)
+    assert scheduler.wants_loss
+    seen = []
+    for loss in (3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5):
+        scheduler.step(loss)
+        seen.append(scheduler.get_last_lr()[0])
+    # no better than the best for more than `patience` steps in a row -> x factor, and count again
+    assert seen == pytest.approx([LR, LR, LR, LR, LR / 2, LR / 2, LR / 4, LR / 4])
+    with caplog.at_level(logging.WARNING, logger="difftrain"):
+        scheduler.step()
+    assert "passed no loss value" in caplog.text and scheduler.get_last_lr()[0] == pytest.approx(LR / 4)
+
+
+def test_step_rules_are_read_as_diffusers_reads_them():
+    assert parse_step_rules("1:10, 0.1:20,0.01") == [(1.0, 10), (0.1, 20), (0.01, math.inf)]
+    assert parse_step_rules("0.5") == [(0.5, math.inf)]
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"lr_scheduler": "cosine_annealing", "lr_scheduler_settings": "eta_mn=0.1"},
+     "'eta_mn' is not a setting of cosine_annealing. Did you mean 'eta_min'"),
+    ({"lr_scheduler": "constant", "lr_scheduler_settings": "cycles=2"}, "Did you mean 'num_cycles'"),
+    ({"lr_scheduler": "one_cycle", "lr_scheduler_settings": "pct_start=2"}, "do not fit one_cycle"),
+    ({"lr_scheduler": "piecewise_constant"}, "needs lr_step_rules"),
+    ({"lr_scheduler": "piecewise_constant", "lr_step_rules": "1:a,0.1"}, "train_lr_step_rules.*is not valid"),
+    ({"lr_scheduler": "piecewise_constant", "lr_step_rules": "1:20,0.5:10,0.1"}, "the steps must increase"),
+])
+def test_bad_schedule_settings(changes, fragment):
+    config = Config(lr=LR, **changes)
+    params, _ = quadratic()
+    with pytest.raises(ConfigError, match=fragment):
+        make_scheduler(config, make_optimizer(config, [{"params": params}]), TOTAL)
+
+
+def test_settings_that_change_nothing_say_so(caplog):
+    config = Config(lr=LR, lr_scheduler="exponential", lr_warmup_steps=3, lr_step_rules="1:2,0.5")
+    params, _ = quadratic()
+    with caplog.at_level(logging.INFO, logger="difftrain"):
+        make_scheduler(config, make_optimizer(config, [{"params": params}]), TOTAL)
+    assert "lr_step_rules has no effect" in caplog.text and "lr_warmup_steps has no effect" in caplog.text
+
+
+def test_traintrain_keys_reach_the_schedule():
+    config = validate_config_dict({"train_lr_scheduler": "cosine_annealing", "train_lr_scheduler_settings":
+                                   "eta_min=1e-6", "train_lr_step_rules": "1:5,0.1", "train_optimizer": "adamw"})
+    assert (config.lr_scheduler, config.lr_scheduler_settings, config.lr_step_rules) == \
+        ("cosine_annealing", "eta_min=1e-6", "1:5,0.1")
+    with pytest.raises(ConfigError, match="cosine_annealing"):
+        validate_config_dict({"train_lr_scheduler": "cosine_anealing"})
+
