@@ -5,6 +5,7 @@ train script is named). The stand-in appends what it received to the file in STA
 """
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -352,27 +353,66 @@ def test_traintrain_keys_with_parentheses_and_spaces(tmp_path, record):
                       "Closest existing keys: image_size(height, width)")
 
 
-def test_the_launcher_speaks_through_difftrains_logger(configs, tmp_path, monkeypatch, capsys):
-    """One handler added to the "difftrain" logger (a log file, a --quiet) gets every line."""
-    import logging
-
+@pytest.fixture
+def said():
+    """Every line said through difftrain's logger while the test runs."""
     lines = []
     handler = logging.Handler()
     handler.emit = lambda entry: lines.append(entry.getMessage())
     logging.getLogger("difftrain").addHandler(handler)
-    try:
-        status = launch.main([str(configs / "base_settings.json"),
-                              "--train-script-path", str(REPO / STANDIN),
-                              "--override", "train_batch_size:3", "--sweep",
-                              "train_iterations:[1,2]", "--dry-run",
-                              "--temp-config-dir", str(tmp_path / "temp")])
-    finally:
-        logging.getLogger("difftrain").removeHandler(handler)
+    yield lines
+    logging.getLogger("difftrain").removeHandler(handler)
+
+
+def test_the_launcher_speaks_through_difftrains_logger(configs, tmp_path, said, capsys):
+    """One handler added to the "difftrain" logger (a log file, a --quiet) gets every line."""
+    status = launch.main([str(configs / "base_settings.json"),
+                          "--train-script-path", str(REPO / STANDIN),
+                          "--override", "train_batch_size:3", "--sweep",
+                          "train_iterations:[1,2]", "--dry-run",
+                          "--temp-config-dir", str(tmp_path / "temp")])
     assert status == 0
-    text = "\n".join(lines)
+    text = "\n".join(said)
     assert "train_batch_size: 2 -> 3" in text
     assert text.count("would run ") == 2 and "train_iterations: 1000 -> 2" in text
     assert capsys.readouterr().out == "", "stdout is the train scripts' alone"
+
+
+REAL_TRAINTRAIN = REPO / "tests" / "real_files" / "traintrain"
+
+
+@pytest.mark.parametrize("preset", sorted(path.name for path in REAL_TRAINTRAIN.glob("*.json")))
+def test_traintrain_presets_verbatim_take_their_own_keys_and_pass_train_j_checks(preset, said,
+                                                                                 tmp_path):
+    """TrainTrain's shipped presets (byte for byte), their own key spellings overridden, judged
+    by train_j.py's schema in the launcher (a dry run: nothing is written or started)."""
+    base = REAL_TRAINTRAIN / preset
+    overrides = ["image_size(height, width):640,768",
+                 "network_blocks(BASE = TextEncoder):[BASE, IN01]", "lr:0.0005"]
+    if preset == "Difference_Use2ndPass.json":
+        overrides.append("2nd pass.train_learning_rate:2e-4")
+    if preset.startswith("ADDifT"):
+        # Their scheduler, cosine_annealing, is not one of ours yet (issue 17, requirement 3);
+        # what is tested here is the launcher reaching TrainTrain's keys, not the schedulers.
+        overrides.append("train_lr_scheduler:cosine")
+    status = launch.main([str(base), "--override", *overrides, "--dry-run",
+                          "--temp-config-dir", str(tmp_path / "temp")])
+    assert status == 0, said
+    text = "\n".join(said)
+    assert '  image_size(height, width): "512" -> "640,768"' in text
+    assert '-> ["BASE", "IN01"]' in text
+    assert "  train_learning_rate: " in text and "-> 0.0005" in text, "lr is the preset's key"
+    assert "lr:" not in text.replace("train_learning_rate", "")
+    assert not (tmp_path / "temp").exists()
+
+
+def test_a_bad_value_for_a_traintrain_key_names_that_key(said, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        launch.main([str(REAL_TRAINTRAIN / "LoRA.json"), "--override",
+                     "image_size(height, width):big", "--dry-run"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err + "\n".join(said)
+    assert "'image_size(height, width)'" in error and "'big'" in error
 
 
 def test_temp_config_is_utf8_indented_json_and_kept(configs, record, tmp_path):
