@@ -9,6 +9,7 @@ definition.
 import logging
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from difftrain.config import Config, validate_config_dict
 from difftrain.errors import ConfigError
 from difftrain.optim import (SCHEDULERS, evaluation_weights, find_optimizer, is_schedule_free, make_optimizer,
                              make_scheduler, parse_key_values, parse_step_rules)
+from difftrain.vocab.traintrain import load, translate
 from tests.test_bad_inputs import assert_user_error, field_data, tiny_settings, write  # noqa: F401  (field_data: a fixture)
 
 TRAINTRAIN_OPTIMIZERS = [
@@ -295,6 +297,26 @@ def test_schedule_follows_its_definition(name):
     assert seen == pytest.approx([expected(s) for s in range(TOTAL)], rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.parametrize("name", sorted(CURVES))
+def test_a_resumed_schedule_continues_where_it_stopped(name):
+    settings, rules, _ = CURVES[name]
+    config = Config(lr=LR, lr_scheduler=name, lr_scheduler_settings=settings, lr_step_rules=rules,
+                    lr_warmup_steps=WARMUP)
+    params, loss = quadratic()
+    optimizer = make_optimizer(config, [{"params": params}])
+    scheduler = make_scheduler(config, optimizer, TOTAL)
+    run_steps(optimizer, scheduler, loss, 4)
+    saved = (optimizer.state_dict(), scheduler.state_dict())  # what a checkpoint keeps
+    resumed_optimizer = make_optimizer(config, [{"params": params}])
+    resumed = make_scheduler(config, resumed_optimizer, TOTAL)
+    resumed_optimizer.load_state_dict(saved[0])
+    resumed.load_state_dict(saved[1])
+    for _ in range(4):
+        scheduler.step()
+        resumed.step()
+        assert resumed.get_last_lr() == pytest.approx(scheduler.get_last_lr(), rel=1e-12)
+
+
 def test_reduce_on_plateau_lowers_lr_when_the_training_loss_stalls(caplog):
     config = Config(lr=LR, lr_scheduler="reduce_on_plateau", lr_scheduler_settings="patience=1;factor=0.5")
     params, _ = quadratic()
@@ -340,11 +362,33 @@ def test_settings_that_change_nothing_say_so(caplog):
     assert "lr_step_rules has no effect" in caplog.text and "lr_warmup_steps has no effect" in caplog.text
 
 
-def test_traintrain_keys_reach_the_schedule():
-    config = validate_config_dict({"train_lr_scheduler": "cosine_annealing", "train_lr_scheduler_settings":
-                                   "eta_min=1e-6", "train_lr_step_rules": "1:5,0.1", "train_optimizer": "adamw"})
-    assert (config.lr_scheduler, config.lr_scheduler_settings, config.lr_step_rules) == \
-        ("cosine_annealing", "eta_min=1e-6", "1:5,0.1")
-    with pytest.raises(ConfigError, match="cosine_annealing"):
-        validate_config_dict({"train_lr_scheduler": "cosine_anealing"})
+REAL = Path(__file__).resolve().parent / "real_files" / "traintrain"
 
+
+@pytest.mark.parametrize("preset, optimizer_class, scheduler_class", [
+    ("ADDifT_Style_SD1.5.json", "pytorch_optimizer.optimizer.came.CAME", "CosineAnnealingLR"),
+    ("LoRA.json", "torch.optim.adamw.AdamW", "LambdaLR"),
+])
+def test_traintrain_presets_get_their_optimizer_and_schedule(preset, optimizer_class, scheduler_class):
+    config = load(REAL / preset, flags={"resume_ckpt": "m.safetensors", "data_root": "d"})
+    params, loss = quadratic()
+    optimizer = make_optimizer(config, [{"params": params}])
+    scheduler = make_scheduler(config, optimizer, TOTAL)
+    assert f"{type(optimizer).__module__}.{type(optimizer).__name__}" == optimizer_class
+    assert type(scheduler).__name__ == scheduler_class
+    run_steps(optimizer, scheduler, loss, TOTAL)  # a whole run: the end of the cosine
+    eta_min = 1e-5 if preset.startswith("ADDifT") else 0.0  # ADDifT's "eta_min=0.00001"
+    assert scheduler.get_last_lr()[0] == pytest.approx(eta_min, abs=1e-12)
+
+
+def test_traintrain_step_rules_reach_the_schedule():
+    settings = translate({"train_lr_scheduler": "piecewise_constant", "train_lr_step_rules": "1:5,0.1"},
+                         "t.json").settings
+    config = Config(lr=LR, **settings)
+    params, loss = quadratic()
+    optimizer = make_optimizer(config, [{"params": params}])
+    scheduler = make_scheduler(config, optimizer, TOTAL)
+    run_steps(optimizer, scheduler, loss, 5)
+    assert scheduler.get_last_lr()[0] == pytest.approx(LR * 0.1)
+    with pytest.raises(ConfigError, match="cosine_annealing"):
+        validate_config_dict({"lr_scheduler": "cosine_anealing"})

@@ -97,7 +97,7 @@ def test_no_effect_keys_say_so_once_when_they_ask_for_something(caplog):
 def test_refused_values_give_the_reason():
     cases = {"sub_image_num": ("2", "sub buckets"), "image_disable_upscale": (True, "scaled up"),
              "train_fixed_timsteps_in_batch": (True, "own timestep"), "train_model_precision": ("int8", "int8"),
-             "train_lr_step_rules": ("1:10,0.1", "piecewise_constant"), BLOCKS: ([], "train no layer")}
+             BLOCKS: ([], "train no layer")}
     for key, (value, reason) in cases.items():
         with pytest.raises(ConfigError, match=re.escape(reason)):
             settings_of({key: value})

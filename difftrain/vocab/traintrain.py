@@ -125,13 +125,6 @@ def _false_only(meaning: str) -> Callable[[Any, str], dict[str, Any]]:
     return convert
 
 
-def _step_rules(value: Any, where: str) -> dict[str, Any]:
-    if as_text(value, where).strip():
-        raise ConfigError(f"{where}: step rules (diffusers' piecewise_constant schedule) are not supported "
-                          "yet; leave it empty and pick another train_lr_scheduler.")
-    return {}
-
-
 def _implemented(name: str, targets: tuple[str, ...], meaning: str, convert) -> Row:
     return Row(name, "implemented", meaning, targets, convert)
 
@@ -228,8 +221,8 @@ ROWS: tuple[Row, ...] = (
                  _to("max_timestep", as_int)),
     _implemented("train_loss_function", ("loss_function",), "MSE, L1 or Smooth-L1.",
                  _to("loss_function", _one_of("MSE", "L1", "Smooth-L1"))),
-    _implemented("train_lr_step_rules", (), "empty is what difftrain does; step rules (piecewise_constant) are "
-                 "refused for now.", _step_rules),
+    _implemented("train_lr_step_rules", ("lr_step_rules",), "LR factors 'f1:s1,f2:s2,...,f_last' (x f1 before "
+                 "step s1, ...) for train_lr_scheduler piecewise_constant.", _to("lr_step_rules", as_text)),
     _implemented("train_lr_warmup_steps", ("lr_warmup_steps",), "warm-up steps.", _to("lr_warmup_steps", as_int)),
     _implemented("train_lr_scheduler_num_cycles", ("lr_num_cycles",), "cycles of cosine_with_restarts.",
                  _to("lr_num_cycles", as_float)),
