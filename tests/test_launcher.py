@@ -391,10 +391,6 @@ def test_traintrain_presets_verbatim_take_their_own_keys_and_pass_train_j_checks
                  "network_blocks(BASE = TextEncoder):[BASE, IN01]", "lr:0.0005"]
     if preset == "Difference_Use2ndPass.json":
         overrides.append("2nd pass.train_learning_rate:2e-4")
-    if preset.startswith("ADDifT"):
-        # Their scheduler, cosine_annealing, is not one of ours yet (issue 17, requirement 3);
-        # what is tested here is the launcher reaching TrainTrain's keys, not the schedulers.
-        overrides.append("train_lr_scheduler:cosine")
     status = launch.main([str(base), "--override", *overrides, "--dry-run",
                           "--temp-config-dir", str(tmp_path / "temp")])
     assert status == 0, said
