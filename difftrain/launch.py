@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Not an argparse positional: parse_known_args would give it the value of a train-script
     # option written before it (`--models-dir /m base.json`). parse_command_line picks it.
     parser.add_argument_group(
-        "base config", "json_path             the base JSON config (required; never modified)")
+        "base config", "json_path: the base JSON config, written first (required; it is never "
+                       "modified)")
     _add_run_options(parser)
     _add_slurm_options(parser)
     return parser
