@@ -67,11 +67,11 @@ class SimulationConfig(BaseModel):
         return self
 
 
-class Config(BaseModel):
-    """Every setting of a difftrain run. Canonical names follow EveryDream2 where it names them."""
+# Config's keys are one flat namespace (a JSON file, the flags of train.py), declared in sections so
+# that each class reads on a screen or two. Config inherits them all; only Config is ever built.
 
-    # allow_inf_nan: JSON as Python reads it accepts NaN and Infinity, which no setting can use.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+class ModelSettings(BaseModel):
+    """Section of Config: what is trained, from which model, and where files are read and written."""
 
     # ---- what to train ------------------------------------------------------------------------
     task: Literal["sd", "kolmogorov"] = setting(
@@ -115,6 +115,10 @@ class Config(BaseModel):
     te_dir: str = setting("", "Folder of text encoders (default <models_dir>/TextEncoders).")
     cache_dir: str = setting("", "Disk cache for VAE latents and text embeddings (keyed by file "
                              "content, model and resolution); empty: cache in memory only.")
+
+
+class TrainingSettings(BaseModel):
+    """Section of Config: schedule, optimizer, objective, precision and speed."""
 
     # ---- schedule -----------------------------------------------------------------------------
     max_epochs: int = setting(300, "Epochs to train.", "epochs", ge=1)
@@ -198,6 +202,11 @@ class Config(BaseModel):
                                            "use_gradient_checkpointing", per_pass=True)
     num_workers: int = setting(0, "DataLoader worker processes.", ge=0)
 
+
+
+class DataAndOutputSettings(BaseModel):
+    """Section of Config: images and buckets; samples, validation, checkpoints and tracking."""
+
     # ---- data ---------------------------------------------------------------------------------
     resolution: int = setting(512, "Training resolution class (EveryDream2: 256..1536 in steps of "
                               "64) or TrainTrain's image_size.", "image_size", ge=64)
@@ -230,6 +239,18 @@ class Config(BaseModel):
         "offline", "wandb mode; offline needs no account. WANDB_MODE overrides it.")
     wandb_project: str = setting("", "wandb project; empty: project_name.")
     run_name: str = setting("", "Run name; empty: an adjective-noun-N name like wandb's.")
+
+
+# pydantic lists the fields of the LAST base first: this order keeps the keys in reading order
+# (ModelSettings' first, then Training, Data and outputs, then Config's own).
+class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
+    """Every setting of a difftrain run. Canonical names follow EveryDream2 where it names them."""
+
+    # The sections above declare most keys; here are the task-specific ones (Kolmogorov score
+    # network, TrainTrain modes) and the rules that read several keys at once.
+
+    # allow_inf_nan: JSON as Python reads it accepts NaN and Infinity, which no setting can use.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # ---- Kolmogorov score network (sda) -------------------------------------------------------
     window: int = setting(5, "Consecutive states the score network sees (channels = window x 2).", ge=1)
