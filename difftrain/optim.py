@@ -2,8 +2,8 @@
 
 The names are TrainTrain's (its optimizer list and its 15 schedulers) plus any torch.optim class.
 Each optimizer comes from a library made for it: torch.optim, pytorch-optimizer (D-Adaptation,
-Prodigy, schedule-free, Lion, CAME, Tiger, Adam-mini), bitsandbytes (8-bit and paged, CUDA only)
-and transformers (Adafactor, the one TrainTrain uses). Settings strings are TrainTrain's: `key=value`
+Prodigy, schedule-free, Lion, CAME, Tiger, Adam-mini), bitsandbytes (8-bit and paged: on CUDA, and
+on the CPU from bitsandbytes 0.50) and transformers (Adafactor, the one TrainTrain uses). Settings strings are TrainTrain's: `key=value`
 pairs separated by ';' or new lines, each value read as a Python literal (`betas=(0.9,0.99)`,
 `eta_min=1e-6`, `milestones=[100,200]`), or as plain text when it is not one (`mode=triangular2`).
 
@@ -20,6 +20,7 @@ import importlib
 import inspect
 import logging
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -64,7 +65,6 @@ class OptimizerSpec:
     name: str  # as TrainTrain's list spells it
     source: str  # "module:Class"
     package: str  # what `pip install` needs
-    cuda_only: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)  # the user's settings win over these
     fixed: dict[str, Any] = field(default_factory=dict)  # what the name means (SGDNesterov: nesterov)
     # "adaptive": finds its own step size, lr is a multiplier near 1; "schedule_free"; "adafactor";
@@ -93,15 +93,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name.lower(): spec for spec in (
     _spec("DAdaptAdaGrad", "pytorch_optimizer:DAdaptAdaGrad", _PO, kind="adaptive"),
     _spec("DAdaptAdan", "pytorch_optimizer:DAdaptAdan", _PO, kind="adaptive"),
     _spec("DAdaptSGD", "pytorch_optimizer:DAdaptSGD", _PO, kind="adaptive"),
-    _spec("Adam8bit", "bitsandbytes.optim:Adam8bit", _BNB, cuda_only=True),
-    _spec("AdamW8bit", "bitsandbytes.optim:AdamW8bit", _BNB, cuda_only=True),
-    _spec("SGDNesterov8bit", "bitsandbytes.optim:SGD8bit", _BNB, cuda_only=True, defaults=_NESTEROV,
+    _spec("Adam8bit", "bitsandbytes.optim:Adam8bit", _BNB),
+    _spec("AdamW8bit", "bitsandbytes.optim:AdamW8bit", _BNB),
+    _spec("SGDNesterov8bit", "bitsandbytes.optim:SGD8bit", _BNB, defaults=_NESTEROV,
           fixed={"nesterov": True}),
-    _spec("Lion8bit", "bitsandbytes.optim:Lion8bit", _BNB, cuda_only=True),
-    _spec("PagedAdamW8bit", "bitsandbytes.optim:PagedAdamW8bit", _BNB, cuda_only=True),
-    _spec("PagedLion8bit", "bitsandbytes.optim:PagedLion8bit", _BNB, cuda_only=True),
-    _spec("PagedAdamW", "bitsandbytes.optim:PagedAdamW", _BNB, cuda_only=True),
-    _spec("PagedAdamW32bit", "bitsandbytes.optim:PagedAdamW32bit", _BNB, cuda_only=True),
+    _spec("Lion8bit", "bitsandbytes.optim:Lion8bit", _BNB),
+    _spec("PagedAdamW8bit", "bitsandbytes.optim:PagedAdamW8bit", _BNB),
+    _spec("PagedLion8bit", "bitsandbytes.optim:PagedLion8bit", _BNB),
+    _spec("PagedAdamW", "bitsandbytes.optim:PagedAdamW", _BNB),
+    _spec("PagedAdamW32bit", "bitsandbytes.optim:PagedAdamW32bit", _BNB),
     _spec("RAdamScheduleFree", "pytorch_optimizer:ScheduleFreeRAdam", _PO, kind="schedule_free"),
     _spec("AdamWScheduleFree", "pytorch_optimizer:ScheduleFreeAdamW", _PO, kind="schedule_free"),
     _spec("SGDScheduleFree", "pytorch_optimizer:ScheduleFreeSGD", _PO, kind="schedule_free"),
@@ -135,20 +135,35 @@ def find_optimizer(name: str) -> OptimizerSpec:
 
 def _optimizer_class(spec: OptimizerSpec) -> type:
     module_name, class_name = spec.source.split(":")
-    needs = f"the {spec.package} package" + (" and a CUDA GPU" if spec.cuda_only else "")
-    if spec.cuda_only and not torch.cuda.is_available():
-        raise ConfigError(f"optimizer '{spec.name}' needs {needs}: bitsandbytes' 8-bit and paged "
-                          "optimizers run on CUDA only, and this machine has no CUDA device. Use "
-                          f"'{spec.name.replace('Paged', '').replace('8bit', '').replace('32bit', '')}' instead.")
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        raise ConfigError(f"optimizer '{spec.name}' needs {needs}; install it "
-                          f"(pip install {spec.package}) or choose another optimizer.") from None
+        when = "; without a CUDA GPU, version 0.50 or later" if spec.package == _BNB else ""
+        raise ConfigError(f"optimizer '{spec.name}' needs the {spec.package} package; install it "
+                          f"(pip install {spec.package}{when}) or choose another optimizer.") from None
     if not hasattr(module, class_name):
         raise ConfigError(f"optimizer '{spec.name}': the installed {spec.package} has no {class_name}; "
                           f"upgrade it (pip install -U {spec.package}).")
+    if spec.package == _BNB and not torch.cuda.is_available():
+        _check_bitsandbytes_on_cpu(spec)
     return getattr(module, class_name)
+
+
+BITSANDBYTES_CPU_SINCE = (0, 50)  # its CPU optimizer kernels came in 0.50.0 (bitsandbytes PR #1901)
+
+
+def _check_bitsandbytes_on_cpu(spec: OptimizerSpec) -> None:
+    import bitsandbytes
+
+    version = bitsandbytes.__version__
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < BITSANDBYTES_CPU_SINCE:
+        plain = spec.name.replace("Paged", "").replace("8bit", "").replace("32bit", "")
+        raise ConfigError(f"optimizer '{spec.name}': bitsandbytes {version} runs its 8-bit and paged optimizers "
+                          "on CUDA only, and this machine has no CUDA device. bitsandbytes 0.50 or later also "
+                          f"runs them on the CPU (pip install -U bitsandbytes); or use '{plain}'.")
+    if spec.name.startswith("Paged"):
+        logger.info("%s: paging moves optimizer state between GPU and CPU memory; without CUDA it has no "
+                    "effect (bitsandbytes runs the same optimizer unpaged).", spec.name)
 
 
 def _settings_of(function: Any, skip: tuple[str, ...]) -> list[str]:
