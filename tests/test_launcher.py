@@ -402,6 +402,16 @@ def test_traintrain_presets_verbatim_take_their_own_keys_and_pass_train_j_checks
     assert not (tmp_path / "temp").exists()
 
 
+def test_a_traintrain_key_with_parentheses_can_be_swept(said):
+    status = launch.main([str(REAL_TRAINTRAIN / "LoRA.json"), "--sweep",
+                          'image_size(height, width):["512,768", 640]', "--dry-run"])
+    assert status == 0, said
+    text = "\n".join(said)
+    assert 'run 1/2 [image_size(height, width)="512,768"]' in text
+    assert "run 2/2 [image_size(height, width)=640]" in text
+    assert text.count("would run ") == 2
+
+
 def test_a_bad_value_for_a_traintrain_key_names_that_key(said, capsys):
     with pytest.raises(SystemExit) as stopped:
         launch.main([str(REAL_TRAINTRAIN / "LoRA.json"), "--override",
