@@ -6,7 +6,6 @@ in-process through `difftrain.cli.main` (fast); the launcher's cases run it as a
 imports no torch, so that is cheap).
 """
 
-import errno
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difftrain.checkpoint import MANIFEST, Progress, save_checkpoint
+from difftrain.checkpoint import Progress, save_checkpoint
 from difftrain.cli import main
 from tests.test_trainer import TINY_SIMULATION
 
