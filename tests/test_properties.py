@@ -113,3 +113,25 @@ def test_any_overrides_on_any_config_apply_or_raise_config_error(data, edits):
         return
     assert len(changes) <= len(overrides)
     json.dumps(edited, allow_nan=True)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.text(max_size=6), json_values, min_size=1, max_size=6), st.data())
+def test_a_key_written_twice_is_refused_naming_the_lines_of_both(tmp_path, data, draw):
+    # One entry a line (nested values stay on their key's line); the copy goes anywhere after the
+    # first, so its line number is known. Keys and strings hold quotes, braces, colons, escapes.
+    entries = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in data.items()]
+    keys = list(data)
+    copied = draw.draw(st.sampled_from(keys))
+    first = keys.index(copied)
+    second = draw.draw(st.integers(min_value=first + 1, max_value=len(entries)))
+    entries.insert(second, f"  {json.dumps(copied)}: 0")
+    path = tmp_path / "twice.json"
+    path.write_text("{\n" + ",\n".join(entries) + "\n}\n", encoding="utf-8")
+    try:
+        read_json_object(path)
+    except ConfigError as error:
+        assert f"{copied!r} is written twice" in str(error)
+        assert f"(line {first + 2} and line {second + 2})" in str(error)  # line 1 is the '{'
+    else:
+        raise AssertionError("a duplicated key was accepted")
