@@ -15,11 +15,15 @@ import pytest
 import torch
 
 from difftrain.config import Config, validate_config_dict
+from difftrain.engine import run
 from difftrain.errors import ConfigError
 from difftrain.optim import (SCHEDULERS, evaluation_weights, find_optimizer, is_schedule_free, make_optimizer,
                              make_scheduler, parse_key_values, parse_step_rules)
 from difftrain.vocab.traintrain import load, translate
 from tests.test_bad_inputs import assert_user_error, field_data, tiny_settings, write  # noqa: F401  (field_data: a fixture)
+from tests.test_trainer import only_run_folder, tiny_config, tiny_field_data  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 TRAINTRAIN_OPTIMIZERS = [
     "AdamW", "AdamW8bit", "AdaFactor", "Lion", "Prodigy",
@@ -260,6 +264,24 @@ def test_a_missing_optimizer_package_exits_2_through_the_front_door(tmp_path, fi
     path = write(tmp_path / "c.json", dict(tiny_settings(tmp_path, field_data), optimizer="PagedAdamW8bit"))
     assert_user_error([path], ["optimizer 'PagedAdamW8bit' needs the bitsandbytes package",
                                "pip install bitsandbytes"], capsys, [tmp_path, field_data])
+
+
+@pytest.mark.parametrize("optimizer, schedule", [
+    ("CAME", "cosine_annealing"), ("AdamWScheduleFree", "cosine"), ("AdaFactor", "constant"),
+    ("AdamMini", "one_cycle"), ("AdamW8bit", "step"), ("Prodigy", "multi_step"),
+])
+def test_the_loop_resumes_each_kind_of_optimizer_exactly(tmp_path, tiny_field_data, optimizer, schedule):
+    """One optimizer of each library and kind through the whole loop: checkpoint at step 3, resume,
+    and the end weights equal the uninterrupted run's bit for bit (optimizer and schedule state kept)."""
+    if optimizer == "AdamW8bit" and not bitsandbytes_runs_here():
+        pytest.skip("bitsandbytes cannot run here")
+    settings = dict(optimizer=optimizer, lr_scheduler=schedule, max_epochs=1)
+    assert run(tiny_config(tmp_path / "full", tiny_field_data, ckpt_every_n_steps=3, **settings)) == 0
+    middle = next((tmp_path / "full" / "logs").iterdir()) / "ckpts" / "tiny-ep00-gs00003"
+    assert run(tiny_config(tmp_path / "resumed", tiny_field_data, resume_ckpt=str(middle), **settings)) == 0
+    a = torch.load(only_run_folder(tmp_path / "full") / "state.pth", weights_only=True)
+    b = torch.load(only_run_folder(tmp_path / "resumed") / "state.pth", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 # ---- schedules -------------------------------------------------------------------------------------
