@@ -412,13 +412,6 @@ SecondPass = create_model(  # type: ignore[call-overload]
     **{name: (Optional[_type_with_bounds(name)], None) for name in PER_PASS_NAMES},
 )
 
-# train_j.py starts from TrainTrain's defaults where they differ from the engine's (EveryDream2's),
-# so a TrainTrain preset that leaves a key out trains as it did there.
-TRAINTRAIN_DEFAULTS: dict[str, Any] = {
-    "mode": "LoRA", "max_steps": 1000, "lr": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 0,
-    "seed": -1, "min_snr_gamma": 5.0, "sample_steps": 0, "tracker": "none",
-}
-
 # Keys the reference trainers write that carry no meaning here; accepted so presets load unchanged.
 IGNORED_KEYS = frozenset({"$schema", "mode_specific", "neg_prompt", "original_prompt_weight"})
 
@@ -458,7 +451,7 @@ def validate_config_dict(data: Any, source: str = "config",
     """Validate a parsed JSON config (canonical names, aliases, or both) into a Config.
 
     `defaults` (canonical names) fill the keys `data` leaves out: a door's own defaults, such as
-    TRAINTRAIN_DEFAULTS for train_j.py.
+    TrainTrain's for train_j.py (difftrain.vocab.traintrain.DEFAULTS).
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object {{...}}, "

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from difftrain.cli import config_from_argv, main
-from difftrain.config import (ALIASES, FIELD_NAMES, TRAINTRAIN_DEFAULTS, Config, export_json_schema,
+from difftrain.config import (ALIASES, FIELD_NAMES, Config, export_json_schema,
                               load_config, validate_config_dict)
 from difftrain.errors import ConfigError
+from difftrain.vocab.traintrain import DEFAULTS as TRAINTRAIN_DEFAULTS
 from difftrain.jsonfile import read_json_object
 
 REPO = Path(__file__).resolve().parents[1]
