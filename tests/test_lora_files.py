@@ -468,3 +468,21 @@ def test_metadata_has_what_kohya_writes(tmp_path, sd15):
     _, written = lora_io.read_lora_file(path)
     assert written["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
     assert re.fullmatch(r"[0-9a-f]{8}", written["sshs_legacy_hash"])
+
+
+@pytest.mark.parametrize("preset", ["LoRA.json", "Difference_Use2ndPass.json", "ADDifT_Style_XL.json", "iLECO.json"])
+def test_save_as_json_writes_traintrain_keys_that_load_back_as_the_same_run(preset, tmp_path):
+    from pathlib import Path
+
+    from difftrain.vocab import traintrain
+    from difftrain.vocab.traintrain_export import traintrain_settings
+
+    shipped = json.loads((Path(__file__).parent / "real_files" / "traintrain" / preset).read_text(encoding="utf-8"))
+    shipped.update({"model": "base.safetensors", "image_size(height, width)": "512,768"})
+    config = traintrain.load(None, data=shipped, say_notes=False)
+    written = traintrain_settings(config)
+    assert set(written) <= set(traintrain.TABLE.rows)  # TrainTrain's names only
+    assert written["image_size(height, width)"] == "512,768"
+    (tmp_path / "run.json").write_text(json.dumps(written), encoding="utf-8")
+    again = traintrain.load(tmp_path / "run.json", say_notes=False)
+    assert again.model_dump() == config.model_dump()
