@@ -3,9 +3,10 @@
 The names are TrainTrain's (its optimizer list and its 15 schedulers) plus any torch.optim class.
 Each optimizer comes from a library made for it: torch.optim, pytorch-optimizer (D-Adaptation,
 Prodigy, schedule-free, Lion, CAME, Tiger, Adam-mini), bitsandbytes (8-bit and paged: on CUDA, and
-on the CPU from bitsandbytes 0.50) and transformers (Adafactor, the one TrainTrain uses). Settings strings are TrainTrain's: `key=value`
-pairs separated by ';' or new lines, each value read as a Python literal (`betas=(0.9,0.99)`,
-`eta_min=1e-6`, `milestones=[100,200]`), or as plain text when it is not one (`mode=triangular2`).
+on the CPU from bitsandbytes 0.50) and transformers (Adafactor, the one TrainTrain uses).
+Settings strings are TrainTrain's: `key=value` pairs separated by ';' or new lines, each value read
+as a Python literal (`betas=(0.9,0.99)`, `eta_min=1e-6`, `milestones=[100,200]`), or as plain text
+when it is not one (`mode=triangular2`).
 
 Two kinds of optimizer set their own learning rate over time, so the run's schedule steps aside
 for them (as in TrainTrain): the schedule-free ones (their averaged weights are the ones to
@@ -211,8 +212,8 @@ def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> torch.optim.
     lr: Optional[float] = config.lr
     if spec.kind == "adafactor" and settings.get("relative_step"):
         # Adafactor then computes its own step size and refuses an lr, per group too.
-        logger.info("AdaFactor with relative_step=True chooses its own learning rate: lr, the text "
-                    "encoder's lr and lr_scheduler have no effect (relative_step=False uses them).")
+        logger.info("AdaFactor with relative_step=True chooses its own learning rate: lr and the text "
+                    "encoder's lr have no effect (relative_step=False uses them).")
         lr = None
         for group in groups:
             group.pop("lr", None)

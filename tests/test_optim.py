@@ -20,7 +20,8 @@ from difftrain.errors import ConfigError
 from difftrain.optim import (SCHEDULERS, evaluation_weights, find_optimizer, is_schedule_free, make_optimizer,
                              make_scheduler, parse_key_values, parse_step_rules)
 from difftrain.vocab.traintrain import load, translate
-from tests.test_bad_inputs import assert_user_error, field_data, tiny_settings, write  # noqa: F401  (field_data: a fixture)
+from tests.test_bad_inputs import field_data  # noqa: F401  (a fixture)
+from tests.test_bad_inputs import assert_user_error, tiny_settings, write
 from tests.test_trainer import only_run_folder, tiny_config, tiny_field_data  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
