@@ -31,18 +31,23 @@ def exit_on_user_error(program: str) -> Iterator[None]:
 
 
 def closest_matches(word: str, candidates: Iterable[str], limit: int = 3) -> list[str]:
-    """The candidates that look most like `word`, best first.
+    """The candidates that look most like `word`, best first, as the candidates spell them.
 
-    Whole names are compared first; then, for dot-paths (``2nd pass.train_learning_rate``), the
-    last parts, so a typo deep in a path still finds the key it meant.
+    Case is ignored ('adamw' finds 'AdamW'). Whole names are compared first; then, for dot-paths
+    (``2nd pass.train_learning_rate``), the last parts, so a typo deep in a path still finds the key
+    it meant.
     """
-    names = list(dict.fromkeys(candidates))
-    whole = difflib.get_close_matches(word, names, n=limit, cutoff=0.6)
+    spelled: dict[str, str] = {}
+    for name in candidates:
+        spelled.setdefault(name.lower(), name)
     by_last_part: dict[str, str] = {}
-    for name in names:
-        by_last_part.setdefault(name.rsplit(".", 1)[-1], name)
+    for lowered in spelled:
+        by_last_part.setdefault(lowered.rsplit(".", 1)[-1], lowered)
+    word = word.lower()
+    whole = difflib.get_close_matches(word, list(spelled), n=limit, cutoff=0.6)
     last_parts = difflib.get_close_matches(word.rsplit(".", 1)[-1], list(by_last_part), n=limit, cutoff=0.6)
-    return list(dict.fromkeys(whole + [by_last_part[part] for part in last_parts]))[:limit]
+    found = dict.fromkeys(whole + [by_last_part[part] for part in last_parts])
+    return [spelled[lowered] for lowered in found][:limit]
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:

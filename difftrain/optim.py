@@ -16,7 +16,6 @@ evaluate and save: see `evaluation_weights`), and Adafactor with `relative_step=
 from __future__ import annotations
 
 import ast
-import difflib
 import importlib
 import inspect
 import logging
@@ -31,7 +30,7 @@ from torch import nn
 from torch.optim import lr_scheduler as torch_schedulers
 
 from difftrain.config import Config
-from difftrain.errors import ConfigError
+from difftrain.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +49,6 @@ def parse_key_values(text: str, where: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: '{part}' holds two settings; separate pairs with ';'.") from None
             result[key] = value
     return result
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word.lower(), [choice.lower() for choice in choices], n=1, cutoff=0.6)
-    spelled = {choice.lower(): choice for choice in choices}
-    return f" Did you mean '{spelled[close[0]]}'?" if close else ""
 
 
 # ---- optimizers ---------------------------------------------------------------------------------
@@ -130,7 +123,7 @@ def find_optimizer(name: str) -> OptimizerSpec:
         if attr.lower() == key and isinstance(candidate, type) and issubclass(candidate, torch.optim.Optimizer):
             return OptimizerSpec(attr, f"torch.optim:{attr}", "torch")
     names = [spec.name for spec in OPTIMIZERS.values()]
-    raise ConfigError(f"optimizer '{name}' is unknown.{_did_you_mean(name, names)} Use one of "
+    raise ConfigError(f"optimizer '{name}' is unknown.{did_you_mean(name, names)} Use one of "
                       f"{', '.join(names)}, or another torch.optim class name.")
 
 
@@ -187,7 +180,7 @@ def _optimizer_settings(config: Config, spec: OptimizerSpec, optimizer_class: ty
         key = RENAMED_SETTINGS.get(key, key) if spec.package == _PO else key
         if key not in allowed:
             hint = " Set the learning rate with lr (train_learning_rate)." if key == "lr" else \
-                _did_you_mean(key, allowed)
+                did_you_mean(key, allowed)
             raise ConfigError(f"optimizer_settings '{text}': {spec.name} has no setting '{key}'.{hint} "
                               f"Its settings: {', '.join(allowed)}.")
         if key in spec.fixed and value != spec.fixed[key]:
@@ -379,7 +372,7 @@ def _torch_scheduler(config: Config, optimizer: torch.optim.Optimizer, settings:
     for key in settings:
         if key not in allowed:
             raise ConfigError(f"lr_scheduler_settings '{config.lr_scheduler_settings}': '{key}' is not a "
-                              f"setting of {name}.{_did_you_mean(key, allowed)} Its settings: {', '.join(allowed)}.")
+                              f"setting of {name}.{did_you_mean(key, allowed)} Its settings: {', '.join(allowed)}.")
     arguments = {key: run if value == "run" else value for key, value in defaults.items()} | settings
     for key in ("max_lr", "base_lr"):
         if key in arguments and key not in settings:
@@ -401,7 +394,7 @@ def _diffusers_scheduler(config: Config, optimizer: torch.optim.Optimizer, setti
     for key in settings:
         if key not in known:
             raise ConfigError(f"lr_scheduler_settings '{config.lr_scheduler_settings}': '{key}' is not a "
-                              f"setting of {name}.{_did_you_mean(key, sorted(known))} "
+                              f"setting of {name}.{did_you_mean(key, sorted(known))} "
                               f"{name} takes {takes or 'no settings'}.")
         if key != takes:
             logger.info("lr_scheduler_settings: '%s' has no effect with lr_scheduler '%s'.", key, name)

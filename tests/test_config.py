@@ -92,6 +92,15 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     assert "unknown key 'max_epoch'" in str(error.value) and "'max_epochs'" in str(error.value)
 
 
+def test_the_one_did_you_mean_ignores_case_and_keeps_the_candidates_spelling(tmp_path):
+    from difftrain.errors import did_you_mean
+
+    assert did_you_mean("adamw", ["AdamW", "SGD"]) == " Did you mean 'AdamW'?"
+    assert did_you_mean("zzz", ["AdamW", "SGD"]) == ""
+    with pytest.raises(ConfigError, match="unknown key 'Max_Epoch'. Did you mean 'max_epochs'"):
+        load_config(write(tmp_path, '{"Max_Epoch": 3}'))
+
+
 def test_wrong_type_names_key_expected_type_and_value():
     with pytest.raises(ConfigError) as error:
         validate_config_dict({"batch_size": "four"}, "my.json")
