@@ -271,10 +271,14 @@ class LatentUNetTask:
     latents and text embeddings made once: the engine's loop at the size of a real fine-tune,
     with no VAE or text encoder in the way (the UNet is where a fine-tune's time goes).
 
-    Satisfies `difftrain.trainer.Task`. The batch is (latents (B, 4, h, w), conditioning dict).
+    Satisfies `difftrain.tasks.base.Task`. The batch is (latents (B, 4, h, w), conditioning dict).
     """
 
     def __init__(self, family: str, resolution: int, batch_size: int, accelerator: Any, *, smoke: bool):
+        from difftrain.tasks.base import TaskDefaults, TaskParts
+
+        self.defaults = TaskDefaults(from_scratch=True)
+        self.parts = TaskParts(samples=self, validation=self)
         import torch
         from diffusers import UNet2DConditionModel
 
@@ -358,14 +362,14 @@ def sd_alphas_cumprod():
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def make_engine_task(args, config, accelerator):
+def make_engine_task(args, config, accelerator, start):
     """The task the engine trains in these benchmarks: the real Kolmogorov task, or the latent
     UNet task for --sd15-size / --sdxl-size."""
     family = wants_sd_unet(args)
     if family is None:
         from difftrain.tasks.kolmogorov import KolmogorovTask
 
-        return KolmogorovTask(config, accelerator)
+        return KolmogorovTask(config, accelerator, start)
     resolution = args.resolution or (1024 if family == "sdxl" else 512)
     if args.smoke:
         resolution = 64
@@ -396,6 +400,7 @@ class StepProbe:
 def run_engine(args, max_steps: int, on_step_start: Callable[[int, Any, Any], None]) -> Any:
     """Run the real `Trainer` for `max_steps` with `on_step_start(epoch, task, accelerator)` called
     at the start of each step. Returns the Trainer (its accelerator and task stay usable)."""
+    from difftrain.tasks.base import FactoryFunction, TaskDefaults
     from difftrain.trainer import Trainer
 
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
@@ -403,13 +408,15 @@ def run_engine(args, max_steps: int, on_step_start: Callable[[int, Any, Any], No
     config = engine_config(args, workdir, max_steps=max_steps)
     holder: dict[str, Any] = {}
 
-    def factory(config, accelerator):
-        task = make_engine_task(args, config, accelerator)
+    def build(config, accelerator, start):
+        task = make_engine_task(args, config, accelerator, start)
         holder["task"], holder["accelerator"] = task, accelerator
         return StepProbe(task, lambda epoch: on_step_start(epoch, holder["task"], holder["accelerator"]))
 
     if wants_sd_unet(args) and args.batch_size is None:
         config = config.model_copy(update={"batch_size": 4})
+    # Both tasks build their networks from nothing (random weights).
+    factory = FactoryFunction(build, TaskDefaults(from_scratch=True))
     trainer = Trainer(config, factory, program="bench")
     exit_code = trainer.run()
     if exit_code != 0:

@@ -138,6 +138,7 @@ def main() -> None:
         block_steps = 1
 
     from difftrain.engine import task_factory
+    from difftrain.tasks.base import FactoryFunction
     from difftrain.tiny import make_tiny
     from difftrain.trainer import Trainer
 
@@ -157,11 +158,11 @@ def main() -> None:
         config = sd_config(args, model, data, folder / "run", alternation.steps_for(blocks), args.resolution)
         sd_task = task_factory(config)
 
-        def factory(config, accelerator):
-            task = sd_task(config, accelerator)
+        def build(config, accelerator, start):
+            task = sd_task(config, accelerator, start)
             return common.StepProbe(task, lambda epoch: alternation.on_step_start(epoch, task, accelerator))
 
-        exit_code = Trainer(config, factory, program="bench").run()
+        exit_code = Trainer(config, FactoryFunction(build, sd_task.defaults), program="bench").run()
         if exit_code != 0:
             raise SystemExit(f"the engine stopped with exit code {exit_code}")
     ours, peer = alternation.summary()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from difftrain.errors import ConfigError
+from difftrain.tasks.base import StartPoint
 
 # trainer_state.pt holds the optimizer state under one of these keys: torch.optim's own state_dict
 # (one process, data parallel), the whole state keyed by parameter name (FSDP), or the name of the
@@ -298,7 +299,8 @@ _VERIFIED: dict[tuple[str, int], bool] = {}
 
 
 def _hashes_match(folder: Path) -> bool:
-    # The trainer and a task may both resolve the same checkpoint: hash gigabytes only once.
+    # A run resolves its start once, but one process may run several (Difference's two passes,
+    # tests): hash gigabytes only once per folder version.
     key = (str(folder.resolve()), (folder / MANIFEST).stat().st_mtime_ns)
     if key not in _VERIFIED:
         _VERIFIED[key] = why_incomplete(folder, check_hashes=True) is None
@@ -332,6 +334,27 @@ def resolve_resume(resume_ckpt: str, logdir: Path, project: str, log: Callable[[
         verify_checkpoint(candidate)
         return candidate
     return None
+
+
+def resolve_start(config: Any, from_scratch: bool, log: Callable[[str], None]) -> StartPoint:
+    """Where a run's weights come from: the checkpoint `config.resume_ckpt` names (or 'findlast'
+    finds), else the base model it names. Called once, on the main process (difftrain.trainer).
+
+    `from_scratch`: the task builds its network from nothing, so resume_ckpt left at its default
+    (or empty) means a fresh start, and anything else must be a checkpoint.
+    """
+    from difftrain.config import Config
+
+    name = config.resume_ckpt
+    if from_scratch and name in ("", Config.model_fields["resume_ckpt"].default):
+        return StartPoint()
+    found = resolve_resume(name, Path(config.logdir), config.project_name, log)
+    if found is not None:
+        return StartPoint(checkpoint=found)
+    if from_scratch:
+        raise ConfigError(f"resume_ckpt '{name}' is not a checkpoint folder (it has no "
+                          "trainer_state.json). Point it at logs/<run>/ckpts/<folder> or use 'findlast'.")
+    return StartPoint(base=name)
 
 
 def new_log_folder(logdir: Path, project: str) -> Path:

@@ -7,7 +7,7 @@ import sys
 
 from difftrain.config import Config
 from difftrain.errors import ConfigError
-from difftrain.trainer import Trainer, TrainingStopped
+from difftrain.trainer import Trainer, TrainingStopped, decide_start
 
 TRAINING_FAILED_EXIT_CODE = 1
 
@@ -57,7 +57,7 @@ def run(config: Config, program: str = "difftrain") -> int:
     mode_runner = getattr(factory, "run_mode", None)
     try:
         if mode_runner is not None:
-            return mode_runner(config, program=program)
+            return mode_runner(config, decide_start(config, factory), program=program)
         return Trainer(config, factory, program=program).run()
     except TrainingStopped as stop:
         print(f"{program}: training stopped: {stop}", file=sys.stderr)

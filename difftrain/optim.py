@@ -338,13 +338,15 @@ def parse_step_rules(rules: str) -> list[tuple[float, int]]:
     return result
 
 
-def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_units: int):
+def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_units: int,
+                   warmup_fraction: float = 0.0):
     """The learning-rate schedule config.lr_scheduler names. A unit is an optimizer step or an
-    epoch (scheduler_interval); total_units is the run's length in those units."""
+    epoch (scheduler_interval); total_units is the run's length in those units. `warmup_fraction`:
+    the task's warm-up when lr_warmup_steps is unset, as a fraction of the decay (TaskDefaults)."""
     decay = config.lr_decay_steps or total_units
     warmup = config.lr_warmup_steps
     if warmup is None:
-        warmup = 0 if config.mode != "Full" or config.task == "kolmogorov" else int(0.02 * decay)
+        warmup = int(warmup_fraction * decay)
     name, settings = config.lr_scheduler, parse_key_values(config.lr_scheduler_settings, "lr_scheduler_settings")
     if getattr(optimizer, "param_groups", None) and (
             is_schedule_free(optimizer) or optimizer.param_groups[0].get("relative_step")):

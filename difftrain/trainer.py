@@ -16,50 +16,22 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from difftrain.checkpoint import (Progress, checkpoint_name, load_trainer_tensors, new_log_folder,
-                                  read_progress, resolve_resume, save_checkpoint,
+                                  read_progress, resolve_start, save_checkpoint,
                                   save_tensors_atomically, write_file_atomically)
 from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.optim import make_optimizer, make_scheduler
 from difftrain.sharding import model_states, models_load_whole, place_staged_files, sharding_kind
+from difftrain.tasks.base import StartPoint, TaskFactory
 from difftrain.tracking import NullTracker, Tracker, create_run_folder, make_run_name
 
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class Task(Protocol):
-    """What a task gives the loop. Batches are lists of item indices drawn by `epoch_batches`."""
-
-    model: nn.Module  # the module whose parameters train (wrapped by accelerate)
-
-    def parameter_groups(self) -> list[dict[str, Any]]: ...
-    def epoch_batches(self, epoch: int, rank: int, world_size: int) -> Sequence[Sequence[int]]: ...
-    def collate(self, indices: Sequence[int], epoch: int) -> Any: ...
-    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor: ...
-    def validation_loss(self, model: nn.Module) -> Optional[float]: ...
-    def samples(self, model: nn.Module) -> dict[str, Any]: ...
-    def write_model(self, model: nn.Module, folder: Path) -> None: ...
-    def load_model(self, model: nn.Module, folder: Path) -> None: ...
-    def run_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
-
-    # Optional hooks. before_batch(global_step, epoch): before each micro-batch (e.g. ADDifT picks
-    # its direction from the step, so a resumed run alternates exactly as the original did).
-    # after_step(model, global_step, log_folder): main process, after an optimizer step for which
-    # exports_at(global_step) is true (intermediate exports such as TrainTrain's save_per_steps;
-    # asked first because under FSDP handing over the whole model is a gather). finish(model, log_folder, run_dir):
-    # main process, once, after a run completes (not after an interrupt): the user-facing export.
-
-    # Only with rectified_flow (velocity_fn(z, s, **cond) in difftrain.objectives' time convention):
-    def flow_velocity_fn(self, model: nn.Module) -> Any: ...
-    def flow_probe(self) -> tuple[torch.Tensor, Optional[dict[str, Any]]]: ...  # fixed noise, cond
-    def reflow_inputs(self, stage: int, batches: int) -> tuple[list[torch.Tensor], Optional[list[Any]]]: ...
-    def use_reflow_pairs(self, pairs: Optional[Any]) -> None: ...  # None: train on the data again
 
 
 class TrainingStopped(Exception):
@@ -114,10 +86,52 @@ class StopRequest:
             signal.signal(sig, previous)
 
 
+def decide_on_main(state: Any, decide):
+    """decide() on the main process; every process returns its result or raises its error.
+
+    `state`: accelerate's Accelerator or PartialState (is_main_process, num_processes). Deciding
+    once keeps the processes consistent (one drawn seed, one checkpoint, one run folder), and
+    sharing a failure stops the others instead of leaving them waiting forever for a process that
+    has gone. The result must be picklable.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list[Any] = [None, None, None]  # result, ConfigError message, other failure
+    failure: Optional[BaseException] = None
+    if state.is_main_process:
+        try:
+            outcome[0] = decide()
+        except ConfigError as error:
+            outcome[1] = str(error)
+        except BaseException as error:
+            failure, outcome[2] = error, repr(error)
+    if state.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    if failure is not None:
+        raise failure
+    if outcome[1] is not None:
+        raise ConfigError(outcome[1])
+    if outcome[2] is not None:
+        raise RuntimeError(f"the main process failed: {outcome[2]}")
+    return outcome[0]
+
+
+def decide_start(config: Config, task_factory: TaskFactory, state: Any = None) -> StartPoint:
+    """The run's start point, resolved on the main process alone and shared with every process:
+    'findlast' could otherwise see a checkpoint appear between two processes' searches."""
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+    from_scratch = task_factory.defaults.from_scratch
+    return decide_on_main(state, lambda: resolve_start(config, from_scratch, _say))
+
+
 class Trainer:
     """Runs one task to the end (or to a stop), writing logs/, runs/ and checkpoints."""
 
-    def __init__(self, config: Config, task_factory, *, program: str = "difftrain"):
+    def __init__(self, config: Config, task_factory: TaskFactory, *, program: str = "difftrain",
+                 start: Optional[StartPoint] = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -136,11 +150,10 @@ class Trainer:
         set_seed(self.config.seed)
         self.logdir = Path(self.config.logdir)
         self.main_log_folder: Optional[Path] = None  # the main process's, known on every process
-        # One process picks the checkpoint ('findlast' could otherwise see a folder appear between
-        # two processes' searches), and all resume from it.
-        self.resume_from = self._decide_on_main(self._find_resume)
+        # `start`: already decided by a caller that runs several trainers (Difference's passes).
+        self.start = start if start is not None else decide_start(self.config, task_factory, self.accelerator)
         with models_load_whole(self.accelerator):
-            self.task = task_factory(self.config, self.accelerator)
+            self.task = task_factory(self.config, self.accelerator, self.start)
 
     # ---- run ------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -148,6 +161,10 @@ class Trainer:
         from accelerate.utils import gather_object
 
         config, accelerator, task = self.config, self.accelerator, self.task
+        parts = task.parts
+        if config.rectified_flow and parts.flow is None:
+            raise ConfigError(f"rectified_flow is not available for task '{config.task}' with mode "
+                              f"'{config.mode}'. Turn rectified_flow off.")
         device = accelerator.device
         progress = Progress(seed=config.seed, project_name=config.project_name, task=config.task)
         model = task.model
@@ -167,7 +184,7 @@ class Trainer:
         total_steps = stage0_steps + config.reflow_steps * config.reflow_train_epochs * reflow_steps_per_epoch
         max_epochs = schedule.total_epochs
         units = max_epochs if config.scheduler_interval == "epoch" else total_steps
-        scheduler = make_scheduler(config, optimizer, units)
+        scheduler = make_scheduler(config, optimizer, units, task.defaults.warmup_fraction)
         self.states = states = model_states(accelerator, model, config)  # before prepare: FSDP shards in place
         model, optimizer = accelerator.prepare(model, optimizer)
         if states.description and self.is_main:
@@ -175,7 +192,7 @@ class Trainer:
         generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
         generator.manual_seed(config.seed * 1000 + rank)
 
-        if self.resume_from is not None:
+        if self.start.checkpoint is not None:
             progress = self._resume(model, optimizer, scheduler, generator)
 
         run_dir, tracker, log_folder = self._open_outputs()
@@ -184,7 +201,7 @@ class Trainer:
         no_interval = not (config.save_every_n_epochs or config.ckpt_every_n_steps)
         ckpt_minutes = config.ckpt_every_n_minutes or (20.0 if no_interval else 0.0)
         last_save = time.monotonic()
-        last_checkpoint: Optional[Path] = self.resume_from
+        last_checkpoint: Optional[Path] = self.start.checkpoint
 
         def checkpoint(prefix: str = "") -> Optional[Path]:
             nonlocal last_save, last_checkpoint
@@ -227,14 +244,14 @@ class Trainer:
         with StopRequest(repeat_grace_s=2.0 if world > 1 else 0.0) as stop:
             try:
                 while progress.epoch < max_epochs and progress.global_step < total_steps:
-                    if config.rectified_flow:
+                    if parts.flow is not None:
                         self._enter_stage(schedule, progress, model, log_folder, tracker)
                     model.train()
                     batches = task.epoch_batches(progress.epoch, rank, world)
                     for index in range(progress.batch_in_epoch, len(batches)):
                         batch = task.collate(batches[index], progress.epoch)
-                        if hasattr(task, "before_batch"):
-                            task.before_batch(progress.global_step, progress.epoch)
+                        if parts.before_batch is not None:
+                            parts.before_batch(progress.global_step, progress.epoch)
                         with accelerator.accumulate(model):
                             with accelerator.autocast():
                                 loss = task.loss(model, batch, generator)
@@ -270,12 +287,13 @@ class Trainer:
                         # refresh=False: redrawing is bar.update's job, throttled by tqdm's mininterval.
                         bar.set_postfix(epoch=progress.epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
                         bar.update(1)
-                        if config.sample_steps and progress.global_step % config.sample_steps == 0:
+                        if parts.samples is not None and config.sample_steps and \
+                                progress.global_step % config.sample_steps == 0:
                             self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
-                        if hasattr(task, "after_step") and task.exports_at(progress.global_step):
+                        if parts.exports is not None and parts.exports.exports_at(progress.global_step):
                             with states.whole_model(model) as whole:
                                 if whole is not None:
-                                    task.after_step(whole, progress.global_step, log_folder)
+                                    parts.exports.after_step(whole, progress.global_step, log_folder)
                         if stopping:
                             break
                         if checkpoint_due or \
@@ -294,7 +312,7 @@ class Trainer:
                         if config.scheduler_interval == "epoch":
                             scheduler.step()
                         self._validate(model, tracker, progress)
-                        if config.rectified_flow and (progress.epoch == max_epochs or
+                        if parts.flow is not None and (progress.epoch == max_epochs or
                                                       schedule.position(progress.epoch).epoch_in_stage == 0):
                             self._measure_flow(model, tracker, progress)
                         if config.save_every_n_epochs and progress.epoch % config.save_every_n_epochs == 0:
@@ -309,11 +327,12 @@ class Trainer:
                 else:
                     saved = checkpoint("last-")
                     bar.close()
-                    self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
-                    if hasattr(task, "finish"):
+                    if parts.samples is not None:
+                        self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)
+                    if parts.exports is not None:
                         with states.whole_model(model) as whole:
                             if whole is not None:
-                                task.finish(whole, log_folder, run_dir)
+                                parts.exports.finish(whole, log_folder, run_dir)
             finally:
                 bar.close()
                 tracker.close()
@@ -327,18 +346,6 @@ class Trainer:
         return exit_code
 
     # ---- pieces -----------------------------------------------------------------------------------
-    def _find_resume(self) -> Optional[Path]:
-        """The checkpoint to continue from; None when resume_ckpt names a base model (or nothing)."""
-        name = self.config.resume_ckpt
-        from_scratch = self.config.task == "kolmogorov"
-        if from_scratch and name in ("", Config.model_fields["resume_ckpt"].default):
-            return None
-        found = resolve_resume(name, self.logdir, self.config.project_name, _say)
-        if found is None and from_scratch:
-            raise ConfigError(f"resume_ckpt '{name}' is not a checkpoint folder (it has no "
-                              "trainer_state.json). Point it at logs/<run>/ckpts/<folder> or use 'findlast'.")
-        return found
-
     def _reflow_schedule(self, stage0_epochs: int):
         from difftrain.reflow import ReflowSchedule
 
@@ -363,7 +370,7 @@ class Trainer:
         position = schedule.position(progress.epoch)
         progress.stage, progress.epoch_in_stage = position.stage, position.epoch_in_stage
         if position.stage == 0:
-            self.task.use_reflow_pairs(None)
+            self.task.parts.flow.use_reflow_pairs(None)
             return
         if "reflow_root" not in progress.extra:
             progress.extra["reflow_root"] = str((log_folder or self.main_log_folder or
@@ -374,11 +381,11 @@ class Trainer:
                 if whole is not None:
                     _say(f"reflow {position.stage}/{schedule.reflow_steps}: generating "
                          f"{schedule.samples_per_iteration} pairs with {schedule.simulation_steps} Euler steps")
-                    velocity = self.task.flow_velocity_fn(whole)
-                    noise, cond = self.task.reflow_inputs(position.stage, self.config.reflow_gen_batches)
+                    velocity = self.task.parts.flow.flow_velocity_fn(whole)
+                    noise, cond = self.task.parts.flow.reflow_inputs(position.stage, self.config.reflow_gen_batches)
                     generate_reflow_pairs(velocity, noise, schedule.simulation_steps, cond, pairs_dir)
             self.accelerator.wait_for_everyone()
-        self.task.use_reflow_pairs(ReflowPairDataset(pairs_dir))
+        self.task.parts.flow.use_reflow_pairs(ReflowPairDataset(pairs_dir))
 
     def _measure_flow(self, model, tracker, progress: Progress) -> None:
         """Straightness and 1-step vs N-step distance on fixed noise, at the end of each stage."""
@@ -387,8 +394,8 @@ class Trainer:
         with self._evaluating(model) as whole:
             if whole is None:
                 return
-            velocity = self.task.flow_velocity_fn(whole)
-            noise, cond = self.task.flow_probe()
+            velocity = self.task.parts.flow.flow_velocity_fn(whole)
+            noise, cond = self.task.parts.flow.flow_probe()
             steps = self.config.sample_inference_steps
             metrics = {"straightness": straightness(velocity, noise, steps, cond=cond),
                        "one_vs_n_step_distance": one_step_vs_n_step_distance(velocity, noise, steps, cond=cond),
@@ -398,7 +405,7 @@ class Trainer:
              f"1-step vs {steps}-step distance {metrics['one_vs_n_step_distance']:.4f}")
 
     def _resume(self, model, optimizer, scheduler, generator) -> Progress:
-        folder = self.resume_from
+        folder = self.start.checkpoint
         assert folder is not None
         progress = read_progress(folder)
         if progress.task and progress.task != self.config.task:
@@ -481,32 +488,7 @@ class Trainer:
         return opened["run_dir"], opened["tracker"], opened["log_folder"]
 
     def _decide_on_main(self, decide):
-        """decide() on the main process; every process returns its result or raises its error.
-
-        Deciding once keeps the processes consistent (one drawn seed, one checkpoint, one run
-        folder), and sharing a failure stops the others instead of leaving them waiting forever
-        for a process that has gone. The result must be picklable.
-        """
-        from accelerate.utils import broadcast_object_list
-
-        outcome: list[Any] = [None, None, None]  # result, ConfigError message, other failure
-        failure: Optional[BaseException] = None
-        if self.is_main:
-            try:
-                outcome[0] = decide()
-            except ConfigError as error:
-                outcome[1] = str(error)
-            except BaseException as error:
-                failure, outcome[2] = error, repr(error)
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(outcome, from_process=0)
-        if failure is not None:
-            raise failure
-        if outcome[1] is not None:
-            raise ConfigError(outcome[1])
-        if outcome[2] is not None:
-            raise RuntimeError(f"the main process failed: {outcome[2]}")
-        return outcome[0]
+        return decide_on_main(self.accelerator, decide)
 
     def _check_process_group(self) -> None:
         sharding_kind(self.accelerator)  # refuses Megatron-LM / FSDP1 before the task loads its models
@@ -558,7 +540,8 @@ class Trainer:
         if progress.epoch % self.config.validate_every_n_epochs:
             return
         with self._evaluating(model) as whole:
-            value = self.task.validation_loss(whole) if whole is not None else None
+            validation = self.task.parts.validation
+            value = validation.validation_loss(whole) if whole is not None and validation is not None else None
         if value is not None:
             tracker.log({"epoch": progress.epoch, "loss_valid": value}, step=progress.global_step)
 
@@ -567,7 +550,7 @@ class Trainer:
         with self._evaluating(model, autocast=False) as whole:
             if whole is None:
                 return
-            images = self.task.samples(whole)  # images and metrics
+            images = self.task.parts.samples.samples(whole)  # images and metrics
         pictures = {key: value for key, value in images.items() if hasattr(value, "save")}
         numbers = {key: value for key, value in images.items() if not hasattr(value, "save")}
         for folder in filter(None, (run_dir, log_folder)):

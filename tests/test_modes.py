@@ -23,6 +23,17 @@ from difftrain.tiny import single_file_path
 REPO = Path(__file__).resolve().parents[1]
 CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
 
+
+def start_of(config):
+    """The start point the engine resolves for `config` (its base model, or the checkpoint it names)."""
+    from difftrain.checkpoint import resolve_start
+
+    return resolve_start(config, from_scratch=False, log=print)
+
+
+def built(task_class, config):
+    return task_class(config, CPU, start_of(config))
+
 # Tiny convolutions on shared cores run several times faster without intra-op threads.
 torch.set_num_threads(1)
 
@@ -126,8 +137,8 @@ def test_addift_loss_uses_the_frozen_prediction_of_the_other_image(tmp_path, pai
     from difftrain.modes.addift import ADDifTTask
 
     original, target = pair
-    task = ADDifTTask(mode_config(tmp_path, tiny_sd15, mode="ADDifT", original_image=str(original),
-                                  target_image=str(target)), CPU)
+    task = built(ADDifTTask, mode_config(tmp_path, tiny_sd15, mode="ADDifT", original_image=str(original),
+                                         target_image=str(target)))
     batch = task.collate([0], 0)
     task.before_batch(0, 0)
     loss = task.loss(task.model, batch, torch.Generator().manual_seed(3))
@@ -167,7 +178,7 @@ def test_multi_addift_on_sdxl_pairs_by_name_and_refuses_a_folder_without_pairs(t
                          batch_size=2, max_steps=2, save_lora_name="multi")
     from difftrain.modes.addift import ADDifTTask
 
-    task = ADDifTTask(config, CPU)
+    task = built(ADDifTTask, config)
     assert task.pair_count == 2
     assert [item.path.name for item in task.train_items] == ["a.png", "a_after.png", "b.png", "b_after.png"]
     assert run(config) == 0
@@ -189,7 +200,8 @@ def test_difference_trains_a_copier_then_the_difference_with_2nd_pass_settings(t
                     original_prompt="a cat", save_lora_name="diff", diff_save_1st_pass=True, run_name="d",
                     ckpt_every_n_steps=1, use_2nd_pass_settings=True,
                     second_pass={"train_iterations": 3, "network_rank": 2, "train_learning_rate": 1e-3})
-    assert run_difference(mode_config(tmp_path / "full", tiny_sd15, **settings)) == 0
+    full = mode_config(tmp_path / "full", tiny_sd15, **settings)
+    assert run_difference(full, start_of(full)) == 0
     runs = tmp_path / "full" / "runs"
     first, second = only(runs, "d-pass1_*"), only(runs, "d-pass2_*")
     assert [(e["pass"], e["lr"]) for e in events_of(first)] == [(1, 2e-3)] * 4
@@ -205,7 +217,7 @@ def test_difference_trains_a_copier_then_the_difference_with_2nd_pass_settings(t
     # Resuming inside pass 2 reloads the copier and finishes pass 2 exactly.
     middle = only(pass2_logs / "ckpts", "modes-*gs00001")
     resumed = mode_config(tmp_path / "resumed", tiny_sd15, **dict(settings, resume_ckpt=str(middle)))
-    assert run_difference(resumed) == 0
+    assert run_difference(resumed, start_of(resumed)) == 0
     assert not list((tmp_path / "resumed" / "runs").glob("*pass1*"))
     a = torch.load(second / "state.pth", weights_only=True)
     b = torch.load(only(tmp_path / "resumed" / "runs", "d-pass2_*") / "state.pth", weights_only=True)
@@ -214,7 +226,7 @@ def test_difference_trains_a_copier_then_the_difference_with_2nd_pass_settings(t
     # diff_load_1st_pass skips pass 1 and uses that copier.
     loaded = mode_config(tmp_path / "loaded", tiny_sd15, **dict(settings, diff_load_1st_pass=str(loras / "diff_copy.safetensors"),
                                                                  use_2nd_pass_settings=False, max_steps=1))
-    assert run_difference(loaded) == 0
+    assert run_difference(loaded, start_of(loaded)) == 0
     assert [p.name.split("_")[0] for p in (tmp_path / "loaded" / "runs").iterdir()] == ["d-pass2"]
 
 
@@ -237,7 +249,7 @@ def test_difference_mask_covers_where_the_images_differ(tmp_path, tiny_sd15, cap
         return masks[-1]
 
     monkeypatch.setattr(DifferencePassTask, "difference_mask", recording)
-    assert run_difference(config) == 0
+    assert run_difference(config, start_of(config)) == 0
     mask = masks[0][0, 0]
     width = mask.shape[-1]
     assert mask[:, : width // 8].min() == 1  # the changed columns count...
@@ -288,19 +300,19 @@ def test_network_blocks_and_c3lier_select_layers_and_unknown_blocks_are_refused(
     images = tmp_path / "images"
     save_image(images / "one.png", (100, 150, 200))
     base = dict(mode="LoRA", data_root=str(images))
-    full = SDTask(mode_config(tmp_path, tiny_sd15, **base), CPU)
+    full = built(SDTask, mode_config(tmp_path, tiny_sd15, **base))
     everything = full.run_state_dict(full.model)
-    chosen = SDTask(mode_config(tmp_path, tiny_sd15, **base, network_blocks=["IN01"]), CPU)
+    chosen = built(SDTask, mode_config(tmp_path, tiny_sd15, **base, network_blocks=["IN01"]))
     keys = chosen.run_state_dict(chosen.model)
     assert keys and all(key.startswith("lora_unet_down_blocks_0_") for key in keys)
     assert len(keys) < len(everything)
-    c3lier = SDTask(mode_config(tmp_path, tiny_sd15, **base, network_type="c3lier"), CPU)
+    c3lier = built(SDTask, mode_config(tmp_path, tiny_sd15, **base, network_type="c3lier"))
     conv = {k: v for k, v in c3lier.run_state_dict(c3lier.model).items() if "resnets_0_conv1.lora_down" in k}
     assert conv and all(v.shape[0] == 4 for v in conv.values())  # conv rank 0: network_rank
     with pytest.raises(ConfigError, match="unknown block"):
-        SDTask(mode_config(tmp_path, tiny_sd15, **base, network_blocks=["IN99"]), CPU)
+        built(SDTask, mode_config(tmp_path, tiny_sd15, **base, network_blocks=["IN99"]))
     with pytest.raises(ConfigError, match="loha"):
-        SDTask(mode_config(tmp_path, tiny_sd15, **base, network_type="loha"), CPU)
+        built(SDTask, mode_config(tmp_path, tiny_sd15, **base, network_type="loha"))
 
 
 def test_mode_presets_validate_and_pick_their_tasks():

@@ -23,6 +23,13 @@ COLOURS = [(220, 40, 40), (40, 200, 60), (30, 60, 220), (230, 210, 40)]
 CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
 
 
+def built(task_class, config):
+    """task_class for `config`, from the start point the engine would resolve (base model or checkpoint)."""
+    from difftrain.checkpoint import resolve_start
+
+    return task_class(config, CPU, resolve_start(config, from_scratch=False, log=print))
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
@@ -65,7 +72,7 @@ def validation_losses(config, checkpoint: Path) -> tuple[float, float]:
     """loss_valid of the base model and of the checkpoint's weights (same fixed noise)."""
     from difftrain.tasks.sd import SDTask
 
-    task = SDTask(config, CPU)
+    task = built(SDTask, config)
     with torch.no_grad():
         before = task.validation_loss(task.model)
         task.load_model(task.model, checkpoint)
@@ -157,7 +164,7 @@ def test_sdxl_lora_end_to_end_file_loads_in_diffusers_and_resumes_exactly(tmp_pa
     with_lora = generate(pipeline)
     assert np.abs(with_lora - base).max() > 1e-3
     # diffusers reads every layer of the file as we trained it: same images as our own modules.
-    task = SDTask(sd_config(tmp_path / "check", tiny_sdxl, images, **settings, resume_ckpt=str(checkpoint)), CPU)
+    task = built(SDTask, sd_config(tmp_path / "check", tiny_sdxl, images, **settings, resume_ckpt=str(checkpoint)))
     task.load_model(task.model, checkpoint)
     ours = generate(task._model_view(task.model).to_pipeline())
     np.testing.assert_allclose(ours, with_lora, atol=1e-4)
@@ -186,8 +193,8 @@ def test_network_resume_starts_from_a_saved_lora(tmp_path, images, tiny_sd15):
     settings = dict(mode="LoRA", lr=1e-2, network_element="CrossAttention", max_steps=1,
                     save_precision="fp32", lora_dir=str(tmp_path / "loras"), save_lora_name="first")
     assert run(sd_config(tmp_path / "a", tiny_sd15, images, **settings)) == 0
-    task = SDTask(sd_config(tmp_path / "b", tiny_sd15, images, **{**settings, "save_lora_name": "second"},
-                            network_resume="first"), CPU)
+    task = built(SDTask, sd_config(tmp_path / "b", tiny_sd15, images, **{**settings, "save_lora_name": "second"},
+                                   network_resume="first"))
     saved = run_state(tmp_path / "a")
     ours = task.run_state_dict(task.model)
     assert ours.keys() == saved.keys() and all(torch.equal(ours[k], saved[k]) for k in ours)

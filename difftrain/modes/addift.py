@@ -24,6 +24,7 @@ Multi-ADDifT: every image `a.png` of lora_data_directory whose folder also holds
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Sequence
 
@@ -34,6 +35,7 @@ from difftrain.data.buckets import BucketBatchSampler, nearest_bucket
 from difftrain.data.images import ImageBucketDataset, ImageItem, scan_image_folder
 from difftrain.errors import ConfigError
 from difftrain.modes.base import ModeTask, image_item
+from difftrain.tasks.base import TaskParts
 
 FORWARD_MULTIPLIER = 0.25
 
@@ -122,6 +124,10 @@ class ADDifTTask(ModeTask):
                            "cond": self._cond([self.train_set.items[i].caption for i in items],
                                               self._time_ids(self.train_set, items))}
         return batch
+
+    @property
+    def parts(self) -> TaskParts:
+        return dataclasses.replace(super().parts, before_batch=self.before_batch)
 
     def before_batch(self, global_step: int, epoch: int) -> None:
         self.step_multiplier = direction_multiplier(global_step, self.config.diff_alt_ratio)

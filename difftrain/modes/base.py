@@ -16,6 +16,7 @@ from difftrain.data.images import IMAGE_EXTENSIONS, ImageItem
 from difftrain.errors import ConfigError
 from difftrain.models import lora as lora_io
 from difftrain.objectives import elementwise_loss
+from difftrain.tasks.base import StartPoint, TaskDefaults
 from difftrain.tasks.sd import SDTask
 
 
@@ -45,11 +46,13 @@ def image_item(path_text: str, setting: str, caption: str) -> ImageItem:
 class ModeTask(SDTask):
     """Base of the TrainTrain modes other than LoRA: UNet LoRA only, no held-out loss."""
 
-    def __init__(self, config: Config, accelerator: Any):
+    defaults = TaskDefaults(from_scratch=False, warmup_fraction=0.0)
+
+    def __init__(self, config: Config, accelerator: Any, start: StartPoint):
         if config.rectified_flow:
             raise ConfigError(f"rectified_flow is not available in mode {config.mode}; it trains a LoRA against the "
                               "model's own predictions. Turn rectified_flow off.")
-        super().__init__(config, accelerator)
+        super().__init__(config, accelerator, start)
         self._compare = elementwise_loss(config.loss_function)
 
     def unet_lora_modules(self) -> list[nn.Module]:

@@ -30,6 +30,7 @@ from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.models import lora as lora_io
 from difftrain.modes.base import ModeTask, image_item
+from difftrain.tasks.base import FactoryFunction, StartPoint, TaskDefaults
 
 COPIER_ADAPTER = "copier"
 COPIER_FILE = "copier.safetensors"
@@ -111,9 +112,9 @@ class DifferencePassTask(CopierTask):
 
     PASS = 2
 
-    def __init__(self, config: Config, accelerator: Any, *, copier: Path):
+    def __init__(self, config: Config, accelerator: Any, start: StartPoint, *, copier: Path):
         self.copier_path = Path(copier)
-        super().__init__(config, accelerator)
+        super().__init__(config, accelerator, start)
         self._difference_mask: Optional[torch.Tensor] = None
 
     @property
@@ -166,29 +167,29 @@ class DifferencePassTask(CopierTask):
         ModeTask.finish(self, model, log_folder, run_dir)
 
 
-def _resume_pointer(config: Config) -> tuple[Optional[Path], dict[str, Any]]:
-    """The checkpoint config.resume_ckpt names (None for a base model) and its base_model.json."""
-    from difftrain.checkpoint import resolve_resume
+def _resume_pointer(start: StartPoint) -> dict[str, Any]:
+    """The base_model.json of the checkpoint the run resumes ({} when it starts from a base model)."""
     from difftrain.tasks.sd import BASE_POINTER_FILE
 
-    folder = resolve_resume(config.resume_ckpt, Path(config.logdir), config.project_name,
-                            lambda message: print(message, file=sys.stderr))
+    folder = start.checkpoint
     if folder is None:
-        return None, {}
+        return {}
     pointer_file = folder / BASE_POINTER_FILE
     pointer = json.loads(pointer_file.read_text(encoding="utf-8")) if pointer_file.is_file() else {}
     if pointer.get("mode") != "Difference":
         raise ConfigError(f"checkpoint '{folder}' was not made by a Difference run; resume it with its own mode, "
                           "or start this run from a base model.")
-    return folder, pointer
+    return pointer
 
 
-def run_difference(config: Config, program: str = "difftrain") -> int:
-    """Train both passes (see the module docstring); returns the exit code of the last run."""
+def run_difference(config: Config, start: StartPoint, program: str = "difftrain") -> int:
+    """Train both passes (see the module docstring) from `start` (resolved once by the engine);
+    returns the exit code of the last run."""
     from difftrain.tracking import make_run_name
     from difftrain.trainer import Trainer
 
-    checkpoint, pointer = _resume_pointer(config)
+    checkpoint, pointer = start.checkpoint, _resume_pointer(start)
+    second_start = start
     name = config.run_name or make_run_name(Path(config.runs_dir))
     second = config.for_second_pass().model_copy(update={"run_name": f"{name}-pass2"})
     if checkpoint is not None and pointer.get("difference_pass") == 2:
@@ -197,7 +198,8 @@ def run_difference(config: Config, program: str = "difftrain") -> int:
         if config.diff_load_1st_pass:
             copier = _find_copier(config)
         else:
-            first = Trainer(config.model_copy(update={"run_name": f"{name}-pass1"}), CopierTask, program=program)
+            first = Trainer(config.model_copy(update={"run_name": f"{name}-pass1"}), CopierTask, program=program,
+                            start=start)
             code = first.run()
             if code:
                 return code
@@ -207,8 +209,9 @@ def run_difference(config: Config, program: str = "difftrain") -> int:
         if checkpoint is not None:  # pass 1 resumed from its checkpoint; pass 2 starts from the base
             second = second.model_copy(update={"resume_ckpt": pointer["model"], "vae": pointer.get("vae") or "",
                                                "te": pointer.get("te") or ""})
-    factory = functools.partial(DifferencePassTask, copier=copier)
-    return Trainer(second, factory, program=program).run()
+            second_start = StartPoint(base=pointer["model"])
+    factory = FactoryFunction(functools.partial(DifferencePassTask, copier=copier), DifferencePassTask.defaults)
+    return Trainer(second, factory, program=program, start=second_start).run()
 
 
 def _find_copier(config: Config) -> Path:
@@ -224,8 +227,10 @@ def _find_copier(config: Config) -> Path:
 class DifferenceMode:
     """What task_factory returns for mode Difference: a mode that runs two trainer runs.
 
-    The engine calls `run_mode(config, program=...)` instead of building a Trainer around it.
+    The engine calls `run_mode(config, start, program=...)` instead of building a Trainer around it.
     """
+
+    defaults = TaskDefaults(from_scratch=False, warmup_fraction=0.0)
 
     run_mode = staticmethod(run_difference)
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the contract loads without torch (the launcher imports no torch)
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,28 @@ class Task(Protocol):
     def run_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
 
 
-# A task factory builds the task of a run: factory(config, accelerator, start) -> Task.
-TaskFactory = Callable[[Any, Any, StartPoint], Task]
+class TaskFactory(Protocol):
+    """Builds the task of a run: factory(config, accelerator, start) -> Task. A task class is one.
 
-__all__ = ["Exports", "Flow", "Samples", "StartPoint", "Task", "TaskDefaults", "TaskFactory", "TaskParts",
-           "Validation"]
+    `defaults` is read before the task exists: the start point depends on `from_scratch`. The
+    built task's own `defaults` may refine the rest from its config (the warmup of a LoRA run).
+    """
+
+    defaults: TaskDefaults
+
+    def __call__(self, config: Any, accelerator: Any, start: StartPoint) -> Task: ...
+
+
+@dataclass(frozen=True)
+class FactoryFunction:
+    """A task factory made of a function (a closure, a partial) and the defaults of what it builds."""
+
+    build: Callable[[Any, Any, StartPoint], Task]
+    defaults: TaskDefaults
+
+    def __call__(self, config: Any, accelerator: Any, start: StartPoint) -> Task:
+        return self.build(config, accelerator, start)
+
+
+__all__ = ["Exports", "FactoryFunction", "Flow", "Samples", "StartPoint", "Task", "TaskDefaults", "TaskFactory",
+           "TaskParts", "Validation"]

@@ -19,6 +19,7 @@ from difftrain.models.score import ScoreUNet
 from difftrain.objectives import RectifiedFlowObjective
 from difftrain.sampling import sample_flow_euler
 from difftrain.sde import VPSDE
+from difftrain.tasks.base import StartPoint, TaskDefaults, TaskParts
 
 MODEL_FILE = "model.safetensors"
 VALIDATION_SEED = 12345  # fixed noise and times, so loss_valid is comparable between epochs
@@ -62,7 +63,10 @@ class KolmogorovTask:
     `rectified_flow` the velocity of the straight path from data (s=0) to noise (s=1), the
     network's time input being s itself (timestep_scale 1, same as the VP-SDE's t in [0, 1])."""
 
-    def __init__(self, config: Config, accelerator: Any):
+    # Built from nothing: resume_ckpt can only name one of our checkpoints; a constant lr from step 0.
+    defaults = TaskDefaults(from_scratch=True, warmup_fraction=0.0)
+
+    def __init__(self, config: Config, accelerator: Any, start: StartPoint):
         self.config = config
         self.device = accelerator.device
         data_root = Path(config.data_root)
@@ -79,6 +83,8 @@ class KolmogorovTask:
         self.flow = RectifiedFlowObjective(time_sampling=config.timestep_sampling, timestep_scale=1.0) \
             if config.rectified_flow else None
         self.pairs: Optional[Any] = None  # a ReflowPairDataset while a reflow stage trains
+        # The trainer loads a checkpoint's weights itself (load_model); `start` has nothing else for us.
+        self.parts = TaskParts(samples=self, validation=self, flow=self if self.flow is not None else None)
 
     # ---- data ---------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -24,7 +24,6 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from difftrain.checkpoint import resolve_resume
 from difftrain.config import Config
 from difftrain.data.buckets import (RESOLUTION_CLASSES, BucketBatchSampler, assign_buckets, make_buckets,
                                     make_buckets_traintrain)
@@ -34,6 +33,7 @@ from difftrain.errors import ConfigError
 from difftrain.models import lora as lora_io
 from difftrain.models.sd import SDModel, load_sd, sdxl_time_ids
 from difftrain.objectives import DiffusionObjective, pretrained_flow_objective, randn, rescale_zero_terminal_snr
+from difftrain.tasks.base import StartPoint, TaskDefaults, TaskParts
 
 LORA_FILE = "lora.safetensors"
 BASE_POINTER_FILE = "base_model.json"
@@ -178,14 +178,18 @@ class SDTask:
     """
 
     MODES: tuple[str, ...] = ("Full", "LoRA")
+    # EveryDream2 warms a full fine-tune up over 2% of the decay; TrainTrain's LoRA modes do not warm up.
+    defaults = TaskDefaults(from_scratch=False, warmup_fraction=0.02)
 
-    def __init__(self, config: Config, accelerator: Any):
+    def __init__(self, config: Config, accelerator: Any, start: StartPoint):
         if config.mode not in self.MODES:
             raise ConfigError(f"mode '{config.mode}' is not trained by {type(self).__name__}; it trains "
                               f"{' or '.join(repr(m) for m in self.MODES)}.")
         self.config = config
         self.device = accelerator.device
         self.is_lora = config.mode != "Full"
+        if self.is_lora:
+            self.defaults = TaskDefaults(from_scratch=False, warmup_fraction=0.0)
         on_cuda = self.device.type == "cuda"
         # Frozen weights only need to run forward: half precision halves their memory on a GPU.
         self.frozen_dtype = DTYPES[config.model_precision] if on_cuda else torch.float32
@@ -195,7 +199,8 @@ class SDTask:
         self.buckets = buckets_for(config)
 
         # 2. the model: a base, or the model files of a checkpoint being resumed.
-        self.checkpoint = resolve_resume(config.resume_ckpt, Path(config.logdir), config.project_name, lambda _: None)
+        self.start = start
+        self.checkpoint = start.checkpoint
         self.base = self._base_source()
         self.sd = self._load_base()
         self.family, self.prediction_type = self.sd.family, self.sd.prediction_type
@@ -228,6 +233,11 @@ class SDTask:
         self.multiplier = config.network_strength
         if self.is_lora:
             lora_io.set_multiplier(self._lora_modules(self.model).values(), self.multiplier)
+
+    @property
+    def parts(self) -> TaskParts:
+        return TaskParts(samples=self, validation=self, exports=self,
+                         flow=self if self.config.rectified_flow else None)
 
     # ---- setup ----------------------------------------------------------------------------------------
     @staticmethod
@@ -288,7 +298,7 @@ class SDTask:
             # A Full checkpoint is a complete diffusers folder, VAE and text encoders included.
             return {"model": str(self.checkpoint), "vae": "", "te": "", "family": config.family,
                     "prediction_type": self._prediction_override()}
-        model = config.resume_ckpt
+        model = self.start.base
         if not model.strip():
             raise ConfigError("no base model given: set \"model\" (resume_ckpt) to a checkpoint file or folder, "
                               "or to a bare file name found in the checkpoint folder (--ckpt-dir, or "
