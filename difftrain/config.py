@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from difftrain.errors import ConfigError, did_you_mean
 from difftrain.jsonfile import read_json_object
 
-SECOND_PASS_KEY = "2nd pass"
 
 
 def setting(default: Any, help: str, *aliases: str, per_pass: bool = False, **constraints: Any) -> Any:
@@ -83,7 +82,7 @@ class ModelSettings(BaseModel):
     resume_ckpt: str = setting(
         "sd_v1-5_vae", "Base model (diffusers folder, .safetensors/.ckpt single file, or a bare name "
         "looked up in the model folders), a checkpoint folder under logs/ to resume from, or "
-        "'findlast' for the newest complete checkpoint of this project.", "model")
+        "'findlast' for the newest complete checkpoint of this project.")
     vae: str = setting("", "A separate VAE (folder or single file) replacing the model's own.")
     te: str = setting("", "A separate text encoder replacing the model's own.")
     family: Literal["auto", "sd1", "sd2", "sdxl"] = setting(
@@ -96,8 +95,7 @@ class ModelSettings(BaseModel):
 
     # ---- folders ------------------------------------------------------------------------------
     data_root: str = setting("input", "Folder of training images (with .txt/.caption captions), or for "
-                             "the Kolmogorov task the folder holding train/valid/test.h5.",
-                             "lora_data_directory")
+                             "the Kolmogorov task the folder holding train/valid/test.h5.")
     validation_root: str = setting("", "Folder of held-out images for loss_valid; empty: use "
                                    "validation_fraction of data_root.")
     validation_fraction: float = setting(0.0, "Fraction of data_root held out for loss_valid.", ge=0, lt=1)
@@ -123,26 +121,22 @@ class TrainingSettings(BaseModel):
     # ---- schedule -----------------------------------------------------------------------------
     max_epochs: int = setting(300, "Epochs to train.", "epochs", ge=1)
     max_steps: int = setting(0, "Optimizer steps to train; 0: use max_epochs. TrainTrain's "
-                             "train_iterations.", "train_iterations", per_pass=True, ge=0)
-    batch_size: int = setting(2, "Images (or states) per optimizer step and process.",
-                              "train_batch_size", per_pass=True, ge=1)
+                             "train_iterations.", per_pass=True, ge=0)
+    batch_size: int = setting(2, "Images (or states) per optimizer step and process.", per_pass=True, ge=1)
     gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step.",
                                                "grad_accum", ge=1)
-    seed: int = setting(555, "Seed of every random draw; -1 picks one at random (and records it).",
-                        "train_seed", per_pass=True)
+    seed: int = setting(555, "Seed of every random draw; -1 picks one at random (and records it).", per_pass=True)
 
     # ---- optimizer ----------------------------------------------------------------------------
-    lr: float = setting(1e-6, "Learning rate.", "learning_rate", "train_learning_rate",
+    lr: float = setting(1e-6, "Learning rate.", "learning_rate",
                         per_pass=True, gt=0)
-    text_encoder_lr: float = setting(0.0, "Learning rate of the text encoder(s); 0: same as lr.",
-                                     "train_textencoder_learning_rate", per_pass=True, ge=0)
+    text_encoder_lr: float = setting(0.0, "Learning rate of the text encoder(s); 0: same as lr.", per_pass=True, ge=0)
     optimizer: str = setting("AdamW", "Optimizer: a name of TrainTrain's list (AdamW, AdamW8bit, AdaFactor, "
                              "Lion, Prodigy, DAdaptAdam, AdamWScheduleFree, CAME, ...: difftrain/optim.py "
-                             "lists them) or any torch.optim class name.", "train_optimizer",
+                             "lists them) or any torch.optim class name.",
                              per_pass=True)
     optimizer_settings: str = setting("", "Extra optimizer arguments, 'k=v;k=v' "
-                                      "(e.g. 'betas=(0.9,0.99);eps=1e-8').",
-                                      "train_optimizer_settings", per_pass=True)
+                                      "(e.g. 'betas=(0.9,0.99);eps=1e-8').", per_pass=True)
     weight_decay: Optional[float] = setting(None, "Weight decay; unset: the optimizer's own default "
                                             "(AdamW 0.01, most others 0), as in TrainTrain.", ge=0)
     lr_scheduler: Literal["constant", "linear", "cosine", "polynomial", "cosine_with_restarts",
@@ -150,32 +144,28 @@ class TrainingSettings(BaseModel):
                           "cosine_annealing_with_restarts", "exponential", "step", "multi_step",
                           "reduce_on_plateau", "cyclic", "one_cycle"] = setting(
         "constant", "Learning-rate schedule: TrainTrain's 15 names (diffusers' get_scheduler and "
-        "torch.optim.lr_scheduler).", "scheduler", "train_lr_scheduler", per_pass=True)
-    lr_scheduler_settings: str = setting("", "Extra scheduler arguments 'k=v;k=v' (TrainTrain).",
-                                         "train_lr_scheduler_settings", per_pass=True)
+        "torch.optim.lr_scheduler).", "scheduler", per_pass=True)
+    lr_scheduler_settings: str = setting("", "Extra scheduler arguments 'k=v;k=v' (TrainTrain).", per_pass=True)
     lr_step_rules: str = setting("", "Piecewise-constant LR factors 'f1:s1,f2:s2,...,f_last' (x f1 before "
-                                 "step s1, ...; lr_scheduler piecewise_constant).", "train_lr_step_rules",
+                                 "step s1, ...; lr_scheduler piecewise_constant).",
                                  per_pass=True)
     lr_warmup_steps: Optional[int] = setting(
-        None, "Warm-up steps; default 2% of lr_decay_steps (EveryDream2), 0 for TrainTrain modes.",
-        "train_lr_warmup_steps", per_pass=True, ge=0)
+        None, "Warm-up steps; default 2% of lr_decay_steps (EveryDream2), 0 for TrainTrain modes.", per_pass=True, ge=0)
     lr_decay_steps: int = setting(0, "Steps over which the schedule decays; 0: the whole run.", ge=0)
-    lr_num_cycles: float = setting(1.0, "Cycles of cosine_with_restarts.",
-                                   "train_lr_scheduler_num_cycles", per_pass=True, gt=0)
-    lr_power: float = setting(1.0, "Power of the polynomial schedule.", "train_lr_scheduler_power",
+    lr_num_cycles: float = setting(1.0, "Cycles of cosine_with_restarts.", per_pass=True, gt=0)
+    lr_power: float = setting(1.0, "Power of the polynomial schedule.",
                               per_pass=True, gt=0)
     clip_grad_norm: Optional[float] = setting(None, "Clip the gradient norm to this value.", gt=0)
 
     # ---- objective ----------------------------------------------------------------------------
     loss_function: Literal["MSE", "L1", "Smooth-L1"] = setting(
-        "MSE", "Per-element loss.", "train_loss_function", per_pass=True)
-    min_snr_gamma: float = setting(0.0, "Min-SNR-gamma loss weighting; 0 disables it.",
-                                   "train_snr_gamma", per_pass=True, ge=0)
+        "MSE", "Per-element loss.", per_pass=True)
+    min_snr_gamma: float = setting(0.0, "Min-SNR-gamma loss weighting; 0 disables it.", per_pass=True, ge=0)
     noise_offset: float = setting(0.0, "Offset noise strength.", ge=0)
     zero_terminal_snr: bool = setting(False, "Rescale the noise schedule to zero terminal SNR.")
-    min_timestep: int = setting(0, "Lowest training timestep.", "train_min_timesteps",
+    min_timestep: int = setting(0, "Lowest training timestep.",
                                 per_pass=True, ge=0, le=1000)
-    max_timestep: int = setting(1000, "Highest training timestep (exclusive).", "train_max_timesteps",
+    max_timestep: int = setting(1000, "Highest training timestep (exclusive).",
                                 per_pass=True, ge=1, le=1000)
     rectified_flow: bool = setting(False, "Train the velocity of the straight path between noise and "
                                    "data (needs a v-prediction base for Stable Diffusion).")
@@ -196,10 +186,9 @@ class TrainingSettings(BaseModel):
         "auto", "Autocast precision of the trained model; 'auto': bf16 on a GPU that supports it, "
         "fp32 on CPU.")
     model_precision: Precision = setting("fp16", "Storage precision of frozen weights on GPU "
-                                         "(always fp32 on CPU).", "train_model_precision",
+                                         "(always fp32 on CPU).",
                                          per_pass=True)
-    gradient_checkpointing: bool = setting(False, "Trade compute for memory in the UNet.",
-                                           "use_gradient_checkpointing", per_pass=True)
+    gradient_checkpointing: bool = setting(False, "Trade compute for memory in the UNet.", per_pass=True)
     num_workers: int = setting(0, "DataLoader worker processes.", ge=0)
 
 
@@ -209,7 +198,7 @@ class DataAndOutputSettings(BaseModel):
 
     # ---- data ---------------------------------------------------------------------------------
     resolution: int = setting(512, "Training resolution class (EveryDream2: 256..1536 in steps of "
-                              "64) or TrainTrain's image_size.", "image_size", ge=64)
+                              "64) or TrainTrain's image_size.", ge=64)
     image_height_width: Optional[list[int]] = setting(
         None, "TrainTrain modes: a non-square training size [height, width]; its area is the bucket pixel "
         "budget and iLECO draws latents of this shape. None: resolution x resolution.")
@@ -263,11 +252,10 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
         SimulationConfig(), "Kolmogorov data generation, used when data_root has no train/valid/test.h5.")
 
     # ---- TrainTrain: prompts, images, network ----------------------------------------------------
-    original_prompt: str = setting("", "TrainTrain original prompt.", "original prompt")
-    target_prompt: str = setting("", "TrainTrain target prompt (iLECO: empty erases the concept).",
-                                 "target prompt")
-    original_image: str = setting("", "TrainTrain original image.", "original image")
-    target_image: str = setting("", "TrainTrain target image.", "target image")
+    original_prompt: str = setting("", "TrainTrain original prompt.")
+    target_prompt: str = setting("", "TrainTrain target prompt (iLECO: empty erases the concept).")
+    original_image: str = setting("", "TrainTrain original image.")
+    target_image: str = setting("", "TrainTrain target image.")
     network_type: Literal["lierla", "c3lier", "loha"] = setting("lierla", "LoRA type.", per_pass=True)
     network_rank: int = setting(16, "LoRA rank.", per_pass=True, ge=1)
     network_alpha: float = setting(8.0, "LoRA alpha.", per_pass=True, gt=0)
@@ -278,12 +266,10 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
     network_blocks: list[str] = setting([], "UNet blocks to train (empty: all).", per_pass=True)
     network_resume: str = setting("", "Start from this LoRA file.")
     network_strength: float = setting(1.0, "LoRA multiplier while training.", per_pass=True)
-    network_train_text_encoder: bool = setting(False, "Also train the text encoder(s).",
-                                               "train_text_encoder", per_pass=True)
+    network_train_text_encoder: bool = setting(False, "Also train the text encoder(s).", per_pass=True)
     lora_trigger_word: str = setting("", "Prepended to every caption.")
     diff_target_name: str = setting("", "Multi-ADDifT: suffix of target images (a.png -> a<suffix>.png).")
-    lora_precision: Precision = setting("fp32", "Precision of LoRA weights while training.",
-                                        "train_lora_precision", per_pass=True)
+    lora_precision: Precision = setting("fp32", "Precision of LoRA weights while training.", per_pass=True)
     save_lora_name: str = setting("", "Output LoRA file name (no extension); empty: the run name.")
     save_per_steps: int = setting(0, "Save an intermediate LoRA every N steps; 0: off.", per_pass=True, ge=0)
     save_precision: Precision = setting("fp16", "Precision of saved LoRA files.", per_pass=True)
@@ -298,7 +284,7 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
     diff_alt_ratio: float = setting(1.0, "ADDifT: strength of the reverse-direction steps.", per_pass=True)
     use_2nd_pass_settings: bool = setting(False, "Difference: apply the '2nd pass' section to pass 2.")
     second_pass: Optional[dict[str, Any]] = setting(
-        None, "Settings for Difference's second pass (same keys as above).", SECOND_PASS_KEY)
+        None, "Settings for Difference's second pass (same keys as above).")
 
     @field_validator("*")
     @classmethod
@@ -354,7 +340,7 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
                             f"{self.simulation.keep} states); lower window or raise keep")
         second = self.for_second_pass()
         if second is not self and second.min_timestep >= second.max_timestep:
-            problems.append(f"in '{SECOND_PASS_KEY}', min_timestep ({second.min_timestep}) must be below "
+            problems.append(f"in 'second_pass', min_timestep ({second.min_timestep}) must be below "
                             f"max_timestep ({second.max_timestep}); swap them or widen the range")
         if problems:
             raise ValueError("; ".join(problems))
@@ -476,7 +462,7 @@ def _validated(canonical: dict[str, Any], source: str) -> Config:
     second_pass = canonical.get("second_pass")
     if isinstance(second_pass, dict):
         # Renamed here, not in the field validator, so that a typo inside it names the file.
-        second_pass = canonical_keys(second_pass, PER_PASS_NAMES, f"{source}: '{SECOND_PASS_KEY}'")
+        second_pass = canonical_keys(second_pass, PER_PASS_NAMES, f"{source}: 'second_pass'")
         canonical = {**canonical, "second_pass": second_pass}
     try:
         return Config.model_validate(canonical)
@@ -488,8 +474,7 @@ def _explain(error: ValidationError, source: str) -> str:
     lines = []
     for problem in error.errors():
         loc = list(problem["loc"])
-        written = [SECOND_PASS_KEY if part == "second_pass" else part for part in loc[:1]] + loc[1:]
-        key = ".".join(str(part) for part in written) or "(top level)"
+        key = ".".join(str(part) for part in loc) or "(top level)"
         field = Config.model_fields.get(str(loc[0])) if loc else None
         expected = f" (expected {_describe_type(field.annotation)})" if field is not None and len(loc) == 1 else ""
         message = problem["msg"]
@@ -520,13 +505,13 @@ def export_json_schema() -> dict[str, Any]:
         properties[alias] = alias_schema
     for ignored in sorted(IGNORED_KEYS):
         properties[ignored] = {"description": "Accepted for TrainTrain compatibility; unused."}
-    properties[SECOND_PASS_KEY]["description"] = Config.model_fields["second_pass"].description
-    properties[SECOND_PASS_KEY].pop("anyOf", None)
-    properties[SECOND_PASS_KEY]["type"] = "object"
-    properties[SECOND_PASS_KEY]["properties"] = {
+    properties["second_pass"]["description"] = Config.model_fields["second_pass"].description
+    properties["second_pass"].pop("anyOf", None)
+    properties["second_pass"]["type"] = "object"
+    properties["second_pass"]["properties"] = {
         key: properties[key] for key in sorted(set(PER_PASS_NAMES) | {a for a, n in ALIASES.items()
                                                                        if n in PER_PASS_NAMES})}
-    properties[SECOND_PASS_KEY]["additionalProperties"] = False
+    properties["second_pass"]["additionalProperties"] = False
     schema["additionalProperties"] = False
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "difftrain config"

@@ -290,8 +290,8 @@ def _resolve_schema_names(items: list[Any], base: dict[str, Any], traintrain_doo
     silently ignored unless use_2nd_pass_settings is on. For train_j.py, TrainTrain's keys are
     known by their table (difftrain/vocab/traintrain.py) and a created key takes their spelling.
     """
-    from difftrain.config import ALIASES, FIELD_NAMES, PER_PASS_NAMES, SECOND_PASS_KEY
-    from difftrain.vocab.traintrain import our_setting, their_key
+    from difftrain.config import ALIASES, FIELD_NAMES, PER_PASS_NAMES
+    from difftrain.vocab.traintrain import SECOND_PASS as SECOND_PASS_KEY, our_setting, their_key
 
     def canonical(name: str) -> Optional[str]:
         return name if name in FIELD_NAMES else ALIASES.get(name) or our_setting(name)

@@ -12,6 +12,7 @@ from difftrain.cli import config_from_argv, main
 from difftrain.config import (ALIASES, FIELD_NAMES, Config, export_json_schema,
                               load_config, validate_config_dict)
 from difftrain.errors import ConfigError
+from difftrain.vocab import traintrain
 from difftrain.vocab.traintrain import DEFAULTS as TRAINTRAIN_DEFAULTS
 from difftrain.jsonfile import read_json_object
 
@@ -77,13 +78,18 @@ def test_both_front_doors_accept_a_utf8_byte_order_mark(tmp_path, door):
 
 
 def test_second_pass_values_have_the_first_pass_bounds():
-    with pytest.raises(ConfigError, match=r"'2nd pass.lr'.*greater than 0"):
-        validate_config_dict({"2nd pass": {"train_learning_rate": -1}}, "preset.json")
+    with pytest.raises(ConfigError, match=r"'second_pass.lr'.*greater than 0"):
+        validate_config_dict({"second_pass": {"lr": -1}}, "preset.json")
+    # TrainTrain's section (translated by its vocabulary) is checked the same way, in its own words.
+    with pytest.raises(ConfigError, match=r"'2nd pass.train_learning_rate'.*greater than 0"):
+        traintrain.load(None, data={"2nd pass": {"train_learning_rate": -1, "use_2nd_pass_settings": True}},
+                        say_notes=False, source="preset.json")
     with pytest.raises(ConfigError, match=r"in '2nd pass', min_timestep \(900\) must be below max_timestep \(800\)"):
-        validate_config_dict({"max_timestep": 800, "use_2nd_pass_settings": True,
-                              "2nd pass": {"train_min_timesteps": 900}}, "preset.json")
-    # Unused (use_2nd_pass_settings off), the section's cross-key rule cannot matter.
-    validate_config_dict({"max_timestep": 800, "2nd pass": {"train_min_timesteps": 900}})
+        traintrain.load(None, data={"train_max_timesteps": 800, "2nd pass": {"train_min_timesteps": 900,
+                                                                             "use_2nd_pass_settings": True}},
+                        say_notes=False, source="preset.json")
+    # Unused (the section's use_2nd_pass_settings off), the section's cross-key rule cannot matter.
+    traintrain.load(None, data={"train_max_timesteps": 800, "2nd pass": {"train_min_timesteps": 900}}, say_notes=False)
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):
@@ -114,27 +120,30 @@ def test_out_of_range_values_are_refused():
             validate_config_dict(bad)
 
 
-def test_traintrain_presets_with_numbers_as_strings_and_aliases():
-    config = validate_config_dict({"train_learning_rate": "0.0002", "train_batch_size": "4",
-                                   "model": "x.safetensors", "original prompt": "a cat",
-                                   "model_v_pred": "true"})
+def test_traintrain_presets_with_numbers_as_strings_and_their_names():
+    config = traintrain.load(None, data={"train_learning_rate": "0.0002", "train_batch_size": "4",
+                                         "model": "x.safetensors", "original prompt": "a cat",
+                                         "model_v_pred": "true"})
     assert config.lr == 2e-4 and config.batch_size == 4 and config.resume_ckpt == "x.safetensors"
     assert config.original_prompt == "a cat" and config.resolved_prediction_type() == "v_prediction"
 
 
 def test_alias_and_canonical_name_together_is_an_error():
     with pytest.raises(ConfigError, match="same setting 'lr'"):
-        validate_config_dict({"lr": 1e-4, "train_learning_rate": 2e-4})
+        validate_config_dict({"lr": 1e-4, "learning_rate": 2e-4})
+    with pytest.raises(ConfigError, match="same setting 'lr'"):  # TrainTrain's name and ours in one file
+        traintrain.load(None, data={"lr": 1e-4, "train_learning_rate": 2e-4})
 
 
 def test_second_pass_settings_apply_only_when_enabled(tmp_path):
     data = {"train_learning_rate": 1e-4, "2nd pass": {"train_learning_rate": "3e-4", "train_iterations": 7}}
-    config = validate_config_dict(data)
+    config = traintrain.load(None, data=data, say_notes=False)
     assert config.for_second_pass().lr == 1e-4
-    config = validate_config_dict({**data, "use_2nd_pass_settings": True})
+    data["2nd pass"]["use_2nd_pass_settings"] = True  # TrainTrain's switch is the section's own
+    config = traintrain.load(None, data=data, say_notes=False)
     assert config.for_second_pass().lr == 3e-4 and config.for_second_pass().max_steps == 7
     with pytest.raises(ConfigError, match="2nd pass.*unknown key 'train_learing_rate'"):
-        validate_config_dict({"2nd pass": {"train_learing_rate": 1}}, "preset.json")
+        traintrain.load(None, data={"2nd pass": {"train_learing_rate": 1}}, source="preset.json")
 
 
 def test_schema_json_is_in_sync_with_the_code():
@@ -146,7 +155,7 @@ def test_schema_lists_every_key_and_alias_with_help():
     properties = export_json_schema()["properties"]
     for name in (*FIELD_NAMES, *ALIASES):
         assert name in properties
-    assert properties["train_learning_rate"]["description"].startswith("Alias of 'lr'")
+    assert properties["learning_rate"]["description"].startswith("Alias of 'lr'")
 
 
 def test_train_py_flags_come_from_the_schema_and_win_over_the_json(tmp_path):

@@ -631,10 +631,16 @@ def test_help_and_a_validated_dry_run_import_nothing_heavy(configs):
 
 def test_wrong_type_for_our_trainer_fails_in_the_launcher(configs, record, tmp_path):
     pytest.importorskip("difftrain.config", reason="difftrain.config (the schema) not written yet")
-    for script in ([], ["--train-script-path", "train_j.py"], ["--train-script-path",
-                                                                str(REPO / "train.py")]):
-        result = launch_cli([str(configs / "base_settings.json"), "--override",
-                             "train_batch_size:four", "--temp-config-dir", str(tmp_path / "t"),
+    # train.py speaks EveryDream2's names: the override is ours, batch_size (a TrainTrain file's
+    # train_batch_size is train_j.py's).
+    for script, key in (([], "train_batch_size"), (["--train-script-path", "train_j.py"], "train_batch_size"),
+                        (["--train-script-path", str(REPO / "train.py")], "batch_size")):
+        base = configs / "base_settings.json"
+        if key == "batch_size":
+            base = tmp_path / "ours.json"
+            base.write_text('{"batch_size": 2}')
+        result = launch_cli([str(base), "--override",
+                             f"{key}:four", "--temp-config-dir", str(tmp_path / "t"),
                              *script], record, standin=False)
         assert_user_error(result, "batch_size", "four")
         assert not (tmp_path / "t").exists()

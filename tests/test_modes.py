@@ -199,7 +199,7 @@ def test_difference_trains_a_copier_then_the_difference_with_2nd_pass_settings(t
     settings = dict(mode="Difference", original_image=str(original), target_image=str(target),
                     original_prompt="a cat", save_lora_name="diff", diff_save_1st_pass=True, run_name="d",
                     ckpt_every_n_steps=1, use_2nd_pass_settings=True,
-                    second_pass={"train_iterations": 3, "network_rank": 2, "train_learning_rate": 1e-3})
+                    second_pass={"max_steps": 3, "network_rank": 2, "lr": 1e-3})
     full = mode_config(tmp_path / "full", tiny_sd15, **settings)
     assert run_difference(full, start_of(full)) == 0
     runs = tmp_path / "full" / "runs"
@@ -359,7 +359,7 @@ def workspace(tmp_path, tiny_sd15, tiny_sdxl, pair):
 
 def launch(workspace: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    small = ["--override", "image_size:64", "--override", "sample_inference_steps:2",
+    small = ["--override", "image_size(height, width):64", "--override", "sample_inference_steps:2",
              "--temp-config-dir", str(workspace / "temp_configs")]
     return subprocess.run([sys.executable, str(REPO / "train_json_edit.py"), *args, *small], cwd=workspace, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -235,7 +235,7 @@ def test_bucket_rules(tmp_path):
     assert buckets_for(validate_config_dict({"resolution": 64})) == [(64, 64)]
     with pytest.raises(ConfigError, match="resolution"):
         buckets_for(validate_config_dict({"resolution": 300}))
-    lora = buckets_for(validate_config_dict({"mode": "LoRA", "image_size": 512, "image_buckets_step": 64,
+    lora = buckets_for(validate_config_dict({"mode": "LoRA", "resolution": 512, "image_buckets_step": 64,
                                              "image_min_length": 256, "image_max_ratio": 2}))
     assert (512, 512) in lora and (384, 640) in lora and len(lora) > 2  # TrainTrain's rules, not ED2's
     assert all(max(w, h) / min(w, h) <= 2 and w * h <= 512 * 512 for w, h in lora)

@@ -52,6 +52,7 @@ class Translation:
 
     settings: dict[str, Any]
     notes: list[str]
+    written_as: dict[str, str] = field(default_factory=dict)  # our key -> the key the file used
 
 
 class Vocabulary:

@@ -304,7 +304,8 @@ def _not_set(value: Any) -> bool:
 def _merge(settings: dict[str, Any], given_by: dict[str, str], new: dict[str, Any], key: str, where: str) -> None:
     for name, value in new.items():
         if name in settings and given_by[name] != key:
-            raise ConfigError(f"{where}: '{key}' and '{given_by[name]}' both set '{name}'; keep one of them.")
+            raise ConfigError(f"{where}: '{key}' and '{given_by[name]}' set the same setting '{name}'; keep one "
+                              "of them.")
         settings[name] = value
         given_by[name] = key
 
@@ -319,6 +320,7 @@ def translate(data: Any, where: str, schema_keys: frozenset[str] = frozenset()) 
         raise ConfigError(f"{where}: the top level must be a JSON object {{...}}, not {type(data).__name__}.")
     settings: dict[str, Any] = {}
     given_by: dict[str, str] = {}
+    written_as: dict[str, str] = {}
     notes: list[str] = []
     for key, value in data.items():
         if key in TABLE:
@@ -328,7 +330,9 @@ def translate(data: Any, where: str, schema_keys: frozenset[str] = frozenset()) 
                 _top_level_switch(data, value, where, notes)
                 continue
             if key == SECOND_PASS:
-                _merge(settings, given_by, _second_pass(value, f"{where}: '{SECOND_PASS}'", notes), key, where)
+                section, inner = _second_pass(value, f"{where}: '{SECOND_PASS}'", notes)
+                _merge(settings, given_by, section, key, where)
+                written_as.update({f"second_pass.{name}": f"{SECOND_PASS}.{their}" for name, their in inner.items()})
                 continue
             _merge(settings, given_by, TABLE.apply(key, value, where, notes), key, where)
         elif key in schema_keys:
@@ -336,7 +340,8 @@ def translate(data: Any, where: str, schema_keys: frozenset[str] = frozenset()) 
         else:
             raise TABLE.unknown_key(key, where, schema_keys)
     _mode_rules(data, settings, where, notes)
-    return Translation(settings, notes)
+    written_as.update({name: key for name, key in given_by.items() if name != key and key != SECOND_PASS})
+    return Translation(settings, notes, written_as)
 
 
 def _top_level_switch(data: dict[str, Any], value: Any, where: str, notes: list[str]) -> None:
@@ -346,8 +351,9 @@ def _top_level_switch(data: dict[str, Any], value: Any, where: str, notes: list[
                      f"one inside a \"{SECOND_PASS}\" section, which this file does not have.")
 
 
-def _second_pass(section: Any, where: str, notes: list[str]) -> dict[str, Any]:
-    """use_2nd_pass_settings and second_pass from the section (empty when its switch is off)."""
+def _second_pass(section: Any, where: str, notes: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """use_2nd_pass_settings and second_pass from the section (empty when its switch is off), and
+    which of its keys set each of our settings."""
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: expected a JSON object of settings, got {section!r}.")
     ours: dict[str, Any] = {}
@@ -367,11 +373,11 @@ def _second_pass(section: Any, where: str, notes: list[str]) -> dict[str, Any]:
         notes.append(f"note: {where}: the section's own use_2nd_pass_settings is not true, so the second pass "
                      "trains with the first pass's settings (as in TrainTrain); set it to true inside the section "
                      "to use them.")
-        return {}
+        return {}, {}
     if first_pass_only:
         notes.append(f"note: {where}: {', '.join(first_pass_only)} keep the first pass's values (TrainTrain reads "
                      "only the per-pass settings from this section).")
-    return {"use_2nd_pass_settings": True, "second_pass": ours}
+    return {"use_2nd_pass_settings": True, "second_pass": ours}, given_by
 
 
 def _mode_rules(data: dict[str, Any], settings: dict[str, Any], where: str, notes: list[str]) -> None:
@@ -416,7 +422,18 @@ def load(path: Union[str, Path, None], flags: Optional[dict[str, Any]] = None, s
     if say_notes:
         for note in translation.notes:
             say(note)
-    return validate_config_dict(settings, source, defaults=DEFAULTS)
+    try:
+        return validate_config_dict(settings, source, defaults=DEFAULTS)
+    except ConfigError as error:
+        written_as = {ours: theirs for ours, theirs in translation.written_as.items() if ours not in (flags or {})}
+        raise ConfigError(_in_their_words(str(error), written_as)) from None
+
+
+def _in_their_words(message: str, written_as: dict[str, str]) -> str:
+    """A schema message about our keys, naming the keys the user wrote instead."""
+    for ours in sorted(written_as, key=len, reverse=True):
+        message = message.replace(f"key '{ours}'", f"key '{written_as[ours]}'")
+    return message.replace("'second_pass'", f"'{SECOND_PASS}'")
 
 
 def our_setting(key: str) -> Optional[str]:
