@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """TrainTrain-style front door: `python train_j.py CONFIG.json [--models-dir R] [--ckpt-dir D] ...`.
 
-The JSON's keys are the config schema's (difftrain/config.py), TrainTrain names included.
+The JSON is TrainTrain's (its presets work unchanged): its keys are translated through one table,
+difftrain/vocab/traintrain.py, to the schema's (difftrain/config.py), which may be used too; the
+flags are the schema's names.
 """
 
 from difftrain.cli import main

@@ -3,7 +3,7 @@
 Every key a user can set lives here exactly once, with its type, default, help text and
 aliases. From this single class we derive:
 
-* the keys `train_j.py` accepts in its JSON (TrainTrain names are aliases of the engine's names),
+* the settings TrainTrain's keys translate to (its one table: difftrain/vocab/traintrain.py),
 * the `--flags` of `train.py` (EveryDream2 names are the canonical names),
 * `configs/schema.json` for editors (see `export_json_schema`),
 * the validation the launcher runs before it starts a child.
