@@ -295,6 +295,26 @@ def find_last(logdir: Path, project: str, *, verify: bool = False) -> tuple[Opti
     return None, skipped
 
 
+def find_last_everydream2(logdir: Path, project: str) -> Optional[Path]:
+    """The newest model EveryDream2 itself saved for `project`: a diffusers folder (model_index.json)
+    under logdir/<project>-<timestamp>/ckpts/, or None.
+
+    EveryDream2 keeps no trainer state, so a run continues from such a folder as from weights.
+    Like EveryDream2's own findlast, the newest by time wins, and its `_ema` copies are not the
+    trained model; an `errored-` save (written after a crash) is passed over here, where
+    EveryDream2 would stop.
+    """
+    found: list[tuple[float, Path]] = []
+    for ckpts in sorted(logdir.glob(f"{glob.escape(project)}*/ckpts")):
+        for folder in sorted(ckpts.iterdir()):
+            index = folder / "model_index.json"
+            if (not index.is_file() or looks_like_checkpoint(folder) or folder.name.endswith("_ema")
+                    or folder.name.startswith("errored-")):
+                continue
+            found.append((index.stat().st_mtime, folder))
+    return max(found, key=lambda entry: entry[0])[1] if found else None
+
+
 _VERIFIED: dict[tuple[str, int], bool] = {}
 
 

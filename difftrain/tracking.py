@@ -2,6 +2,8 @@
 
 wandb runs offline by default, so nobody needs an account or a network. Offline wandb gives a
 run no name, so we make one in wandb's style (adjective-noun-N) and an 8-character id.
+With wandb off (EveryDream2's default), the metrics also go to TensorBoard event files in the
+log folder, under the tags EveryDream2 writes, so `tensorboard --logdir logs` shows them as before.
 """
 
 from __future__ import annotations
@@ -101,18 +103,59 @@ def create_run_folder(runs_dir: Path, name: str, config: dict[str, Any]) -> tupl
     raise ConfigError(f"could not find a free run folder name under '{runs_dir}'.")
 
 
+# Our metric -> EveryDream2's TensorBoard tag (train.py, every_dream_validation.py); other numbers
+# go under "difftrain/<name>".
+TENSORBOARD_TAGS = {"loss_train": "loss/log_step", "lr": "hyperparameter/lr unet",
+                    "lr_text_encoder": "hyperparameter/lr text encoder", "loss_valid": "loss/val",
+                    "loss_epoch": "loss/epoch"}
+
+
+class TensorBoardLog:
+    """Event files in `folder` through tensorboardX's FileWriter (the format torch's SummaryWriter
+    writes, without the tensorboard package). Tags are written as given: tensorboardX's
+    SummaryWriter would turn EveryDream2's "hyperparameter/lr unet" into "lr_unet"."""
+
+    def __init__(self, folder: Path, config: dict[str, Any]):
+        from tensorboardX import FileWriter
+        from tensorboardX.summary import text
+
+        self.writer = FileWriter(str(folder), flush_secs=20)
+        self.writer.add_summary(text("config", json.dumps(config, indent=2)), 0)
+
+    def log(self, metrics: dict[str, Any], step: int, images: Optional[dict[str, Any]]) -> None:
+        import numpy
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import image
+
+        values = [Summary.Value(tag=TENSORBOARD_TAGS.get(key, f"difftrain/{key}"), simple_value=float(value))
+                  for key, value in metrics.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step")]
+        if values:
+            self.writer.add_summary(Summary(value=values), step)
+        pictures = [picture for value in (images or {}).values()
+                    for picture in (value if isinstance(value, list) else [value])]
+        for index, picture in enumerate(pictures):
+            pixels = numpy.asarray(picture.convert("RGB"))
+            self.writer.add_summary(image(f"sample_{index:03}", pixels, dataformats="HWC"), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class Tracker:
-    """metrics.jsonl in the run folder, plus wandb unless tracker is 'none'.
+    """metrics.jsonl in the run folder, plus wandb unless tracker is 'none', else TensorBoard
+    event files in `log_folder` (when given).
 
     Only the main process makes a Tracker; other processes get a `NullTracker`.
     """
 
     def __init__(self, run_dir: Path, *, run_name: str, run_id: str, project: str,
-                 config: dict[str, Any], use_wandb: bool, wandb_mode: str):
+                 config: dict[str, Any], use_wandb: bool, wandb_mode: str, log_folder: Optional[Path] = None):
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")
         self._wandb = None
+        self._tensorboard = TensorBoardLog(log_folder, config) if log_folder and not use_wandb else None
         if use_wandb:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
@@ -135,9 +178,13 @@ class Tracker:
                 items = value if isinstance(value, list) else [value]
                 payload[key] = [wandb.Image(image) for image in items]
             self._wandb.log(payload, step=step)
+        if self._tensorboard is not None:
+            self._tensorboard.log(metrics, step, images)
 
     def close(self) -> None:
         self._metrics.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
 

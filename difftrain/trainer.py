@@ -477,7 +477,7 @@ class Trainer:
             tracker = Tracker(run_dir, run_name=name, run_id=run_id,
                               project=config.wandb_project or config.project_name,
                               config=config.model_dump(mode="json"), use_wandb=config.tracker == "wandb",
-                              wandb_mode=config.wandb_mode)
+                              wandb_mode=config.wandb_mode, log_folder=log_folder)
             _say(f"run folder: {run_dir}")
             opened.update(run_dir=run_dir, tracker=tracker, log_folder=log_folder)
             return str(log_folder)
