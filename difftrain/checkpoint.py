@@ -327,6 +327,9 @@ def _hashes_match(folder: Path) -> bool:
     return _VERIFIED[key]
 
 
+FINAL_PREFIX = "last-"  # the checkpoint folder written when a run completes
+
+
 def looks_like_checkpoint(folder: Path) -> bool:
     """A folder meant as a checkpoint (complete or not), as opposed to a base model folder."""
     return folder.is_dir() and (folder.name.startswith(TEMP_PREFIX) or any(
@@ -369,6 +372,12 @@ def resolve_start(config: Any, from_scratch: bool, log: Callable[[str], None]) -
     if from_scratch and name in ("", Config.model_fields["resume_ckpt"].default):
         return StartPoint()
     found = resolve_resume(name, Path(config.logdir), config.project_name, log)
+    if found is not None and found.name.startswith(FINAL_PREFIX) and (found / "unet").is_dir():
+        # A finished full fine-tune has nothing left to continue: like EveryDream2's resume_ckpt
+        # (and chain.bat's findlast), a new run starts from its weights, a complete diffusers folder.
+        log(f"note: '{found}' is the final checkpoint of a finished run; starting a new run from its "
+            "weights (name one of its earlier checkpoints to continue that run instead).")
+        return StartPoint(base=str(found))
     if found is not None:
         return StartPoint(checkpoint=found)
     if from_scratch:

@@ -17,7 +17,7 @@ import typing
 from typing import Any, Optional, Sequence
 
 from difftrain import log
-from difftrain.config import ALIASES, FIELD_NAMES, Config, load_config
+from difftrain.config import ALIASES, FIELD_NAMES, Config
 from difftrain.errors import ConfigError, exit_on_user_error
 
 TRUE_WORDS = {"true", "1", "yes", "on"}
@@ -79,6 +79,30 @@ def add_schema_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*options, dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
+def add_everydream2_flags(parser: argparse.ArgumentParser) -> None:
+    """EveryDream2's flags that are not also our keys, translated by difftrain.vocab.everydream2."""
+    from difftrain.vocab.everydream2 import TERMS
+
+    group = parser.add_argument_group("EveryDream2 flags (translated; see docs/everydream2.md)")
+    for term in TERMS:
+        if term.status in ("legacy", "front door") or term.key in FIELD_NAMES or term.key in ALIASES:
+            continue
+        help_text = f"EveryDream2's --{term.key}: {term.meaning}".replace("%", "%%")
+        options = [f"--{term.key}"] + ([f"--{term.key.replace('_', '-')}"] if "_" in term.key else [])
+        if term.kind == "bool":
+            group.add_argument(*options, dest=term.key, nargs="?", const=True, type=parse_bool,
+                               default=argparse.SUPPRESS, metavar="BOOL", help=help_text)
+        elif term.kind == "list":
+            group.add_argument(*options, dest=term.key, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(*options, dest=term.key, type=_scalar(term.kind), default=argparse.SUPPRESS,
+                               help=help_text)
+
+
+def _scalar(kind: str):
+    return {"int": int, "float": float}.get(kind, str)
+
+
 def _json_object(name: str):
     def parse(text: str) -> dict[str, Any]:
         try:
@@ -118,6 +142,8 @@ def build_parser(door: str) -> argparse.ArgumentParser:
         parser.add_argument("--config", dest="config_flag", metavar="CONFIG.json",
                             help="a JSON config read before the flags")
     add_schema_flags(parser)
+    if door != "train_j":
+        add_everydream2_flags(parser)
     return parser
 
 
@@ -133,7 +159,9 @@ def config_from_argv(argv: Sequence[str], door: str) -> Config:
         from difftrain.vocab import traintrain
 
         return traintrain.load(path or flag_path, flags=namespace)
-    return load_config(path or flag_path, flags=namespace)
+    from difftrain.vocab import everydream2  # EveryDream2's vocabulary, translated at this door
+
+    return everydream2.load(path or flag_path, flags=namespace)
 
 
 def main(argv: Optional[Sequence[str]] = None, door: str = "train") -> int:

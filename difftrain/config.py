@@ -156,12 +156,24 @@ class TrainingSettings(BaseModel):
     lr_power: float = setting(1.0, "Power of the polynomial schedule.",
                               per_pass=True, gt=0)
     clip_grad_norm: Optional[float] = setting(None, "Clip the gradient norm to this value.", gt=0)
+    text_encoder_lr_scheduler: Literal["", "constant", "linear", "cosine", "polynomial", "cosine_with_restarts",
+                                       "constant_with_warmup"] = setting(
+        "", "Learning-rate schedule of the text encoder(s); empty: lr_scheduler (EveryDream2's "
+        "text_encoder_overrides).")
+    text_encoder_unfreeze_last_n_layers: Optional[int] = setting(
+        None, "Train only the last N layers and the final layer norm of the text encoder(s) (their "
+        "embeddings stay frozen); empty: all of it (EveryDream2's unfreeze_last_n_layers).", ge=1)
 
     # ---- objective ----------------------------------------------------------------------------
-    loss_function: Literal["MSE", "L1", "Smooth-L1"] = setting(
-        "MSE", "Per-element loss.", per_pass=True)
+    loss_function: Literal["MSE", "L1", "Smooth-L1", "MSE-Huber", "Huber-MSE"] = setting(
+        "MSE", "Per-element loss. 'MSE-Huber' blends MSE (weight t/T) with Huber (weight 1 - t/T) by "
+        "timestep; 'Huber-MSE' the other way round (EveryDream2's loss_type).", per_pass=True)
     min_snr_gamma: float = setting(0.0, "Min-SNR-gamma loss weighting; 0 disables it.", per_pass=True, ge=0)
     noise_offset: float = setting(0.0, "Offset noise strength.", ge=0)
+    pyramid_noise_discount: float = setting(0.0, "Pyramid (multi-resolution) noise with this discount "
+                                            "per level; 0 disables it.", ge=0)
+    embedding_perturbation: float = setting(0.0, "Gaussian noise added to the text embeddings while "
+                                            "training, std = value / sqrt(width); 0 disables it.", ge=0)
     zero_terminal_snr: bool = setting(False, "Rescale the noise schedule to zero terminal SNR.")
     min_timestep: int = setting(0, "Lowest training timestep.",
                                 per_pass=True, ge=0, le=1000)
@@ -204,6 +216,9 @@ class DataAndOutputSettings(BaseModel):
         "budget and iLECO draws latents of this shape. None: resolution x resolution.")
     flip_p: float = setting(0.0, "Probability of a horizontal flip.", ge=0, le=1)
     caption_dropout: float = setting(0.0, "Probability of training on an empty caption.", ge=0, le=1)
+    shuffle_tags: bool = setting(False, "Shuffle the comma-separated tags after a caption's first part "
+                                 "each epoch (a folder's shuffle_tags.txt turns it on for that folder).")
+    keep_tags: int = setting(0, "With shuffle_tags: keep this many tags after the first part in place.", ge=0)
     image_buckets_step: int = setting(256, "TrainTrain bucket step.", ge=8)
     image_num_multiply: int = setting(1, "TrainTrain: repeat each image this many times.", ge=1)
     image_min_length: int = setting(512, "TrainTrain: shortest bucket side.", ge=64)
@@ -228,6 +243,16 @@ class DataAndOutputSettings(BaseModel):
         "offline", "wandb mode; offline needs no account. WANDB_MODE overrides it.")
     wandb_project: str = setting("", "wandb project; empty: project_name.")
     run_name: str = setting("", "Run name; empty: an adjective-noun-N name like wandb's.")
+
+    # ---- EMA of the trained weights (EveryDream2's names) ----------------------------------------
+    ema_decay_rate: Optional[float] = setting(None, "EMA decay per update; setting it turns EMA on.", gt=0, lt=1)
+    ema_strength_target: Optional[float] = setting(
+        None, "EMA strength at the end of training; decay = target^(update_interval / total steps).", gt=0, lt=1)
+    ema_update_interval: int = setting(500, "Optimizer steps between EMA updates.", ge=1)
+    ema_device: Literal["cpu", "cuda"] = setting("cpu", "Where the EMA weights live.")
+    ema_sample_nonema_model: bool = setting(False, "Samples from the trained (non-EMA) weights.")
+    ema_sample_ema_model: bool = setting(False, "Samples from the EMA weights.")
+    ema_resume_model: str = setting("", "Start the EMA weights from this model (or 'findlast').")
 
 
 # pydantic lists the fields of the LAST base first: this order keeps the keys in reading order
@@ -335,6 +360,7 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
         if len(self.hidden_channels) != len(self.hidden_blocks):
             problems.append(f"hidden_channels {self.hidden_channels} and hidden_blocks {self.hidden_blocks} "
                             "must have the same length (one entry per U-Net level)")
+        problems.extend(_ema_not_yet(self))
         if self.task == "kolmogorov" and self.window > self.simulation.keep:
             problems.append(f"window {self.window} is longer than the trajectories (simulation.keep "
                             f"{self.simulation.keep} states); lower window or raise keep")
@@ -371,6 +397,20 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
         if not self.use_2nd_pass_settings or not self.second_pass:
             return self
         return self.model_copy(update=dict(self.second_pass))
+
+
+EMA_FIELDS = ("ema_decay_rate", "ema_strength_target", "ema_update_interval", "ema_device",
+              "ema_sample_nonema_model", "ema_sample_ema_model", "ema_resume_model")
+
+
+def _ema_not_yet(config: Config) -> list[str]:
+    """EMA is accepted into the schema but not trained yet: a non-default value must not pass quietly."""
+    changed = [name for name in EMA_FIELDS if getattr(config, name) != Config.model_fields[name].default]
+    if not changed:
+        return []
+    return [f"{', '.join(changed)}: EMA of the trained weights is not implemented yet (issue 18, "
+            "requirement 4); remove these keys or leave them at their defaults (null / false) to train "
+            "without EMA"]
 
 
 # --- derived tables --------------------------------------------------------------------------------

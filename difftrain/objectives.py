@@ -57,6 +57,48 @@ def elementwise_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.
     return _ELEMENTWISE_LOSSES[key]
 
 
+# EveryDream2's loss_type mse_huber / huber_mse: MSE and Huber (delta 1) blended per sample by
+# t / T, MSE weighted by t / T in 'MSE-Huber' (so Huber dominates the low-noise timesteps).
+TIMESTEP_BLENDS = {"mse-huber": True, "huber-mse": False}
+
+
+def blended_loss(name: str, prediction: torch.Tensor, target: torch.Tensor, noise_fraction: torch.Tensor) -> torch.Tensor:
+    """Unreduced MSE/Huber blend; ``noise_fraction`` (B,) is timestep / number of timesteps."""
+    mse = F.mse_loss(prediction, target, reduction="none")
+    huber = F.huber_loss(prediction, target, reduction="none", delta=1.0)
+    mse_weight = broadcast_to_sample(noise_fraction.float(), mse)
+    if not TIMESTEP_BLENDS[name.lower()]:
+        mse_weight = 1.0 - mse_weight
+    return mse * mse_weight + huber * (1.0 - mse_weight)
+
+
+def pyramid_noise(shape: tuple[int, ...], generator: torch.Generator, discount: float, *, device=None,
+                  levels: int = 10) -> torch.Tensor:
+    """Multi-resolution noise (B, C, H, W), rescaled to unit standard deviation.
+
+    Level i adds bilinearly upsampled noise drawn at a resolution shrunk by a random factor
+    r in [2, 4) to the power i (compounding, as EveryDream2 does), weighted discount**i; it stops
+    once a side reaches 1. Every draw, r included, comes from ``generator``.
+    """
+    batch, channels, height, width = shape
+    noise = randn(shape, generator, device=device)
+    for level in range(levels):
+        factor = float(rand((1,), generator)[0]) * 2 + 2
+        height, width = max(1, int(height / factor**level)), max(1, int(width / factor**level))
+        coarse = randn((batch, channels, height, width), generator, device=device)
+        noise = noise + F.interpolate(coarse, size=tuple(shape[2:]), mode="bilinear") * discount**level
+        if height == 1 or width == 1:
+            break
+    return noise / noise.std()
+
+
+def perturb_embeddings(hidden: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Text embeddings (B, L, D) plus Gaussian noise of std strength / sqrt(D) (EveryDream2's
+    embedding_perturbation, after arXiv 2405.20494)."""
+    noise = randn(tuple(hidden.shape), generator, device=hidden.device, dtype=hidden.dtype)
+    return hidden + noise * (strength / hidden.shape[-1] ** 0.5)
+
+
 def randn(
     shape: tuple[int, ...] | torch.Size,
     generator: torch.Generator,
@@ -128,7 +170,9 @@ class DiffusionObjective:
         min_snr_gamma: min-SNR-gamma weighting (Hang et al. 2023); None or 0 disables it.
         noise_offset: offset noise strength: noise + offset * randn(B, C, 1, 1).
         min_timestep, max_timestep: timesteps are drawn uniformly from [min, max).
-        loss_function: 'MSE', 'L1' or 'Smooth-L1'.
+        loss_function: 'MSE', 'L1', 'Smooth-L1', or the timestep blends 'MSE-Huber' / 'Huber-MSE'.
+        pyramid_noise_discount: multi-resolution noise (see ``pyramid_noise``); 0 disables it.
+        embedding_perturbation: noise added to ``encoder_hidden_states`` (see ``perturb_embeddings``).
     """
 
     def __init__(
@@ -141,6 +185,8 @@ class DiffusionObjective:
         min_timestep: int = 0,
         max_timestep: int = 1000,
         loss_function: str = "MSE",
+        pyramid_noise_discount: float = 0.0,
+        embedding_perturbation: float = 0.0,
     ) -> None:
         self.alphas_cumprod = _check_alphas_cumprod(alphas_cumprod, "DiffusionObjective")
         num_timesteps = self.alphas_cumprod.numel()
@@ -175,7 +221,10 @@ class DiffusionObjective:
         self.min_timestep = min_timestep
         self.max_timestep = max_timestep
         self.loss_function = loss_function
-        self._elementwise_loss = elementwise_loss(loss_function)
+        self.pyramid_noise_discount = float(pyramid_noise_discount)
+        self.embedding_perturbation = float(embedding_perturbation)
+        if str(loss_function).lower() not in TIMESTEP_BLENDS:
+            self._elementwise_loss = elementwise_loss(loss_function)
 
     def _schedule(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # float32 coefficients: float64 ones would promote whole latent batches to float64.
@@ -210,7 +259,10 @@ class DiffusionObjective:
 
     def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator, device=None) -> torch.Tensor:
         """Float32 noise of ``shape`` (B, C, ...), with offset noise shared over the spatial dims."""
-        noise = randn(shape, generator, device=device)
+        if self.pyramid_noise_discount > 0 and len(shape) == 4:
+            noise = pyramid_noise(tuple(shape), generator, self.pyramid_noise_discount, device=device)
+        else:
+            noise = randn(shape, generator, device=device)
         if self.noise_offset:
             per_channel_shape = tuple(shape[:2]) + (1,) * (len(shape) - 2)
             noise = noise + self.noise_offset * randn(per_channel_shape, generator, device=device)
@@ -246,9 +298,14 @@ class DiffusionObjective:
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        sample_weights: torch.Tensor | None = None,
         **cond: Any,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted regression loss of ``model`` on clean samples ``x0`` (B, C, ...).
+
+        ``sample_weights`` (B,) multiply each sample's loss (EveryDream2's loss_scale.txt).
+        With embedding_perturbation, precomputed ``encoder_hidden_states`` get noise from
+        ``generator``; captions encoded inside the model get a ``perturb_embeddings`` callback.
 
         ``noise`` (B, C, ...) and integer ``timesteps`` (B,) are drawn from ``generator`` unless
         given (validation passes fixed ones); ``cond`` goes to the model unchanged. ``loss_mask``
@@ -269,16 +326,32 @@ class DiffusionObjective:
         noise = noise.to(x0.device)
         clean = x0.float()
         noisy = self.add_noise(clean, noise, timesteps)
+        if self.embedding_perturbation and generator is not None:
+            cond = self._perturbed(cond, generator)
         prediction = model(noisy.to(x0.dtype), timesteps.float(), **cond)
-        elementwise = self._elementwise_loss(prediction.float(), self.target(clean, noise, timesteps))
+        target = self.target(clean, noise, timesteps)
+        if str(self.loss_function).lower() in TIMESTEP_BLENDS:
+            fraction = timesteps.float() / self.alphas_cumprod.numel()
+            elementwise = blended_loss(self.loss_function, prediction.float(), target, fraction)
+        else:
+            elementwise = self._elementwise_loss(prediction.float(), target)
         if loss_mask is None:
             per_sample = _per_sample_mean(elementwise)
         else:
             mask = loss_mask.to(elementwise.device, torch.float32).expand_as(elementwise)
             per_sample = _per_sample_mean(elementwise * mask) / _per_sample_mean(mask).clamp(min=1e-8)
         weighted = per_sample * self.loss_weights(timesteps).to(per_sample.device)
+        if sample_weights is not None:
+            weighted = weighted * sample_weights.to(weighted.device, torch.float32)
         loss = weighted.mean()
         return loss, {"loss": loss.detach(), "loss_per_sample": per_sample.detach(), "timesteps": timesteps.detach()}
+
+
+    def _perturbed(self, cond: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        strength = self.embedding_perturbation
+        if "encoder_hidden_states" in cond:
+            return {**cond, "encoder_hidden_states": perturb_embeddings(cond["encoder_hidden_states"], strength, generator)}
+        return {**cond, "perturb_embeddings": lambda hidden: perturb_embeddings(hidden, strength, generator)}
 
 
 class VPredictionFlowBridge:
@@ -462,21 +535,25 @@ class RectifiedFlowObjective:
         return velocity_fn
 
     def flow_loss(
-        self, model: Model, x0: torch.Tensor, noise: torch.Tensor, flow_time: torch.Tensor, **cond: Any
+        self, model: Model, x0: torch.Tensor, noise: torch.Tensor, flow_time: torch.Tensor, *,
+        sample_weights: torch.Tensor | None = None, **cond: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Regress the velocity at x_s onto noise - x0; shared by training (independent draws)
         and reflow (coupled noise / endpoint pairs).
 
         x0, noise (B, ...) in any float dtype, flow_time (B,). The model sees x_s in x0's dtype;
         the loss is float32. Returns (scalar loss, stats) with detached 'loss',
-        'loss_per_sample' (B,) and 'flow_time' (B,).
+        'loss_per_sample' (B,) and 'flow_time' (B,). ``sample_weights`` (B,) scale each sample's loss.
         """
         flow_time = flow_time.to(x0.device)
         clean, noise = x0.float(), noise.to(x0.device).float()
         state = self.interpolate(clean, noise, flow_time)
         prediction = self.velocity(model, state.to(x0.dtype), flow_time, **cond)
         per_sample = _per_sample_mean(self._elementwise_loss(prediction.float(), noise - clean))
-        loss = per_sample.mean()
+        if sample_weights is not None:
+            loss = (per_sample * sample_weights.to(per_sample.device, torch.float32)).mean()
+        else:
+            loss = per_sample.mean()
         return loss, {"loss": loss.detach(), "loss_per_sample": per_sample.detach(), "flow_time": flow_time.detach()}
 
     def fixed_validation_draws(
@@ -495,6 +572,7 @@ class RectifiedFlowObjective:
         *,
         noise: torch.Tensor | None = None,
         flow_time: torch.Tensor | None = None,
+        sample_weights: torch.Tensor | None = None,
         **cond: Any,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``flow_loss`` with noise (B, ...) and flow times (B,) drawn from ``generator`` unless
@@ -505,7 +583,7 @@ class RectifiedFlowObjective:
             flow_time = self.sample_flow_time(x0.shape[0], generator, x0.device)
         if noise is None:
             noise = randn(tuple(x0.shape), generator, device=x0.device)
-        return self.flow_loss(model, x0, noise, flow_time, **cond)
+        return self.flow_loss(model, x0, noise, flow_time, sample_weights=sample_weights, **cond)
 
 
 def pretrained_flow_objective(

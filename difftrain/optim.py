@@ -360,9 +360,29 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_units
         logger.info("lr_step_rules has no effect: only lr_scheduler 'piecewise_constant' reads it.")
     if warmup and name not in _USES_WARMUP:
         logger.info("lr_warmup_steps has no effect: lr_scheduler '%s' has no warm-up.", name)
+    text_schedule = config.text_encoder_lr_scheduler
+    if text_schedule and text_schedule != name and len(optimizer.param_groups) > 1:
+        if name in TORCH_SCHEDULERS:
+            raise ConfigError(f"text_encoder_lr_scheduler '{text_schedule}' needs lr_scheduler to be one of "
+                              f"diffusers' schedules too, not '{name}'; change one of them.")
+        return _per_group_schedule(config, optimizer, settings, warmup, decay)
     if name in TORCH_SCHEDULERS:
         return _torch_scheduler(config, optimizer, settings, decay)
     return _diffusers_scheduler(config, optimizer, settings, warmup, decay)
+
+
+def _per_group_schedule(config: Config, optimizer: torch.optim.Optimizer, settings: dict[str, Any],
+                        warmup: int, decay: int) -> torch_schedulers.LambdaLR:
+    """EveryDream2's text-encoder schedule: the UNet's group (the first) follows lr_scheduler, the
+    text encoders' groups text_encoder_lr_scheduler; one LambdaLR holds a multiplier per group."""
+    def multiplier(name: str):
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        schedule = _diffusers_scheduler(config.model_copy(update={"lr_scheduler": name}), probe, settings,
+                                        warmup, decay)
+        return schedule.lr_lambdas[0]
+
+    names = [config.lr_scheduler] + [config.text_encoder_lr_scheduler] * (len(optimizer.param_groups) - 1)
+    return torch_schedulers.LambdaLR(optimizer, [multiplier(name) for name in names])
 
 
 def _torch_scheduler(config: Config, optimizer: torch.optim.Optimizer, settings: dict[str, Any], run: int):

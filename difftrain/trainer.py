@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from difftrain.checkpoint import (Progress, checkpoint_name, load_trainer_tensors, new_log_folder,
+from difftrain.checkpoint import (FINAL_PREFIX, Progress, checkpoint_name, load_trainer_tensors, new_log_folder,
                                   read_progress, resolve_start, save_checkpoint,
                                   save_tensors_atomically, write_file_atomically)
 from difftrain.config import Config
@@ -36,6 +36,7 @@ INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 class TrainingStopped(Exception):
     """The run cannot go on (NaN loss); the last good checkpoint stays the newest."""
+
 
 
 def _say(message: str) -> None:
@@ -325,7 +326,7 @@ class Trainer:
                         _say(f"stopped by {signal.Signals(stopping).name}; resume with "
                              f"--resume_ckpt \"{saved}\"")
                 else:
-                    saved = checkpoint("last-")
+                    saved = checkpoint(FINAL_PREFIX)
                     bar.close()
                     if parts.samples is not None:
                         self._log_samples(model, tracker, progress.global_step, run_dir, log_folder)

@@ -1,4 +1,7 @@
+import json
 import logging
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +12,12 @@ from difftrain.data.buckets import BucketBatchSampler, assign_buckets, make_buck
 from difftrain.data.images import (
     ImageBucketDataset,
     ImageItem,
+    Tag,
     collate_image_batch,
+    repeat_by_multiply,
     scan_image_folder,
+    shuffled_caption,
+    trained_in_epoch,
 )
 from difftrain.errors import ConfigError
 
@@ -55,7 +62,8 @@ def test_scan_is_recursive_sorted_and_case_insensitive(tmp_path):
         "sub/deeper/Zebra.PNG",
         "sub/pear.bmp",
     ]
-    assert items[0] == ImageItem(path=tmp_path / "apple.JPEG", caption="apple", width=64, height=48)
+    assert items[0] == ImageItem(path=tmp_path / "apple.JPEG", caption="apple", width=64, height=48,
+                                 main_prompt="apple")
 
 
 def test_trigger_word_is_prepended_once(tmp_path):
@@ -289,3 +297,185 @@ def test_probabilities_outside_0_1_are_config_errors(tmp_path):
         make_dataset(tmp_path, flip_p=1.5)
     with pytest.raises(ConfigError, match="caption_dropout"):
         make_dataset(tmp_path, caption_dropout=-0.1)
+
+
+# ----------------------------------------------------------------------------- EveryDream2 conventions
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def by_name(items):
+    return {item.path.name: item for item in items}
+
+
+def test_yaml_sidecar_main_prompt_and_weighted_tags_beat_the_txt(tmp_path):
+    save_image(tmp_path / "cloud_1.png")
+    write(tmp_path / "cloud_1.txt", "loses, to the yaml")
+    write(tmp_path / "cloud_1.yaml", "main_prompt: a portrait of Cloud\ntags:\n  - tag: low angle\n"
+          "  - tag: buster sword\n    weight: 1.5\n  - smiling\nmax_caption_length: 40\n")
+    save_image(tmp_path / "tifa_2.png")
+    write(tmp_path / "tifa_2.txt", "tifa,  red dress ,smiling")
+    save_image(tmp_path / "barret wallace_3.png")
+    items = by_name(scan_image_folder(tmp_path))
+    cloud = items["cloud_1.png"]
+    assert cloud.main_prompt == "a portrait of Cloud" and cloud.max_caption_length == 40
+    # heavier tags first; the txt's tags add to the yaml's (EveryDream2 unions the sidecars' tags)
+    assert [tag.text for tag in cloud.tags][:1] == ["buster sword"]
+    assert {tag.text for tag in cloud.tags} == {"buster sword", "low angle", "smiling", "to the yaml"}
+    assert cloud.caption.startswith("a portrait of Cloud, buster sword, ")
+    assert items["tifa_2.png"].main_prompt == "tifa"
+    assert [tag.text for tag in items["tifa_2.png"].tags] == ["red dress", "smiling"]
+    assert items["barret wallace_3.png"].caption == "barret wallace"
+
+
+def test_image_beats_local_beats_global_and_global_reaches_below(tmp_path):
+    write(tmp_path / "global.yaml", "main_prompt: from the global\nflip_p: 0.1\ntags: [everywhere]\n")
+    write(tmp_path / "sub" / "local.yaml", "flip_p: 0.2\ntags: [sub only]\n")
+    write(tmp_path / "sub" / "cond_dropout.txt", "0.5\n")
+    save_image(tmp_path / "sub" / "own.png")
+    write(tmp_path / "sub" / "own.yaml", "flip_p: 0.3\nmain_prompt: its own\n")
+    save_image(tmp_path / "sub" / "plain.png")
+    save_image(tmp_path / "other" / "far.png")
+    write(tmp_path / "sub" / "deeper" / "global.yaml", "flip_p: 0.4\n")
+    save_image(tmp_path / "sub" / "deeper" / "deep.png")
+    items = by_name(scan_image_folder(tmp_path))
+    assert {name: item.flip_p for name, item in items.items()} == {
+        "own.png": 0.3, "plain.png": 0.2, "far.png": 0.1, "deep.png": 0.4}
+    assert items["own.png"].caption == "its own, sub only, everywhere"
+    assert items["plain.png"].caption == "from the global, sub only, everywhere"
+    assert items["deep.png"].caption == "from the global, everywhere"  # local.yaml is its folder's alone
+    assert items["plain.png"].cond_dropout == 0.5 and items["deep.png"].cond_dropout is None
+
+
+def test_folder_files_set_each_setting(tmp_path):
+    for name, text in {"multiply.txt": "2.5", "flip_p.txt": "1", "cond_dropout.txt": "0.25",
+                       "loss_scale.txt": "3", "batch_id.txt": "faces\n", "shuffle_tags.txt": ""}.items():
+        write(tmp_path / "set" / name, text)
+    save_image(tmp_path / "set" / "a.png")
+    save_image(tmp_path / "b.png")
+    items = by_name(scan_image_folder(tmp_path))
+    a, b = items["a.png"], items["b.png"]
+    assert (a.multiply, a.flip_p, a.cond_dropout, a.loss_scale, a.batch_id, a.shuffle_tags) == \
+        (2.5, 1.0, 0.25, 3.0, "faces", True)
+    assert (b.multiply, b.flip_p, b.cond_dropout, b.loss_scale, b.batch_id, b.shuffle_tags) == \
+        (1.0, None, None, 1.0, "", False)
+
+
+def test_bad_settings_files_name_the_file(tmp_path):
+    save_image(tmp_path / "a.png")
+    write(tmp_path / "multiply.txt", "twice")
+    with pytest.raises(ConfigError, match="multiply.txt: expected a number"):
+        scan_image_folder(tmp_path)
+    (tmp_path / "multiply.txt").unlink()
+    write(tmp_path / "local.yaml", "cond_droput: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'cond_droput'.*Did you mean 'cond_dropout'"):
+        scan_image_folder(tmp_path)
+
+
+def test_hidden_files_skipped_and_every_extension_in_any_case(tmp_path):
+    for name in ["a.JFIF", "b.jfif", "c.Webp", "d.BMP", ".e.png", "f.gif"]:
+        save_image(tmp_path / name, format="JPEG" if "jfif" in name.lower() else None)
+    write(tmp_path / ".hidden" / "global.yaml", "main_prompt: never read\n")
+    assert sorted(by_name(scan_image_folder(tmp_path))) == ["a.JFIF", "b.jfif", "c.Webp", "d.BMP"]
+
+
+def test_data_root_as_a_json_list(tmp_path, monkeypatch):
+    save_image(tmp_path / "pics" / "one.png")
+    save_image(tmp_path / "pics" / "two_x.png")
+    listing = [{"image": "pics/one.png", "caption": "first, tagged"},
+               {"image": str(tmp_path / "pics" / "two_x.png"), "main_prompt": "second", "flip_p": 1}]
+    write(tmp_path / "data.json", json.dumps(listing))
+    monkeypatch.chdir(tmp_path.parent)  # relative paths are found beside the .json as well
+    items = scan_image_folder(tmp_path / "data.json")
+    assert [(item.path.name, item.caption, item.flip_p) for item in items] == [
+        ("one.png", "first, tagged", None), ("two_x.png", "second", 1.0)]
+    write(tmp_path / "bad.json", json.dumps([{"caption": "no image"}]))
+    with pytest.raises(ConfigError, match="item 0: each item needs \"image\""):
+        scan_image_folder(tmp_path / "bad.json")
+
+
+def test_fractional_multiply_is_drawn_per_epoch_and_reproducible():
+    item = ImageItem(path=Path("x.png"), caption="x", width=8, height=8, multiply=2.25)
+    other = ImageItem(path=Path("y.png"), caption="y", width=8, height=8, multiply=0)
+    repeated, chances = repeat_by_multiply([item, other])
+    assert repeated == [item] * 3 and chances == [1.0, 1.0, 0.25]
+    epochs = [trained_in_epoch(chances, 7, epoch) for epoch in range(400)]
+    assert all(selection[:2] == [0, 1] for selection in epochs)
+    fraction = sum(2 in selection for selection in epochs) / len(epochs)
+    assert 0.18 < fraction < 0.32
+    assert epochs == [trained_in_epoch(chances, 7, epoch) for epoch in range(400)]
+
+
+def test_shuffled_tags_keep_the_main_prompt_and_keep_tags_and_change_per_epoch():
+    tags = tuple(Tag(f"t{i}") for i in range(8))
+    item = ImageItem(path=Path("x.png"), caption="main, " + ", ".join(t.text for t in tags), width=8, height=8,
+                     main_prompt="main", tags=tags)
+    captions = {shuffled_caption(item, 1, epoch, 0, keep_tags=2) for epoch in range(20)}
+    assert len(captions) > 10
+    assert all(caption.startswith("main, t0, t1, ") for caption in captions)
+    assert all(sorted(caption.split(", ")[1:]) == sorted(t.text for t in tags) for caption in captions)
+    assert shuffled_caption(item, 1, 3, 0) == shuffled_caption(item, 1, 3, 0)
+
+
+def test_weighted_tags_favour_heavy_ones_and_respect_max_caption_length():
+    tags = (Tag("heavy", 20.0), Tag("light", 0.05), Tag("mid", 1.0))
+    item = ImageItem(path=Path("x.png"), caption="m", width=8, height=8, main_prompt="m", tags=tags,
+                     max_caption_length=7)
+    firsts = [shuffled_caption(item, 0, epoch, 0).split(", ")[1] for epoch in range(50)]
+    assert firsts.count("heavy") > 40
+    # "m" leaves 6 characters: one tag fits before the budget is reached, then it stops
+    assert all(len(shuffled_caption(item, 0, epoch, 0).split(", ")) <= 3 for epoch in range(50))
+
+
+def test_an_items_own_flip_and_dropout_win_over_the_runs(tmp_path):
+    save_image(tmp_path / "a.png")
+    item = scan_image_folder(tmp_path)[0]
+    always = [replace(item, flip_p=1.0, cond_dropout=1.0), replace(item, flip_p=0.0, cond_dropout=0.0)]
+    dataset = ImageBucketDataset(always, [(64, 48)] * 2, seed=0, flip_p=0.5, caption_dropout=0.5)
+    for epoch in range(10):
+        assert dataset.augmentation(0, epoch).flip and dataset.caption(0, epoch) == ""
+        assert not dataset.augmentation(1, epoch).flip and dataset.caption(1, epoch) == "a"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_folder_in_everydream2_conventions_trains(tmp_path, tiny_sd15):
+    """multiply, batch_id, loss_scale, shuffle_tags and yaml captions reach the batches, and it trains."""
+    from types import SimpleNamespace
+
+    from difftrain.config import validate_config_dict
+    from difftrain.engine import run
+    from difftrain.tasks.sd import SDTask
+
+    data = tmp_path / "data"
+    for folder, count in (("people", 3), ("things", 2)):
+        for index in range(count):
+            save_image(data / folder / f"{folder}{index}_{index}.png", size=(72, 80), color=(40 * index, 90, 200))
+    write(data / "people" / "batch_id.txt", "people")
+    write(data / "people" / "multiply.txt", "1.5")
+    write(data / "people" / "shuffle_tags.txt", "")
+    write(data / "people" / "local.yaml", "tags: [smiling, outdoors, photo]\nloss_scale: 2\n")
+    write(data / "global.yaml", "main_prompt: a picture\n")
+    write(data / "things" / "things0_0.yaml", "main_prompt: a red thing\n")
+    settings = {"task": "sd", "mode": "Full", "resume_ckpt": str(tiny_sd15), "data_root": str(data),
+                "resolution": 64, "max_epochs": 2, "batch_size": 2, "lr": 1e-3, "seed": 5, "sample_steps": 0,
+                "tracker": "none", "logdir": str(tmp_path / "logs"), "runs_dir": str(tmp_path / "runs"),
+                "ckpt_every_n_minutes": 0, "project_name": "conv"}
+    config = validate_config_dict(settings)
+    task = SDTask(config, SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1))
+    items = task.train_set.items
+    people = [i for i, item in enumerate(items) if item.batch_id == "people"]
+    assert len(people) == 6  # 3 images x ceil(1.5)
+    for epoch in range(4):
+        batches = task.epoch_batches(epoch, 0, 1)
+        trained = [i for batch in batches for i in batch]
+        assert sum(i in people for i in trained) in (3, 4, 5, 6)  # 3 always, 3 more at 1/2 each
+        assert all(len({items[i].batch_id for i in batch}) == 1 for batch in batches)
+        batch = task.collate(batches[0], epoch)
+        if items[batches[0][0]].batch_id == "people":
+            assert torch.equal(batch["loss_scale"], torch.full((len(batches[0]),), 2.0))
+    assert items[people[0]].caption.startswith("a picture, smiling")
+    assert {items[i].caption for i in range(len(items)) if i not in people} == {"a red thing", "a picture"}
+    assert run(config) == 0

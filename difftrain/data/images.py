@@ -1,9 +1,26 @@
 """Image folders for Stable Diffusion fine-tuning: scanning, captions, and a bucketed Dataset.
 
 Captions follow EveryDream2 and TrainTrain: a ``.txt`` sidecar beside the image wins over a
-``.caption`` sidecar; without one, the file name up to the first ``_`` is the caption
-(``a cat_001.png`` -> ``a cat``). An optional trigger word is put in front (TrainTrain's
-``lora_trigger_word``).
+``.caption`` sidecar, and a ``.yaml``/``.yml`` sidecar's ``main_prompt`` over both; without any,
+the file name up to the first ``_`` is the caption (``a cat_001.png`` -> ``a cat``). An optional
+trigger word is put in front (TrainTrain's ``lora_trigger_word``).
+
+EveryDream2's folder conventions (its doc/DATA.md, data/dataset.py) hold too:
+
+* a caption is a main prompt and comma-separated tags: ``a photo of x, smiling, outdoors``; with
+  shuffle_tags the tags after the main prompt are reshuffled each epoch (keep_tags of them stay
+  in place); tags with weights (yaml) are drawn weighted, up to ``max_caption_length`` characters;
+* per folder: ``multiply.txt`` (repeats per epoch; a fraction is drawn anew each epoch),
+  ``flip_p.txt``, ``cond_dropout.txt``, ``loss_scale.txt``, ``batch_id.txt`` (images batched only
+  with their own batch id), ``shuffle_tags.txt`` (its presence turns shuffling on), and
+  ``local.yaml`` with any of those keys plus ``main_prompt`` and ``tags``;
+* ``global.yaml`` applies to its folder and every folder below; an image's own sidecar beats its
+  folder's files, which beat the global.yaml files (a nearer global.yaml beats a farther one);
+  tags add up over the levels;
+* ``data_root`` may be a ``.json`` file: a list of items ``{"image": path, "caption": ...}`` or
+  with the yaml keys (relative image paths are read from the working folder, else beside the file);
+* hidden files and folders (a leading ``.``) are skipped; images are .jpg .jpeg .png .bmp .webp
+  .jfif in any case.
 
 Damaged images are found when the folder is scanned, not hours into training: each is probed
 cheaply, the bad ones are reported together in one warning and left out.
@@ -11,11 +28,14 @@ cheaply, the bad ones are reported together in one warning and left out.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +48,7 @@ from difftrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".jfif"})
 CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".caption")  # in order of precedence
 
 # EXIF orientations 5-8 rotate by 90 degrees, so the displayed image has width and height swapped.
@@ -37,13 +57,34 @@ _ORIENTATIONS_THAT_SWAP_SIDES = frozenset({5, 6, 7, 8})
 
 
 @dataclass(frozen=True)
+class Tag:
+    """One caption tag; tags of higher weight are drawn earlier when weights differ."""
+
+    text: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class ImageItem:
-    """One training image: where it is, its caption, and its size as displayed (EXIF applied)."""
+    """One training image: where it is, its caption, and its size as displayed (EXIF applied).
+
+    The other fields are EveryDream2's per-image settings (None: the run's own value).
+    ``main_prompt`` and ``tags`` are the caption's parts, used when tags are shuffled.
+    """
 
     path: Path
     caption: str
     width: int
     height: int
+    main_prompt: str = ""
+    tags: tuple[Tag, ...] = ()
+    max_caption_length: int | None = None
+    multiply: float = 1.0
+    flip_p: float | None = None
+    cond_dropout: float | None = None
+    loss_scale: float = 1.0
+    batch_id: str = ""
+    shuffle_tags: bool = False
 
 
 def scan_image_folder(
@@ -53,10 +94,11 @@ def scan_image_folder(
     caption_from_filename: bool = True,
     setting_name: str = "data_root",
 ) -> list[ImageItem]:
-    """Find every readable image under ``data_root`` (recursively) with its caption.
+    """Find every readable image under ``data_root`` (recursively) with its caption and settings.
 
     Args:
-        data_root: the folder of training images; sub-folders are searched too.
+        data_root: the folder of training images (sub-folders are searched too), or a ``.json``
+            list of items (see the module docstring).
         trigger_word: put in front of every caption as ``"<trigger>, <caption>"``.
         caption_from_filename: without a sidecar, use the file name up to the first ``_``;
             when False such images get an empty caption (plus the trigger word).
@@ -64,27 +106,22 @@ def scan_image_folder(
             (``data_root`` for train.py, ``lora_data_directory`` for train_j.py).
 
     Returns:
-        Items sorted by path relative to ``data_root`` (a stable order for seeded shuffles).
+        Items sorted by path relative to ``data_root`` (a stable order for seeded shuffles); a
+        .json list keeps its own order.
 
     Raises:
-        ConfigError: the folder is missing, holds no images, or none of them can be read; or
-            a caption file is not UTF-8 (all such files are named at once).
+        ConfigError: the folder is missing, holds no images, or none of them can be read; a
+            caption file is not UTF-8 (all such files are named at once); a settings file is
+            malformed.
     """
     root = Path(data_root).expanduser()
-    if not root.exists():
-        raise ConfigError(
-            f"{setting_name} {str(root)!r} does not exist; create it and put your training images in "
-            f"it, or set {setting_name} to the folder that holds them"
-            + _backslash_hint(str(data_root))
-        )
-    if not root.is_dir():
-        raise ConfigError(
-            f"{setting_name} '{root}' is a file, not a folder; set {setting_name} to the folder "
-            "holding the images"
-        )
-
-    image_paths = _find_image_files(root)
-    if not image_paths:
+    from_list = root.is_file() and root.suffix.lower() == ".json"
+    if from_list:
+        entries = _json_list_entries(root, setting_name)
+    else:
+        _check_folder(root, data_root, setting_name)
+        entries = _folder_entries(root)
+    if not entries:
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
         raise ConfigError(
             f"{setting_name} '{root}' contains no images ({extensions}, searched recursively); "
@@ -94,19 +131,20 @@ def scan_image_folder(
     items: list[ImageItem] = []
     damaged: list[tuple[Path, str]] = []
     badly_encoded: list[tuple[Path, str]] = []
-    for path in image_paths:
+    for path, lower_levels in entries:
         probe = _probe_image(path)
         if isinstance(probe, str):
             damaged.append((path, probe))
             continue
         try:
-            caption = caption_for_image(path, caption_from_filename=caption_from_filename)
+            # A .json list item's own keys beat the image's sidecars; in a folder the sidecars win.
+            own = _sidecar_settings(path)
+            settings = lower_levels.over(own) if from_list else own.over(lower_levels)
         except _CaptionEncodingError as error:
             badly_encoded.append((error.path, error.detail))
             continue
         width, height = probe
-        caption = add_trigger_word(caption, trigger_word)
-        items.append(ImageItem(path=path, caption=caption, width=width, height=height))
+        items.append(_item(path, width, height, settings, caption_from_filename, trigger_word))
 
     if badly_encoded:
         listing = "\n".join(f"  {path}: {detail}" for path, detail in badly_encoded)
@@ -119,22 +157,51 @@ def scan_image_folder(
         logger.warning("skipping %d unreadable image(s) under %s:\n%s", len(damaged), root, listing)
     if not items:
         raise ConfigError(
-            f"none of the {len(image_paths)} image(s) under {setting_name} '{root}' could be read "
+            f"none of the {len(entries)} image(s) under {setting_name} '{root}' could be read "
             "(all are empty, truncated or not images, see the warning above); replace them with "
             "working copies"
         )
     return items
 
 
+def _check_folder(root: Path, data_root: str | os.PathLike[str], setting_name: str) -> None:
+    if not root.exists():
+        raise ConfigError(
+            f"{setting_name} {str(root)!r} does not exist; create it and put your training images in "
+            f"it, or set {setting_name} to the folder that holds them"
+            + _backslash_hint(str(data_root))
+        )
+    if not root.is_dir():
+        raise ConfigError(
+            f"{setting_name} '{root}' is a file, not a folder; set {setting_name} to the folder "
+            "holding the images, or to a .json list of images"
+        )
+
+
+def _item(path: Path, width: int, height: int, settings: "ItemSettings", caption_from_filename: bool,
+          trigger_word: str) -> ImageItem:
+    main = settings.main_prompt
+    if main is None:
+        # EveryDream2 falls back to the file name, itself read as "main prompt, tags".
+        fallback = _split_caption(path.stem.split("_", 1)[0]) if caption_from_filename else ItemSettings(main_prompt="")
+        settings = settings.over(fallback)
+        main = settings.main_prompt or ""
+    tags = tuple(sorted(settings.tags, key=lambda tag: -tag.weight))  # stable: equal weights keep their order
+    caption = ", ".join([main, *(tag.text for tag in tags)]) if tags else main
+    return ImageItem(
+        path=path, caption=add_trigger_word(caption, trigger_word), width=width, height=height,
+        main_prompt=add_trigger_word(main, trigger_word), tags=tags,
+        max_caption_length=settings.max_caption_length,
+        multiply=1.0 if settings.multiply is None else settings.multiply,
+        flip_p=settings.flip_p, cond_dropout=settings.cond_dropout,
+        loss_scale=1.0 if settings.loss_scale is None else settings.loss_scale,
+        batch_id=settings.batch_id or "", shuffle_tags=bool(settings.shuffle_tags))
+
+
 def caption_for_image(image_path: Path, *, caption_from_filename: bool = True) -> str:
-    """The caption of one image, without the trigger word (see the module docstring)."""
-    for extension in CAPTION_EXTENSIONS:
-        sidecar = image_path.with_suffix(extension)
-        if sidecar.is_file():
-            return read_caption_file(sidecar)
-    if caption_from_filename:
-        return image_path.stem.split("_", 1)[0].strip()
-    return ""
+    """The caption of one image from its own sidecars or name (no folder settings, no trigger word)."""
+    item = _item(image_path, 1, 1, _sidecar_settings(image_path), caption_from_filename, "")
+    return item.caption
 
 
 def read_caption_file(path: Path) -> str:
@@ -192,8 +259,149 @@ def _backslash_hint(path_text: str) -> str:
     return ""
 
 
-def _find_image_files(root: Path) -> list[Path]:
-    found: list[Path] = []
+# --------------------------------------------------------------------------------------------
+# EveryDream2's settings files: sidecars, folder files, local.yaml, global.yaml, .json lists
+
+SETTING_KEYS = ("main_prompt", "tags", "caption", "rating", "max_caption_length", "multiply", "flip_p",
+                "cond_dropout", "loss_scale", "batch_id", "shuffle_tags")
+FOLDER_NUMBER_FILES = {"multiply.txt": "multiply", "flip_p.txt": "flip_p", "cond_dropout.txt": "cond_dropout",
+                       "loss_scale.txt": "loss_scale"}
+
+
+@dataclass(frozen=True)
+class ItemSettings:
+    """One level's settings (an image's sidecars, a folder's files, a global.yaml); None: not set here."""
+
+    main_prompt: str | None = None
+    tags: tuple[Tag, ...] = ()
+    max_caption_length: int | None = None
+    multiply: float | None = None
+    flip_p: float | None = None
+    cond_dropout: float | None = None
+    loss_scale: float | None = None
+    batch_id: str | None = None
+    shuffle_tags: bool | None = None
+
+    def over(self, lower: "ItemSettings") -> "ItemSettings":
+        """These settings where set, else ``lower``'s; tags add up (these first, no repeats)."""
+        merged = {f.name: getattr(self, f.name) if getattr(self, f.name) is not None else getattr(lower, f.name)
+                  for f in fields(self) if f.name != "tags"}
+        seen = {tag.text for tag in self.tags}
+        return ItemSettings(**merged, tags=self.tags + tuple(t for t in lower.tags if t.text not in seen))
+
+
+def _split_caption(text: str) -> ItemSettings:
+    """``"main, tag, tag"`` -> main prompt and tags (EveryDream2 splits every caption on commas)."""
+    parts = [part.strip() for part in text.split(",")]
+    return ItemSettings(main_prompt=parts[0], tags=tuple(Tag(part) for part in parts[1:] if part))
+
+
+def _sidecar_settings(image: Path) -> ItemSettings:
+    settings = ItemSettings()
+    for extension in CAPTION_EXTENSIONS:
+        sidecar = image.with_suffix(extension)
+        if sidecar.is_file():
+            settings = _split_caption(read_caption_file(sidecar))
+            break
+    for extension in (".yml", ".yaml"):  # .yaml beats .yml beats the text sidecars, as in EveryDream2
+        sidecar = image.with_suffix(extension)
+        if sidecar.is_file():
+            settings = _settings_from_mapping(_read_yaml(sidecar), str(sidecar)).over(settings)
+    return settings
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"'{path}' is not UTF-8 text; save it with the UTF-8 encoding") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"'{path}' is not valid YAML ({error}); fix it or remove it") from None
+
+
+def _settings_from_mapping(data: Any, where: str) -> ItemSettings:
+    """Settings from a yaml file or a .json list item (EveryDream2's keys, checked)."""
+    if data is None:
+        return ItemSettings()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected keys like main_prompt and tags, got {type(data).__name__}")
+    from difftrain.config import did_you_mean
+
+    for key in data:
+        if key not in SETTING_KEYS and key != "image":
+            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(str(key), list(SETTING_KEYS))} "
+                              f"Known keys: {', '.join(SETTING_KEYS)}")
+    values: dict[str, Any] = {}
+    for key in ("multiply", "flip_p", "cond_dropout", "loss_scale"):
+        if data.get(key) is not None:
+            values[key] = _number(data[key], f"{where}: {key}")
+    if data.get("max_caption_length") is not None:
+        values["max_caption_length"] = int(_number(data["max_caption_length"], f"{where}: max_caption_length"))
+    if data.get("batch_id") is not None:
+        values["batch_id"] = str(data["batch_id"]).strip()
+    if data.get("shuffle_tags") is not None:
+        values["shuffle_tags"] = bool(data["shuffle_tags"])
+    main = data.get("main_prompt")
+    settings = ItemSettings(main_prompt=None if main is None else " ".join(str(main).split()),
+                            tags=tuple(_tag(entry, where) for entry in data.get("tags") or []), **values)
+    if data.get("caption"):
+        settings = settings.over(_split_caption(" ".join(str(data["caption"]).split())))
+    return settings
+
+
+def _tag(entry: Any, where: str) -> Tag:
+    if isinstance(entry, dict) and "tag" in entry:
+        weight = entry.get("weight")
+        return Tag(str(entry["tag"]).strip(), 1.0 if weight is None else _number(weight, f"{where}: tag weight"))
+    if isinstance(entry, (str, int, float)):
+        return Tag(str(entry).strip())
+    raise ConfigError(f"{where}: a tag is a text or {{tag: text, weight: number}}, got {entry!r}")
+
+
+def _number(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{where}: expected a number of 0 or more, got {value!r}")
+    return number
+
+
+def _folder_settings(folder: Path, names: set[str]) -> tuple[ItemSettings, ItemSettings]:
+    """(local, global) settings of one folder from its multiply.txt ... local.yaml, global.yaml."""
+    values: dict[str, Any] = {}
+    for name, key in FOLDER_NUMBER_FILES.items():
+        if name in names:
+            values[key] = _number(_read_text(folder / name).strip(), str(folder / name))
+    if "batch_id.txt" in names:
+        values["batch_id"] = _read_text(folder / "batch_id.txt").strip()
+    if "shuffle_tags.txt" in names:
+        values["shuffle_tags"] = True
+    local = ItemSettings(**values)
+    for name in ("local.yml", "local.yaml"):  # a folder's own files beat each other in this order
+        if name in names:
+            local = _settings_from_mapping(_read_yaml(folder / name), str(folder / name)).over(local)
+    own_global = ItemSettings()
+    for name in ("global.yml", "global.yaml"):
+        if name in names:
+            own_global = _settings_from_mapping(_read_yaml(folder / name), str(folder / name)).over(own_global)
+    return local, own_global
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"'{path}' is not UTF-8 text; save it with the UTF-8 encoding") from None
+
+
+def _folder_entries(root: Path) -> list[tuple[Path, ItemSettings]]:
+    """Every image under ``root`` with its folder's settings over the global.yaml chain above it."""
+    found: list[tuple[Path, ItemSettings]] = []
+    globals_of: dict[str, ItemSettings] = {}
     visited_dirs: set[str] = set()
     # followlinks: datasets are often symlinked in; the realpath set stops symlink loops.
     for directory, subdirs, files in os.walk(root, followlinks=True):
@@ -204,10 +412,39 @@ def _find_image_files(root: Path) -> list[Path]:
         visited_dirs.add(real)
         # Hidden entries are tool droppings (.ipynb_checkpoints, macOS "._x.png" forks), not data.
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(directory) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        names = {name for name in files if not name.startswith(".")}
+        local, own_global = _folder_settings(Path(directory), names)
+        inherited = own_global.over(globals_of.get(os.path.dirname(directory), ItemSettings()))
+        globals_of[directory] = inherited
+        level = local.over(inherited)
+        for name in names:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append((Path(directory) / name, level))
+    return sorted(found, key=lambda entry: entry[0].relative_to(root).as_posix())
+
+
+def _json_list_entries(path: Path, setting_name: str) -> list[tuple[Path, ItemSettings]]:
+    """EveryDream2's data_root as a .json file: a list of {"image": path, caption or yaml keys}."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{setting_name} '{path}' is not a readable JSON list ({error})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"{setting_name} '{path}': expected a list of items like "
+                          '{"image": "a.png", "caption": "a cat"}, got a JSON ' + type(data).__name__)
+    entries = []
+    for number, entry in enumerate(data):
+        where = f"{path}: item {number}"
+        if not isinstance(entry, dict) or not entry.get("image"):
+            raise ConfigError(f"{where}: each item needs \"image\", the path of an image file")
+        image = Path(str(entry["image"])).expanduser()
+        if not image.is_absolute() and not image.is_file():
+            image = path.parent / image
+        if not image.is_file():
+            raise ConfigError(f"{where}: image '{entry['image']}' does not exist (looked in the working "
+                              "folder and beside the .json file)")
+        entries.append((image, _settings_from_mapping(entry, where)))
+    return entries
 
 
 def _probe_image(path: Path) -> tuple[int, int] | str:
@@ -269,6 +506,67 @@ def _decode_fully(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Per-epoch choices: shuffled tags, fractional multiply
+
+DEFAULT_MAX_CAPTION_LENGTH = 2048  # EveryDream2's, in characters
+
+
+def shuffled_caption(item: ImageItem, seed: int, epoch: int, index: int, *, keep_tags: int = 0) -> str:
+    """The caption with its tags reordered for ``epoch``, a pure function of (seed, epoch, index).
+
+    Tags of equal weight: the first ``keep_tags`` stay, the rest are shuffled. Tags of different
+    weights: drawn one at a time with chance proportional to weight (heavier tags tend to come
+    first) until the caption reaches ``max_caption_length`` characters. The main prompt leads.
+    """
+    if not item.tags:
+        return item.caption
+    rng = random.Random(mix_seed(seed, epoch, index, 0x7A65))
+    texts = [tag.text for tag in item.tags]
+    weights = [tag.weight for tag in item.tags]
+    if len(set(weights)) > 1:
+        budget = (item.max_caption_length or DEFAULT_MAX_CAPTION_LENGTH) - len(item.main_prompt)
+        picked: list[str] = []
+        while texts and len(", ".join(picked)) < budget:
+            position = rng.choices(range(len(texts)), weights=weights)[0]
+            weights.pop(position)
+            picked.append(texts.pop(position))
+        texts = picked
+    else:
+        rest = texts[keep_tags:]
+        rng.shuffle(rest)
+        texts = texts[:keep_tags] + rest
+    return ", ".join([item.main_prompt, *texts]) if item.main_prompt else ", ".join(texts)
+
+
+def repeat_by_multiply(items: Sequence[ImageItem]) -> tuple[list[ImageItem], list[float]]:
+    """Each item ceil(multiply) times, with the chance each copy is trained in an epoch.
+
+    Whole copies always train; the last copy of a fractional multiply (2.5 -> 3 copies) trains
+    with the fraction as its chance, drawn anew each epoch (see ``trained_in_epoch``), so an
+    epoch holds 2 or 3 of them and 2.5 on average, as in EveryDream2.
+    """
+    repeated: list[ImageItem] = []
+    chances: list[float] = []
+    for item in items:
+        whole = math.floor(item.multiply)
+        fraction = item.multiply - whole
+        repeated += [item] * whole
+        chances += [1.0] * whole
+        if fraction > 1e-9:
+            repeated.append(item)
+            chances.append(fraction)
+    return repeated, chances
+
+
+def trained_in_epoch(chances: Sequence[float], seed: int, epoch: int) -> list[int]:
+    """Indices of the copies trained in ``epoch``: a pure function of (seed, epoch), so a resumed
+    run trains the same images as an uninterrupted one."""
+    draws = torch.rand(len(chances), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 0x6D75)),
+                       dtype=torch.float64).tolist()
+    return [index for index, (chance, draw) in enumerate(zip(chances, draws)) if chance >= 1.0 or draw < chance]
+
+
+# --------------------------------------------------------------------------------------------
 # Dataset
 
 
@@ -302,9 +600,13 @@ class ImageBucketDataset(torch.utils.data.Dataset):
         items: the images (see ``scan_image_folder``).
         buckets: the (width, height) bucket of each item, same length as ``items``.
         seed: the data seed.
-        flip_p: probability of a horizontal flip.
-        caption_dropout: probability that the caption becomes "" (for classifier-free guidance).
+        flip_p: probability of a horizontal flip (an item's own flip_p wins).
+        caption_dropout: probability that the caption becomes "" (for classifier-free guidance;
+            an item's own cond_dropout wins).
         random_crop: crop at a random place instead of the center.
+        shuffle_tags: reshuffle every item's tags each epoch (an item's shuffle_tags turns it on
+            for that item alone).
+        keep_tags: tags kept in place when shuffling.
     """
 
     def __init__(
@@ -316,6 +618,8 @@ class ImageBucketDataset(torch.utils.data.Dataset):
         flip_p: float = 0.0,
         caption_dropout: float = 0.0,
         random_crop: bool = False,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
     ) -> None:
         if len(items) != len(buckets):
             raise ValueError(f"{len(items)} items but {len(buckets)} bucket assignments")
@@ -328,6 +632,8 @@ class ImageBucketDataset(torch.utils.data.Dataset):
         self.flip_p = float(flip_p)
         self.caption_dropout = float(caption_dropout)
         self.random_crop = random_crop
+        self.shuffle_tags = shuffle_tags
+        self.keep_tags = int(keep_tags)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -346,11 +652,24 @@ class ImageBucketDataset(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
         draws = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
         flip_draw, caption_draw, crop_x, crop_y = draws
+        item = self.items[index]
+        flip_p = self.flip_p if item.flip_p is None else item.flip_p
+        caption_dropout = self.caption_dropout if item.cond_dropout is None else item.cond_dropout
         return Augmentation(
-            flip=flip_draw < self.flip_p,
-            drop_caption=caption_draw < self.caption_dropout,
+            flip=flip_draw < flip_p,
+            drop_caption=caption_draw < caption_dropout,
             crop_position=(crop_x, crop_y) if self.random_crop else CENTER,
         )
+
+    def caption(self, index: int, epoch: int | None = None) -> str:
+        """Item ``index``'s caption in ``epoch``: tags shuffled if asked, "" when dropped."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.augmentation(index, epoch).drop_caption:
+            return ""
+        item = self.items[index]
+        if self.shuffle_tags or item.shuffle_tags:
+            return shuffled_caption(item, self.seed, epoch, index, keep_tags=self.keep_tags)
+        return item.caption
 
     def load_pixels(
         self, index: int, *, flip: bool = False, crop_position: tuple[float, float] = CENTER
@@ -386,7 +705,7 @@ class ImageBucketDataset(torch.utils.data.Dataset):
         choice = self.augmentation(index)
         return {
             "pixel_values": self.load_pixels(index, flip=choice.flip, crop_position=choice.crop_position),
-            "caption": "" if choice.drop_caption else self.items[index].caption,
+            "caption": self.caption(index),
             "index": index,
             "flipped": choice.flip,
         }

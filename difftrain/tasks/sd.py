@@ -28,7 +28,8 @@ from difftrain.config import Config
 from difftrain.data.buckets import (RESOLUTION_CLASSES, BucketBatchSampler, assign_buckets, make_buckets,
                                     make_buckets_traintrain)
 from difftrain.data.cache import LatentCache, encode_images_cached, fingerprint_module, text_embedding_key
-from difftrain.data.images import ImageBucketDataset, ImageItem, scan_image_folder
+from difftrain.data.images import (ImageBucketDataset, ImageItem, repeat_by_multiply, scan_image_folder,
+                                   trained_in_epoch)
 from difftrain.errors import ConfigError
 from difftrain.models import lora as lora_io
 from difftrain.models.sd import SDModel, load_sd, sdxl_time_ids
@@ -156,16 +157,31 @@ class SDTrainable(nn.Module):
         return self._sd[0].encode_prompts(list(captions), time_ids=time_ids)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *, encoder_hidden_states=None,
-                added_cond_kwargs=None, captions=None, time_ids=None) -> torch.Tensor:
+                added_cond_kwargs=None, captions=None, time_ids=None, perturb_embeddings=None) -> torch.Tensor:
         if captions is not None:
             cond = self.encode_captions(captions, time_ids)
             encoder_hidden_states, added_cond_kwargs = cond["encoder_hidden_states"], cond.get("added_cond_kwargs")
+            if perturb_embeddings is not None:  # the objective's embedding_perturbation
+                encoder_hidden_states = perturb_embeddings(encoder_hidden_states)
         dtype = self.unet.conv_in.weight.dtype
         device = self.unet.conv_in.weight.device
         return self.unet(sample.to(device, dtype), timestep.to(device),
                          encoder_hidden_states=encoder_hidden_states.to(device, dtype),
                          added_cond_kwargs=_to(added_cond_kwargs, device, dtype) if added_cond_kwargs else None,
                          return_dict=False)[0]
+
+
+def _unfreeze_last_layers(encoder: nn.Module, count: int) -> None:
+    """Train only a CLIP text encoder's last `count` layers and its final layer norm (EveryDream2's
+    unfreeze_last_n_layers; the embeddings freeze too when fewer than all layers train)."""
+    text_model = getattr(encoder, "text_model", encoder)  # transformers 5 flattened CLIPTextModel
+    layers = text_model.encoder.layers
+    if count >= len(layers):
+        return
+    encoder.requires_grad_(False)
+    for layer in layers[len(layers) - count:]:
+        layer.requires_grad_(True)
+    text_model.final_layer_norm.requires_grad_(True)
 
 
 # ---- the task -------------------------------------------------------------------------------------
@@ -196,6 +212,8 @@ class SDTask:
 
         # 1. data first: a wrong folder must not cost a model load.
         self.train_items, self.valid_items = self._scan_data()
+        # EveryDream2's multiply: whole repeats always train, a fraction is drawn each epoch.
+        self.train_items, self.train_chances = repeat_by_multiply(self.train_items)
         self.buckets = buckets_for(config)
 
         # 2. the model: a base, or the model files of a checkpoint being resumed.
@@ -276,7 +294,7 @@ class SDTask:
         flip_p = max(config.flip_p, 0.5 if config.image_mirroring else 0.0)
         train = ImageBucketDataset(self.train_items, assign_buckets(
             [(i.width, i.height) for i in self.train_items], self.buckets), seed=config.seed, flip_p=flip_p,
-            caption_dropout=config.caption_dropout)
+            caption_dropout=config.caption_dropout, shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags)
         valid = ImageBucketDataset(self.valid_items, assign_buckets(
             [(i.width, i.height) for i in self.valid_items], self.buckets), seed=config.seed) if self.valid_items else None
         return train, valid
@@ -341,6 +359,8 @@ class SDTask:
         for encoder in sd.text_encoders:
             if self.train_text_encoders:
                 place(encoder, self.device, torch.float32).requires_grad_(True).train()
+                if self.config.text_encoder_unfreeze_last_n_layers is not None:
+                    _unfreeze_last_layers(encoder, self.config.text_encoder_unfreeze_last_n_layers)
             else:
                 place(encoder, self.device, self.frozen_dtype).requires_grad_(False).eval()
         return SDTrainable(sd, self.train_text_encoders)
@@ -415,12 +435,18 @@ class SDTask:
         if config.zero_terminal_snr:
             alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
         if config.rectified_flow:
+            unused = [name for name in ("pyramid_noise_discount", "embedding_perturbation") if getattr(config, name)]
+            if unused:
+                raise ConfigError(f"{', '.join(unused)} apply to the epsilon / v objective, not to rectified_flow; "
+                                  "set them to 0 or rectified_flow to false.")
             return pretrained_flow_objective(self.prediction_type, alphas_cumprod,
                                              time_sampling=config.timestep_sampling,
                                              loss_function=config.loss_function)
         return DiffusionObjective(alphas_cumprod, self.prediction_type, min_snr_gamma=config.min_snr_gamma,
                                   noise_offset=config.noise_offset, min_timestep=config.min_timestep,
-                                  max_timestep=config.max_timestep, loss_function=config.loss_function)
+                                  max_timestep=config.max_timestep, loss_function=config.loss_function,
+                                  pyramid_noise_discount=config.pyramid_noise_discount,
+                                  embedding_perturbation=config.embedding_perturbation)
 
     def _output_lora_path(self) -> Optional[Path]:
         """Where the finished LoRA goes: lora_dir, else <models_dir>/lora; None means the run's log folder."""
@@ -458,10 +484,21 @@ class SDTask:
             if self._pair_shapes is None:
                 self._pair_shapes = [tuple(self.pairs[i]["x0"].shape) for i in range(len(self.pairs))]
             return self._sampler(self._pair_shapes, rank, world_size).epoch_batches(epoch)
+        if any(chance < 1.0 for chance in self.train_chances):
+            trained = trained_in_epoch(self.train_chances, self.config.seed, epoch)
+            batches = self._sampler([self._batch_key(i) for i in trained], rank, world_size).epoch_batches(epoch)
+            return [[trained[position] for position in batch] for batch in batches]
         key = (rank, world_size)
         if key not in self._samplers:
-            self._samplers[key] = self._sampler(self.train_set.buckets, rank, world_size)
+            self._samplers[key] = self._sampler([self._batch_key(i) for i in range(len(self.train_set))],
+                                                rank, world_size)
         return self._samplers[key].epoch_batches(epoch)
+
+    def _batch_key(self, index: int) -> Any:
+        """Items batch together when they share a bucket, and a batch_id (EveryDream2's batch_id.txt) if any."""
+        batch_id = self.train_set.items[index].batch_id
+        bucket = self.train_set.buckets[index]
+        return (batch_id, bucket) if batch_id else bucket
 
     def _encode_latent_stats(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         vae = self.sd.vae
@@ -519,10 +556,13 @@ class SDTask:
             return _to({"x0": _stack_nested([p["x0"] for p in pairs]), "noise": _stack_nested([p["noise"] for p in pairs]),
                         "cond": _stack_nested([p["cond"] for p in pairs])}, self.device)
         stats = self._latent_stats(self.train_set, indices, epoch)
-        captions = ["" if self.train_set.augmentation(i, epoch).drop_caption else self.train_set.items[i].caption
-                    for i in indices]
-        return {"mean": stats["mean"].to(self.device), "std": stats["std"].to(self.device),
-                "cond": self._cond(captions, self._time_ids(self.train_set, indices))}
+        captions = [self.train_set.caption(i, epoch) for i in indices]
+        batch = {"mean": stats["mean"].to(self.device), "std": stats["std"].to(self.device),
+                 "cond": self._cond(captions, self._time_ids(self.train_set, indices))}
+        scales = [self.train_set.items[i].loss_scale for i in indices]
+        if any(scale != 1.0 for scale in scales):  # EveryDream2's loss_scale.txt
+            batch["loss_scale"] = torch.tensor(scales, dtype=torch.float32, device=self.device)
+        return batch
 
     def _scaled_latents(self, mean: torch.Tensor, std: Optional[torch.Tensor], generator=None) -> torch.Tensor:
         """Scaled latents: a posterior sample drawn from `generator`, or the mean when std is None."""
@@ -537,7 +577,8 @@ class SDTask:
             flow_time = self.objective.sample_flow_time(batch["x0"].shape[0], generator, self.device)
             return self.objective.flow_loss(model, batch["x0"], batch["noise"], flow_time, **batch["cond"])[0]
         latents = self._scaled_latents(batch["mean"], batch["std"], generator)
-        return self.objective.loss(model, latents, generator, **batch["cond"])[0]
+        return self.objective.loss(model, latents, generator, sample_weights=batch.get("loss_scale"),
+                                   **batch["cond"])[0]
 
     def validation_loss(self, model: nn.Module) -> Optional[float]:
         """Loss on the held-out images with the posterior mean and seeded noise / timesteps, so

@@ -1,0 +1,571 @@
+"""EveryDream2's vocabulary: every flag of its train.py, what it becomes in our schema, or its status.
+
+EveryDream2 (github.com/victorchall/EveryDream2trainer) is configured by `train.py` flags, a
+`train.json` holding the same names, and three side files the JSON points at: `optimizer.json`
+(optimizer_config), a validation JSON (validation_config) and sample prompts (sample_prompts).
+This module is the one place that knows those names. `translate` turns a dict of them (the JSON
+merged with the command line) into our schema's keys plus the notes to print; the engine never
+sees an EveryDream2 name. docs/everydream2.md is generated from the same tables
+(`python -m difftrain.vocab.everydream2 > docs/everydream2.md`), so the two cannot drift.
+
+Statuses:
+    ours        done through our schema (the Meaning column says how)
+    no effect   accepted; a one-line note says why it changes nothing here
+    refused     the values that would need a missing feature are refused with the reason; its
+                neutral value (EveryDream2's default) is accepted
+    pending     accepted at EveryDream2's default; other values are refused until the named
+                requirement of issue 18 lands
+    legacy      a key EveryDream2's own shipped configs still carry but its train.py no longer reads
+    front door  handled by train.py's command line itself
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from difftrain.config import ALIASES, FIELD_NAMES, IGNORED_KEYS, Config, validate_config_dict
+from difftrain.errors import ConfigError, did_you_mean
+from difftrain.jsonfile import read_json_object
+
+STATUSES = ("ours", "no effect", "refused", "pending", "legacy", "front door")
+SOURCE = "EveryDream2trainer (victorchall), main at 5098db8"
+
+Converter = Callable[[Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Term:
+    """One EveryDream2 key: its default there, our status and meaning, and how a value translates."""
+
+    key: str
+    default: Any
+    status: str
+    meaning: str
+    kind: str = "str"                 # command-line type: bool, int, float, str, list
+    targets: tuple[str, ...] = ()     # our schema keys it sets (for "flags win over the JSON")
+    convert: Optional[Converter] = None
+    refuse: Callable[[Any], str] = field(default=lambda value: "")   # a reason, or "" when accepted
+    note: str = ""                    # printed when accepted with a value other than its default
+
+    def translate(self, value: Any) -> dict[str, Any]:
+        if self.convert is not None:
+            return self.convert(value)
+        if value is None or not self.targets:
+            return {}
+        return {self.targets[0]: value}
+
+
+def _ours(key: str, default: Any, meaning: str, kind: str, target: str = "", convert: Optional[Converter] = None,
+          also: tuple[str, ...] = ()) -> Term:
+    return Term(key, default, "ours", meaning, kind, (target or key, *also), convert)
+
+
+def _no_effect(key: str, default: Any, kind: str, note: str) -> Term:
+    return Term(key, default, "no effect", note, kind, note=note)
+
+
+def _refused_unless(key: str, default: Any, kind: str, neutral: Callable[[Any], bool], reason: str,
+                    status: str = "refused") -> Term:
+    return Term(key, default, status, reason, kind,
+                refuse=lambda value: "" if value is None or neutral(value) else reason)
+
+
+def _legacy(key: str, note: str) -> Term:
+    return Term(key, None, "legacy", note, "bool", note=note)
+
+
+def _pending(key: str, default: Any, kind: str, what: str) -> Term:
+    reason = f"{what} is not implemented yet (issue 18, requirement 5); leave {key} at {json.dumps(default)}"
+    return _refused_unless(key, default, kind, lambda value: value == default or value in (None, []),
+                           reason, status="pending")
+
+
+def _drop_none(target: str, transform: Callable[[Any], Any] = lambda v: v) -> Converter:
+    return lambda value: {} if value is None else {target: transform(value)}
+
+
+LOSS_TYPES = {"mse": "MSE", "huber": "Smooth-L1", "mse_huber": "MSE-Huber", "huber_mse": "Huber-MSE"}
+
+
+def _loss_type(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if value not in LOSS_TYPES:
+        raise ConfigError(f"loss_type {value!r} is not one of EveryDream2's: {', '.join(LOSS_TYPES)}.")
+    return {"loss_function": LOSS_TYPES[value]}
+
+
+def _attn_type(value: Any) -> str:
+    if value in (None, "sdp", "xformers", "slice"):
+        return ""
+    return f"attn_type {value!r} is not one of EveryDream2's: 'sdp', 'xformers', 'slice'"
+
+
+def _wandb(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    # EveryDream2 logs to wandb's servers only when asked, and then online.
+    return {"tracker": "wandb", "wandb_mode": "online"} if value else {"tracker": "none"}
+
+
+def _clip_skip_neutral(value: Any) -> bool:
+    # 1 is the last layer after the final layer norm, the same as 0 (EveryDream2 reads hidden_states[-1]).
+    return value in (0, 1)
+
+
+TERMS: tuple[Term, ...] = (
+    Term("config", None, "front door", "`train.py --config FILE` (or the file as the first argument) is "
+         "read first; flags win over it, as in EveryDream2.", "str"),
+    _no_effect("amp", True, "bool", "amp is deprecated in EveryDream2 too (it is replaced by 'not "
+               "disable_amp'); mixed precision is on unless disable_amp."),
+    Term("attn_type", "sdp", "no effect", "PyTorch's scaled-dot-product attention is always used; "
+         "'xformers' and 'slice' compute the same attention, so they change memory and speed only.",
+         "str", refuse=_attn_type,
+         note="attn_type: difftrain always uses PyTorch's scaled-dot-product attention (same results)."),
+    _ours("batch_size", 2, "batch_size", "int"),
+    _ours("ckpt_every_n_minutes", None, "ckpt_every_n_minutes (null: every 20 minutes unless "
+          "save_every_n_epochs is set, as in EveryDream2)", "int",
+          convert=_drop_none("ckpt_every_n_minutes")),
+    _ours("clip_grad_norm", None, "clip_grad_norm", "float"),
+    _refused_unless("clip_skip", 0, "int", _clip_skip_neutral, "clip_skip 2-4 (training on an earlier "
+                    "text-encoder layer) is not implemented; leave clip_skip at 0"),
+    _ours("cond_dropout", 0.04, "caption_dropout", "float", "caption_dropout",
+          convert=_drop_none("caption_dropout")),
+    _ours("data_root", "input", "data_root: a folder in EveryDream2's conventions, or a .json list of "
+          "items (difftrain/data/images.py)", "str"),
+    _ours("disable_amp", False, "true: mixed_precision 'no'", "bool", "mixed_precision",
+          convert=lambda value: {"mixed_precision": "no"} if value else {}),
+    _ours("disable_textenc_training", False, "network_train_text_encoder = not disable_textenc_training",
+          "bool", "network_train_text_encoder",
+          convert=_drop_none("network_train_text_encoder", lambda value: not value)),
+    _refused_unless("disable_unet_training", False, "bool", lambda value: not value,
+                    "disable_unet_training (training the text encoder alone) is not implemented; "
+                    "leave it false"),
+    _ours("embedding_perturbation", 0.0, "embedding_perturbation", "float",
+          convert=_drop_none("embedding_perturbation")),
+    _ours("flip_p", 0.0, "flip_p (a folder's flip_p.txt or yaml wins for its images)", "float",
+          convert=_drop_none("flip_p")),
+    _refused_unless("gpuid", 0, "int", lambda value: value == 0,
+                    "gpuid: difftrain trains on the first visible GPU; pick another one with "
+                    "CUDA_VISIBLE_DEVICES=N (or accelerate launch --gpu_ids N) and leave gpuid at 0"),
+    _ours("gradient_checkpointing", False, "gradient_checkpointing", "bool",
+          convert=_drop_none("gradient_checkpointing")),
+    _ours("grad_accum", 1, "gradient_accumulation_steps", "int", "gradient_accumulation_steps"),
+    _ours("logdir", "logs", "logdir", "str"),
+    _no_effect("log_step", 25, "int", "log_step: difftrain records every optimizer step's loss and "
+               "learning rate (metrics.jsonl and the tracker), so there is no interval to set."),
+    _ours("loss_type", "mse_huber", "loss_function: mse -> MSE, huber -> Smooth-L1 (Huber with "
+          "delta 1), mse_huber -> MSE-Huber, huber_mse -> Huber-MSE", "str", "loss_function",
+          convert=_loss_type),
+    _ours("lr", None, "lr (null: optimizer_config's base lr, else 1e-6)", "float", convert=_drop_none("lr")),
+    _ours("lr_decay_steps", 0, "lr_decay_steps (0: the whole run; EveryDream2's automatic value is "
+          "1.5 runs)", "int", convert=_drop_none("lr_decay_steps")),
+    _ours("lr_scheduler", "constant", "lr_scheduler", "str", convert=_drop_none("lr_scheduler")),
+    _ours("lr_warmup_steps", None, "lr_warmup_steps (null: 2% of lr_decay_steps, as in EveryDream2)", "int"),
+    _ours("max_epochs", 300, "max_epochs", "int"),
+    _pending("no_prepend_last", False, "bool", "naming the final checkpoint without 'last-'"),
+    _pending("no_save_ckpt", False, "bool", "skipping the single-file .safetensors export"),
+    _ours("optimizer_config", "optimizer.json", "read and translated (see the optimizer_config table): "
+          "optimizer, lr, weight_decay, optimizer_settings, text_encoder_lr, text_encoder_lr_scheduler, "
+          "text_encoder_unfreeze_last_n_layers", "str", "optimizer",
+          also=("lr", "optimizer_settings", "weight_decay", "text_encoder_lr")),
+    _refused_unless("plugins", None, "list", lambda value: not value,
+                    "plugins run EveryDream2's own Python plugin classes, which difftrain does not load; "
+                    "remove 'plugins' and use difftrain's settings for the same ends (e.g. data_root "
+                    "conventions, sample_prompts)"),
+    _ours("project_name", "myproj", "project_name", "str"),
+    _ours("resolution", 512, "resolution", "int"),
+    _ours("resume_ckpt", "sd_v1-5_vae.ckpt", "resume_ckpt: a diffusers folder, a single file, or "
+          "'findlast'; a finished run's final checkpoint (what chain.bat's findlast finds) starts a new run "
+          "from its weights, as in EveryDream2, while an unfinished run's checkpoint continues that run",
+          "str"),
+    _ours("run_name", None, "run_name", "str", convert=_drop_none("run_name")),
+    _ours("sample_prompts", "sample_prompts.txt", "sample_prompts: a .txt file is read as it is (one prompt "
+          "a line); a .json file is translated (see the sample_prompts table)", "str",
+          also=("sample_inference_steps", "num_samples")),
+    _ours("sample_steps", 250, "sample_steps", "int"),
+    _pending("save_ckpt_dir", None, "str", "a separate folder for single-file checkpoints"),
+    _ours("save_every_n_epochs", None, "save_every_n_epochs (null: off)", "int",
+          convert=_drop_none("save_every_n_epochs")),
+    _pending("save_ckpts_from_n_epochs", 0, "int", "skipping checkpoints before epoch N"),
+    _ours("save_full_precision", False, "save_full_precision: true also writes the single .safetensors "
+          "file in float32", "bool", convert=_drop_none("save_full_precision")),
+    _pending("save_optimizer", False, "bool", "a separate optimizer-state file beside each checkpoint "
+             "(difftrain's checkpoints always hold it, for exact resumes),"),
+    _ours("seed", 555, "seed (-1: a random seed, recorded)", "int"),
+    _ours("shuffle_tags", False, "shuffle_tags", "bool", convert=_drop_none("shuffle_tags")),
+    _ours("timestep_start", 0, "min_timestep", "int", "min_timestep"),
+    _ours("timestep_end", 1000, "max_timestep", "int", "max_timestep"),
+    Term("train_sampler", "ddpm", "no effect", "the training noise comes from the model's own schedule; "
+         "DDPM, PNDM and DDIM add noise identically from the same betas, so the choice changes nothing "
+         "in training.", "str",
+         refuse=lambda value: "" if value in (None, "ddpm", "pndm", "ddim") else
+         f"train_sampler {value!r} is not one of EveryDream2's: 'ddpm', 'pndm', 'ddim'",
+         note="train_sampler: DDPM, PNDM and DDIM add training noise identically; nothing changes."),
+    _ours("keep_tags", 0, "keep_tags", "int", convert=_drop_none("keep_tags")),
+    _ours("wandb", False, "false: tracker 'none' (metrics.jsonl is still written); true: tracker "
+          "'wandb', wandb_mode 'online'", "bool", "tracker", convert=_wandb, also=("wandb_mode",)),
+    _ours("validation_config", None, "read and translated (see the validation_config table)", "str",
+          "validation_fraction", also=("validation_root", "validate_every_n_epochs")),
+    _no_effect("write_schedule", False, "bool", "write_schedule: difftrain writes no per-epoch batch "
+               "schedule file; the order is reproducible from seed instead."),
+    _refused_unless("rated_dataset", False, "bool", lambda value: not value,
+                    "rated_dataset (dropping low-rated images over the epochs) is not implemented; "
+                    "leave it false and weight folders with multiply.txt instead"),
+    _no_effect("rated_dataset_target_dropout_percent", 50, "int", "rated_dataset_target_dropout_percent "
+               "only matters with rated_dataset, which is off."),
+    _ours("zero_frequency_noise_ratio", 0.02, "noise_offset (the same noise + ratio x randn(B, C, 1, 1))",
+          "float", "noise_offset", convert=_drop_none("noise_offset", lambda value: max(0.0, value))),
+    _ours("enable_zero_terminal_snr", None, "zero_terminal_snr", "bool", "zero_terminal_snr",
+          convert=_drop_none("zero_terminal_snr")),
+    _refused_unless("load_settings_every_epoch", None, "bool", lambda value: not value,
+                    "load_settings_every_epoch (re-reading train.json each epoch) is not implemented; "
+                    "stop the run, edit the JSON, and continue with resume_ckpt 'findlast'"),
+    _ours("min_snr_gamma", None, "min_snr_gamma (null: off)", "float", convert=_drop_none("min_snr_gamma")),
+    _ours("ema_decay_rate", None, "ema_decay_rate (EMA itself: issue 18 requirement 4; until then a value "
+          "is refused)", "float"),
+    _ours("ema_strength_target", None, "ema_strength_target (see ema_decay_rate)", "float"),
+    _ours("ema_update_interval", 500, "ema_update_interval (see ema_decay_rate)", "int",
+          convert=_drop_none("ema_update_interval")),
+    _ours("ema_device", "cpu", "ema_device (see ema_decay_rate)", "str", convert=_drop_none("ema_device")),
+    _ours("ema_sample_nonema_model", False, "ema_sample_nonema_model (see ema_decay_rate)", "bool",
+          convert=_drop_none("ema_sample_nonema_model")),
+    _ours("ema_sample_ema_model", False, "ema_sample_ema_model (see ema_decay_rate)", "bool",
+          convert=_drop_none("ema_sample_ema_model")),
+    _ours("ema_resume_model", None, "ema_resume_model (see ema_decay_rate)", "str",
+          convert=_drop_none("ema_resume_model")),
+    _ours("pyramid_noise_discount", None, "pyramid_noise_discount (null: off)", "float",
+          convert=_drop_none("pyramid_noise_discount")),
+    # Keys EveryDream2's own shipped configs still carry; its train.py reads none of them.
+    _legacy("notebook", "notebook: an EveryDream2 notebook switch; no effect here."),
+    _legacy("disable_xformers", "disable_xformers: superseded by attn_type in EveryDream2; no effect here."),
+    _legacy("lowvram", "lowvram: EveryDream2 no longer reads it; lower batch_size or set "
+            "gradient_checkpointing instead."),
+    _legacy("scale_lr", "scale_lr: EveryDream2 no longer reads it; lr is used as given."),
+    _legacy("ed1_mode", "ed1_mode: EveryDream1 compatibility that EveryDream2 no longer reads; no effect."),
+    _legacy("useadam8bit", "useadam8bit: EveryDream2 no longer reads it; the optimizer comes from "
+            "optimizer_config."),
+)
+
+TABLE: dict[str, Term] = {term.key: term for term in TERMS}
+FLAG_KEYS: tuple[str, ...] = tuple(term.key for term in TERMS if term.status != "legacy")
+
+# ---- side files -------------------------------------------------------------------------------------
+# (key, status, meaning) of the keys inside the files that optimizer_config, validation_config and
+# sample_prompts point at; the translators below follow these rows.
+
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion"}
+OPTIMIZER_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("doc", "no effect", "documentation inside the file; not read"),
+    ("base.optimizer", "ours", "optimizer: adamw -> AdamW, adamw8bit -> AdamW8bit, lion -> Lion; the "
+     "D-Adaptation, Prodigy and DoWG optimizers are refused (not available here)"),
+    ("base.lr", "ours", "lr, unless the main config or the command line sets lr (EveryDream2's order)"),
+    ("base.lr_scheduler, base.lr_warmup_steps, base.lr_decay_steps", "ours",
+     "the same keys; non-null values win over the main config (EveryDream2's order), flags win over both"),
+    ("base.betas, base.epsilon", "ours", "optimizer_settings 'betas=(b1, b2);eps=e'"),
+    ("base.weight_decay", "ours", "weight_decay"),
+    ("text_encoder_overrides.lr", "ours", "text_encoder_lr"),
+    ("text_encoder_overrides.lr_scheduler", "ours", "text_encoder_lr_scheduler (its own schedule, as in "
+     "EveryDream2's second optimizer)"),
+    ("text_encoder_overrides (other keys)", "refused", "null or equal to base: accepted; a different "
+     "optimizer, betas, epsilon, weight_decay, warmup or decay for the text encoder is refused (one "
+     "optimizer trains both here)"),
+    ("text_encoder_lr_scale", "ours", "with no text_encoder_overrides.lr: text_encoder_lr = lr x scale"),
+    ("text_encoder_freezing.unfreeze_last_n_layers", "ours", "text_encoder_unfreeze_last_n_layers"),
+    ("text_encoder_freezing (other keys)", "refused", "freeze_front_n_layers, freeze_embeddings and "
+     "freeze_final_layer_norm are refused unless null; use unfreeze_last_n_layers"),
+    ("apply_grad_scaler_step_tweaks", "no effect", "accelerate's gradient scaler is used as it is"),
+)
+VALIDATION_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("documentation", "no effect", "documentation inside the file; not read"),
+    ("validate_training", "ours", "false: no validation (validation_fraction 0)"),
+    ("val_split_mode 'automatic'", "ours", "validation_fraction = auto_split_proportion (a seeded split)"),
+    ("val_split_mode 'manual'", "ours", "validation_root = manual_data_root"),
+    ("auto_split_proportion", "ours", "validation_fraction"),
+    ("manual_data_root", "ours", "validation_root"),
+    ("extra_manual_datasets", "refused", "{} accepted; extra named validation sets are not implemented"),
+    ("stabilize_training_loss", "refused", "false accepted; the stabilized train-loss curve is not implemented"),
+    ("stabilize_split_proportion", "no effect", "only used by stabilize_training_loss"),
+    ("every_n_epochs", "ours", "validate_every_n_epochs (whole numbers; fractions below 1 are refused)"),
+    ("seed", "no effect", "the split follows seed; validation noise comes from difftrain's own fixed seed"),
+    ("use_relative_loss", "refused", "false accepted; relative validation loss is not implemented"),
+)
+SAMPLE_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("(a .txt file)", "ours", "one prompt a line, read as it is; an empty file samples training captions"),
+    ("(a .json file)", "refused", "EveryDream2's sample generator settings (batch_size, seed, cfgs, "
+     "scheduler, num_inference_steps, samples with negative_prompt, seed, cfgs, size, random_caption) "
+     "are not implemented yet; use a .txt file of prompts"),
+)
+
+
+def resolve_side_file(name: str, key: str, config_dir: Optional[Path]) -> Path:
+    """A side file as EveryDream2 finds it (relative to the working folder), else beside the config."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.is_file() or config_dir is None:
+        return path
+    beside = config_dir / path
+    return beside if beside.is_file() else path
+
+
+def _read_side_json(name: str, key: str, config_dir: Optional[Path]) -> dict[str, Any]:
+    path = resolve_side_file(name, key, config_dir)
+    if not path.is_file():
+        raise ConfigError(f"{key} '{name}' does not exist (looked in the working folder"
+                          f"{' and beside the config' if config_dir else ''}); give its path, or remove "
+                          f"{key}.")
+    return read_json_object(path, key)
+
+
+def _check_keys(section: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(key, sorted(allowed))} "
+                              "docs/everydream2.md lists the keys this file may hold.")
+
+
+BASE_OPTIMIZER_KEYS = {"optimizer", "lr", "lr_scheduler", "lr_decay_steps", "lr_warmup_steps", "betas",
+                       "epsilon", "weight_decay", "d0", "decouple", "momentum", "safeguard_warmup", "use_bias_correction"}
+
+
+def optimizer_settings(data: dict[str, Any], where: str, main: dict[str, Any]) -> dict[str, Any]:
+    """Our keys from an EveryDream2 optimizer.json; `main` holds what the main config already set."""
+    _check_keys(data, {"doc", "base", "text_encoder_overrides", "text_encoder_lr_scale",
+                       "text_encoder_freezing", "apply_grad_scaler_step_tweaks"}, where)
+    base = data.get("base") or {}
+    overrides = data.get("text_encoder_overrides") or {}
+    _check_keys(base, BASE_OPTIMIZER_KEYS, f"{where}: base")
+    _check_keys(overrides, BASE_OPTIMIZER_KEYS, f"{where}: text_encoder_overrides")
+    result: dict[str, Any] = {}
+    name = base.get("optimizer")
+    if name is not None:
+        if str(name).lower() not in OPTIMIZER_NAMES:
+            raise ConfigError(f"{where}: base.optimizer '{name}' is not available in difftrain; use "
+                              f"{', '.join(OPTIMIZER_NAMES)}.")
+        result["optimizer"] = OPTIMIZER_NAMES[str(name).lower()]
+    if base.get("lr") is not None and main.get("lr") is None:
+        result["lr"] = base["lr"]
+    for key in ("lr_scheduler", "lr_warmup_steps", "lr_decay_steps"):
+        if base.get(key) is not None:
+            result[key] = base[key]
+    extras = []
+    if base.get("betas") is not None:
+        extras.append(f"betas=({float(base['betas'][0])!r}, {float(base['betas'][1])!r})")
+    if base.get("epsilon") is not None:
+        extras.append(f"eps={float(base['epsilon'])!r}")
+    if extras:
+        result["optimizer_settings"] = ";".join(extras)
+    if base.get("weight_decay") is not None:
+        result["weight_decay"] = base["weight_decay"]
+    unused = sorted(k for k in ("d0", "decouple", "momentum", "safeguard_warmup", "use_bias_correction")
+                    if base.get(k) is not None)
+    if unused:
+        raise ConfigError(f"{where}: base.{unused[0]} belongs to optimizers difftrain does not have "
+                          "(D-Adaptation, Prodigy); remove it.")
+    result.update(_text_encoder_settings(data, base, overrides, where, main.get("lr", result.get("lr"))))
+    return result
+
+
+def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any], where: str,
+                           lr: Optional[float]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in ("lr", "lr_scheduler") or value is None or value == base.get(key):
+            continue
+        raise ConfigError(f"{where}: text_encoder_overrides.{key} {value!r} differs from base; one optimizer "
+                          "trains the UNet and the text encoder here, so only lr and lr_scheduler can differ. "
+                          f"Set it to null.")
+    if overrides.get("lr") is not None:
+        result["text_encoder_lr"] = overrides["lr"]
+    elif data.get("text_encoder_lr_scale") is not None:
+        result["text_encoder_lr"] = float(lr if lr is not None else Config.model_fields["lr"].default) \
+            * float(data["text_encoder_lr_scale"])
+    if overrides.get("lr_scheduler") is not None:
+        result["text_encoder_lr_scheduler"] = overrides["lr_scheduler"]
+    freezing = data.get("text_encoder_freezing") or {}
+    _check_keys(freezing, {"unfreeze_last_n_layers", "freeze_front_n_layers", "freeze_embeddings",
+                           "freeze_final_layer_norm"}, f"{where}: text_encoder_freezing")
+    for key in ("freeze_front_n_layers", "freeze_embeddings", "freeze_final_layer_norm"):
+        if freezing.get(key) is not None:
+            raise ConfigError(f"{where}: text_encoder_freezing.{key} is not implemented; use "
+                              "unfreeze_last_n_layers (the last N layers and the final layer norm train).")
+    if freezing.get("unfreeze_last_n_layers") is not None:
+        result["text_encoder_unfreeze_last_n_layers"] = freezing["unfreeze_last_n_layers"]
+    return result
+
+
+def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Our keys from an EveryDream2 validation JSON (validation_default.json's keys)."""
+    _check_keys(data, {key.split(" ")[0] for key, _, _ in VALIDATION_KEYS}, where)
+    refused = {"extra_manual_datasets": {}, "stabilize_training_loss": False, "use_relative_loss": False}
+    for key, neutral in refused.items():
+        if data.get(key) not in (None, neutral):
+            meaning = next(text for name, _, text in VALIDATION_KEYS if name == key)
+            raise ConfigError(f"{where}: {key} {data[key]!r}: {meaning.split('; ', 1)[1]}; set it to "
+                              f"{json.dumps(neutral)}.")
+    if not data.get("validate_training", True):
+        return {"validation_fraction": 0.0}
+    result: dict[str, Any] = {}
+    mode = data.get("val_split_mode", "automatic")
+    if mode == "automatic":
+        result["validation_fraction"] = data.get("auto_split_proportion", 0.15)
+    elif mode == "manual":
+        if not data.get("manual_data_root"):
+            raise ConfigError(f"{where}: val_split_mode 'manual' needs manual_data_root, the folder of "
+                              "validation images.")
+        result["validation_root"] = data["manual_data_root"]
+    else:
+        raise ConfigError(f"{where}: val_split_mode {mode!r} is neither 'automatic' nor 'manual'.")
+    every = data.get("every_n_epochs", 1)
+    if every is not None:
+        if float(every) < 1 or float(every) != int(float(every)):
+            raise ConfigError(f"{where}: every_n_epochs {every}: validating several times per epoch is not "
+                              "implemented; use a whole number of epochs (1, 2, ...).")
+        result["validate_every_n_epochs"] = int(float(every))
+    return result
+
+
+def _sample_prompt_settings(name: str) -> dict[str, Any]:
+    if Path(str(name)).suffix.lower() == ".json":
+        raise ConfigError(f"sample_prompts '{name}': {SAMPLE_KEYS[1][2]}.")
+    return {"sample_prompts": name}
+
+
+# ---- translation ------------------------------------------------------------------------------------
+
+def _known_names() -> list[str]:
+    return sorted(set(TABLE) | set(FIELD_NAMES) | set(ALIASES))
+
+
+def translate(data: dict[str, Any], source: str, *, config_dir: Optional[Path] = None,
+              main: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list[str]]:
+    """EveryDream2 keys (and our own, which pass through) -> (our canonical keys, notes to print).
+
+    `data` is one source: a train.json or the command line's flags. `main` is what an earlier
+    source already set (the JSON, when `data` is the flags), for EveryDream2's rule that the main
+    lr wins over optimizer.json's. Unknown keys are ConfigErrors with a did-you-mean; so are
+    refused values, with the reason and what to use instead.
+    """
+    result: dict[str, Any] = {}
+    set_by: dict[str, str] = {}
+    notes: list[str] = []
+
+    def put(values: dict[str, Any], key: str) -> None:
+        for name, value in values.items():
+            if name in set_by and set_by[name] != key:
+                raise ConfigError(f"{source}: '{key}' and '{set_by[name]}' set the same setting '{name}'; "
+                                  "keep one of them.")
+            result[name] = value
+            set_by[name] = key
+
+    for key, value in data.items():
+        term = TABLE.get(key)
+        if term is None:
+            name = key if key in FIELD_NAMES else ALIASES.get(key)
+            if name is None and key not in IGNORED_KEYS:
+                raise ConfigError(f"{source}: unknown key '{key}'.{did_you_mean(key, _known_names())} "
+                                  "docs/everydream2.md lists EveryDream2's keys, configs/schema.json ours.")
+            if name is not None:
+                put({name: value}, key)
+            continue
+        reason = term.refuse(value)
+        if reason:
+            raise ConfigError(f"{source}: {reason}.")
+        if term.note and (term.status == "legacy" or (value is not None and value != term.default)):
+            notes.append(f"note: {term.note}")
+        if key == "optimizer_config" and value:
+            continue  # after the main keys: its non-null schedule settings win over theirs
+        if key == "validation_config" and value:
+            where = str(resolve_side_file(value, key, config_dir))
+            put(validation_settings(_read_side_json(value, key, config_dir), where), key)
+        elif key == "sample_prompts" and value:
+            put(_sample_prompt_settings(str(resolve_side_file(value, key, config_dir))), key)
+        else:
+            put(term.translate(value), key)
+    if data.get("optimizer_config"):
+        name = data["optimizer_config"]
+        where = str(resolve_side_file(name, "optimizer_config", config_dir))
+        from_file = optimizer_settings(_read_side_json(name, "optimizer_config", config_dir), where,
+                                       {**(main or {}), **data})
+        result.update(from_file)
+    return result, notes
+
+
+def load(path: Optional[str], flags: Optional[dict[str, Any]] = None) -> Config:
+    """The Config of train.py: the JSON at `path` (if any) then the command line's `flags`, either
+    vocabulary, translated; flags win; the notes are printed once."""
+    from difftrain.log import say
+
+    source = str(path) if path else "command line"
+    config_dir = Path(path).parent if path else None
+    raw = read_json_object(path) if path else {}
+    from_json, notes = translate(raw, source, config_dir=config_dir)
+    from_flags, flag_notes = translate(flags or {}, "command line", config_dir=config_dir, main=raw)
+    for note in dict.fromkeys(notes + flag_notes):
+        say(note)
+    return validate_config_dict({**from_json, **from_flags}, source)
+
+
+# ---- the generated document -------------------------------------------------------------------------
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _side_table(title: str, rows: tuple[tuple[str, str, str], ...]) -> list[str]:
+    lines = [f"## {title}", "", "| key | status | meaning here |", "|---|---|---|"]
+    lines += [f"| `{_cell(key)}` | {status} | {_cell(meaning)} |" for key, status, meaning in rows]
+    return lines + [""]
+
+
+def status_counts() -> dict[str, int]:
+    """How many of EveryDream2's train.py flags (legacy keys apart) have each status."""
+    counts = {status: 0 for status in STATUSES}
+    for term in TERMS:
+        counts[term.status] += 1
+    return counts
+
+
+def render_markdown() -> str:
+    """docs/everydream2.md: the tables above as Markdown."""
+    counts = status_counts()
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s])
+    lines = [
+        "# EveryDream2 vocabulary",
+        "",
+        "<!-- Generated by `python -m difftrain.vocab.everydream2 > docs/everydream2.md`; edit the "
+        "tables in difftrain/vocab/everydream2.py instead. -->",
+        "",
+        f"`train.py` accepts every flag of EveryDream2's train.py ({SOURCE}) as `--flag` and as a key of "
+        "the `--config` JSON, and translates it into difftrain's schema at the front door. Keys are: "
+        f"{summary}.",
+        "",
+        "Statuses: **ours** done through our schema (the meaning column says how); **no effect** accepted, "
+        "with a one-line note; **refused** the values needing a missing feature are refused with the "
+        "reason, the neutral value is accepted; **pending** accepted at EveryDream2's default, other values "
+        "refused until issue 18's named requirement lands; **legacy** a key EveryDream2's shipped configs "
+        "still carry, accepted with a note; **front door** handled by train.py's command line.",
+        "",
+        "Defaults: a key left out takes difftrain's default, which is EveryDream2's except where the "
+        "EveryDream2-default column says otherwise (difftrain's default is in `python train.py --help`).",
+        "",
+        "## train.py flags and train.json keys",
+        "",
+        "| key | EveryDream2 default | status | meaning here |",
+        "|---|---|---|---|",
+    ]
+    for term in TERMS:
+        lines.append(f"| `{term.key}` | `{json.dumps(term.default)}` | {term.status} | {_cell(term.meaning)} |")
+    lines.append("")
+    lines += _side_table("optimizer_config (optimizer.json)", OPTIMIZER_KEYS)
+    lines += _side_table("validation_config (validation_default.json)", VALIDATION_KEYS)
+    lines += _side_table("sample_prompts", SAMPLE_KEYS)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":  # python -m difftrain.vocab.everydream2 > docs/everydream2.md
+    import sys
+
+    sys.stdout.write(render_markdown())

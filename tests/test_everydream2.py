@@ -1,0 +1,350 @@
+"""EveryDream2's vocabulary (difftrain/vocab/everydream2.py) and its own shipped files, verbatim.
+
+The files under tests/real_files/everydream2/ are byte-for-byte copies of EveryDream2trainer's
+(see the README there); each is run through train.py's front door exactly as a user would, with
+only resume_ckpt, data_root and smaller sizes added on the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difftrain.cli import config_from_argv
+from difftrain.config import Config
+from difftrain.errors import ConfigError
+from difftrain.vocab import everydream2 as ed2
+
+REAL = Path(__file__).parent / "real_files" / "everydream2"
+DOC = Path(__file__).parent.parent / "docs" / "everydream2.md"
+
+# The flags of EveryDream2's train.py (its main branch), as issue 18 lists them.
+EVERYDREAM2_FLAGS = """config amp attn_type batch_size ckpt_every_n_minutes clip_grad_norm clip_skip cond_dropout
+data_root disable_amp disable_textenc_training disable_unet_training embedding_perturbation flip_p gpuid
+gradient_checkpointing grad_accum logdir log_step loss_type lr lr_decay_steps lr_scheduler lr_warmup_steps
+max_epochs no_prepend_last no_save_ckpt optimizer_config plugins project_name resolution resume_ckpt run_name
+sample_prompts sample_steps save_ckpt_dir save_every_n_epochs save_ckpts_from_n_epochs save_full_precision
+save_optimizer seed shuffle_tags timestep_start timestep_end train_sampler keep_tags wandb validation_config
+write_schedule rated_dataset rated_dataset_target_dropout_percent zero_frequency_noise_ratio
+enable_zero_terminal_snr load_settings_every_epoch min_snr_gamma ema_decay_rate ema_strength_target
+ema_update_interval ema_device ema_sample_nonema_model ema_sample_ema_model ema_resume_model
+pyramid_noise_discount""".split()
+LEGACY = ["notebook", "disable_xformers", "lowvram", "scale_lr", "ed1_mode", "useadam8bit"]
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch) -> Path:
+    """The verbatim files in a working folder of their own (EveryDream2 reads side files from there)."""
+    folder = tmp_path / "ed2"
+    shutil.copytree(REAL, folder)
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def translated(*argv: str) -> Config:
+    return config_from_argv(list(argv), "train")
+
+
+# ---- the verbatim copies --------------------------------------------------------------------------
+
+def test_the_copies_are_byte_for_byte_the_blobs_the_readme_names():
+    rows = re.findall(r"^\| (\S+) \| .*? \| ([0-9a-f]{40}) \|$", (REAL / "README.md").read_text(), re.M)
+    assert len(rows) == 12
+    for name, blob in rows:
+        data = (REAL / name).read_bytes()
+        assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob, name
+
+
+# ---- the table ------------------------------------------------------------------------------------
+
+def test_the_table_holds_every_flag_once_and_the_legacy_keys():
+    assert len(EVERYDREAM2_FLAGS) == 63
+    assert list(ed2.FLAG_KEYS) == EVERYDREAM2_FLAGS
+    assert [term.key for term in ed2.TERMS if term.status == "legacy"] == LEGACY
+    assert all(term.status in ed2.STATUSES for term in ed2.TERMS)
+
+
+def test_the_doc_is_the_generated_text():
+    assert DOC.read_text(encoding="utf-8") == ed2.render_markdown(), \
+        "regenerate: python -m difftrain.vocab.everydream2 > docs/everydream2.md"
+
+
+@pytest.mark.parametrize("term", [t for t in ed2.TERMS if t.status not in ("legacy", "front door")],
+                         ids=lambda t: t.key)
+def test_every_flag_is_accepted_at_its_default_as_flag_and_as_json_key(term, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    value = term.default
+    if term.key == "optimizer_config":
+        (tmp_path / "optimizer.json").write_bytes((REAL / "optimizer.json").read_bytes())
+    if term.key == "sample_prompts":
+        (tmp_path / "sample_prompts.txt").write_text("a cat\n")
+    (tmp_path / "train.json").write_text(json.dumps({term.key: value}))
+    from_json = translated("--config", "train.json")
+    if value is None:
+        return  # a flag cannot say null; the JSON above did
+    argv = [f"--{term.key}"] + ([str(v) for v in value] if isinstance(value, list) else [str(value)])
+    assert translated(*argv) == from_json
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("plugins", ["plugins.accumulnator.Accumulnator"], ["plugins", "does not load"]),
+    ("gpuid", 1, ["CUDA_VISIBLE_DEVICES"]),
+    ("clip_skip", 2, ["clip_skip", "not implemented"]),
+    ("disable_unet_training", True, ["text encoder alone"]),
+    ("rated_dataset", True, ["multiply.txt"]),
+    ("load_settings_every_epoch", True, ["findlast"]),
+    ("no_prepend_last", True, ["requirement 5"]),
+    ("save_ckpt_dir", "ckpts", ["requirement 5"]),
+    ("ema_decay_rate", 0.999, ["EMA", "requirement 4"]),
+    ("ema_strength_target", 0.5, ["EMA"]),
+    ("attn_type", "flash", ["'sdp', 'xformers', 'slice'"]),
+])
+def test_refused_values_say_why_and_what_instead(key, value, words, tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({key: value}))
+    with pytest.raises(ConfigError) as caught:
+        translated(str(path))
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_legacy_keys_and_no_effect_values_each_print_one_note(tmp_path, capsys):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({**{key: True for key in LEGACY}, "attn_type": "xformers", "log_step": 5}))
+    translated(str(path))
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    for key in [*LEGACY, "attn_type", "log_step"]:
+        assert sum(note.startswith(f"note: {key}") for note in notes) == 1, key
+
+
+def test_an_unknown_key_is_still_an_error_with_did_you_mean(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"zero_frequncy_noise_ratio": 0.1}))
+    with pytest.raises(ConfigError, match="Did you mean 'zero_frequency_noise_ratio'"):
+        translated(str(path))
+
+
+def test_flags_win_over_the_json_and_both_vocabularies_mix(shipped):
+    config = translated("--config", "train.json", "--cond_dropout", "0.3", "--grad_accum", "3",
+                        "--timestep_start", "10", "--zero-frequency-noise-ratio", "0.05", "--resume_ckpt", "m")
+    assert (config.caption_dropout, config.gradient_accumulation_steps) == (0.3, 3)
+    assert (config.min_timestep, config.noise_offset) == (10, 0.05)
+
+
+def test_two_keys_for_one_setting_in_one_file_are_refused(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"cond_dropout": 0.1, "caption_dropout": 0.2}))
+    with pytest.raises(ConfigError, match="set the same setting 'caption_dropout'"):
+        translated(str(path))
+
+
+# ---- the shipped configs, translated ----------------------------------------------------------------
+
+def test_train_json_and_its_side_files_translate(shipped):
+    config = translated("--config", "train.json", "--resume_ckpt", "m", "--data_root", "d")
+    assert (config.batch_size, config.max_epochs, config.seed, config.project_name) == (8, 40, -1, "project_abc")
+    assert (config.caption_dropout, config.noise_offset, config.pyramid_noise_discount) == (0.04, 0.02, 0.03)
+    assert (config.min_snr_gamma, config.loss_function, config.tracker) == (5.0, "MSE", "none")
+    assert config.network_train_text_encoder and config.gradient_checkpointing
+    assert (config.min_timestep, config.max_timestep, config.sample_steps) == (0, 1000, 300)
+    # optimizer.json: base and text-encoder overrides
+    assert (config.optimizer, config.lr, config.weight_decay) == ("AdamW8bit", 1e-6, 0.01)
+    assert config.optimizer_settings == "betas=(0.9, 0.999);eps=1e-08"
+    assert (config.text_encoder_lr, config.text_encoder_lr_scheduler) == (5e-7, "cosine")
+    # validation_default.json: automatic split of 15%, every epoch
+    assert (config.validation_fraction, config.validate_every_n_epochs) == (0.15, 1)
+    assert Path(config.sample_prompts).name == "sample_prompts.txt"
+
+
+def test_trainsd21_main_lr_wins_and_the_text_encoder_unfreezes_two_layers(shipped):
+    config = translated("--config", "trainSD21.json", "--resume_ckpt", "m")
+    assert (config.lr, config.text_encoder_lr, config.text_encoder_lr_scheduler) == (2e-6, 3e-7, "")
+    assert config.text_encoder_unfreeze_last_n_layers == 2
+    assert (config.resolution, config.seed, config.noise_offset) == (768, 555, 0.02)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("chain0.json", dict(lr=2.5e-6, resolution=384, caption_dropout=0.0, network_train_text_encoder=True)),
+    ("chain1.json", dict(lr=1.0e-6, resume_ckpt="findlast", caption_dropout=0.05, save_every_n_epochs=5)),
+    ("chain2.json", dict(gradient_accumulation_steps=5, network_train_text_encoder=False, resolution=640)),
+])
+def test_the_chain_configs_translate(shipped, name, expected):
+    config = translated("--config", name)
+    assert {key: getattr(config, key) for key in expected} == expected
+
+
+def test_text_encoder_lr_scale_applies_when_the_override_has_no_lr(tmp_path):
+    data = json.loads((REAL / "optimizer.json").read_text())
+    data["text_encoder_overrides"]["lr"] = None
+    data["text_encoder_lr_scale"] = 0.5
+    (tmp_path / "opt.json").write_text(json.dumps(data))
+    (tmp_path / "train.json").write_text(json.dumps({"optimizer_config": "opt.json", "lr": 2e-6}))
+    config = translated(str(tmp_path / "train.json"))
+    assert config.lr == 2e-6 and config.text_encoder_lr == pytest.approx(1e-6)
+
+
+def test_optimizer_dadapt_is_refused_naming_the_optimizer(shipped):
+    with pytest.raises(ConfigError, match="dadapt_adam' is not available"):
+        translated("--config", "train.json", "--optimizer_config", "optimizer_dadapt.json")
+
+
+def test_validation_manual_split_and_refusals(tmp_path):
+    base = json.loads((REAL / "validation_default.json").read_text())
+
+    def with_validation(**changes):
+        (tmp_path / "val.json").write_text(json.dumps({**base, **changes}))
+        return translated("--validation_config", str(tmp_path / "val.json"))
+
+    assert with_validation(val_split_mode="manual", manual_data_root="held").validation_root == "held"
+    assert with_validation(validate_training=False).validation_fraction == 0
+    assert with_validation(every_n_epochs=3).validate_every_n_epochs == 3
+    with pytest.raises(ConfigError, match="several times per epoch"):
+        with_validation(every_n_epochs=0.5)
+    with pytest.raises(ConfigError, match="stabilize_training_loss"):
+        with_validation(stabilize_training_loss=True)
+    with pytest.raises(ConfigError, match="extra_manual_datasets"):
+        with_validation(extra_manual_datasets={"santa": "x"})
+
+
+def test_sample_prompts_json_is_refused_until_implemented(shipped):
+    with pytest.raises(ConfigError, match="sample_prompts.json.*use a .txt file"):
+        translated("--config", "train.json", "--sample_prompts", "sample_prompts.json")
+
+
+# ---- training on the tiny stand-ins -------------------------------------------------------------------
+
+def _images(folder: Path, count: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        pixels = np.full((72, 64, 3), 40 + 50 * index, np.uint8)
+        pixels[:, :32] //= 2
+        Image.fromarray(pixels).save(folder / f"thing{index}_{index}.png")
+        (folder / f"thing{index}_{index}.txt").write_text(f"photo of thing{index}, red, small")
+    return folder
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["train.json", "trainSD21.json"])
+def test_shipped_configs_train_verbatim_on_the_tiny_stand_in(shipped, name, tiny_sd15, tmp_path):
+    from difftrain.cli import main
+
+    data = _images(tmp_path / "data")
+    assert main(["--config", name, "--resume_ckpt", str(tiny_sd15), "--data_root", str(data),
+                 "--resolution", "64", "--max_epochs", "1", "--batch_size", "2"]) == 0
+    (log_folder,) = (shipped / "logs").iterdir()
+    assert list((log_folder / "ckpts").glob("last-*")), "no final checkpoint"
+    (run,) = (shipped / "runs").iterdir()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_train" in line for line in lines)
+    assert any("loss_valid" in line for line in lines), "validation_default.json asks for validation"
+    used = json.loads((run / "config.json").read_text())
+    assert (used["noise_offset"], used["caption_dropout"], used["validation_fraction"]) == (0.02, 0.04, 0.15)
+    assert used["network_train_text_encoder"] is True
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_chain_runs_in_sequence_each_continuing_from_the_last(shipped, tiny_sd15, tmp_path):
+    from difftrain.cli import main
+
+    data = _images(tmp_path / "data")
+    small = ["--data_root", str(data), "--resolution", "64", "--max_epochs", "1", "--batch_size", "2",
+             "--sample_steps", "0"]
+    commands = [line.split()[2:] for line in (shipped / "chain.bat").read_text().splitlines()
+                if line.startswith("python train.py")]
+    assert [command[-1] for command in commands] == ["chain0.json", "chain1.json", "chain2.json"]
+    first = commands[0] + ["--resume_ckpt", str(tiny_sd15)] + small
+    assert main(first) == 0
+    for command in commands[1:]:  # chain1/2 say resume_ckpt "findlast" themselves
+        assert main(command + small) == 0
+    finals = sorted((shipped / "logs").glob("*/ckpts/last-*"))
+    assert len(finals) == 3
+
+
+# ---- the objective features EveryDream2's flags turn on ----------------------------------------------
+
+def _objective(**options):
+    from difftrain.objectives import DiffusionObjective
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return DiffusionObjective(torch.cumprod(1 - betas, 0), "epsilon", **options)
+
+
+def test_pyramid_noise_is_seeded_unit_variance_and_correlated_in_space():
+    objective = _objective(pyramid_noise_discount=0.8)
+    draw = lambda seed: objective.sample_noise((2, 4, 32, 32), torch.Generator().manual_seed(seed))  # noqa: E731
+    noise = draw(1)
+    assert torch.equal(noise, draw(1)) and not torch.equal(noise, draw(2))
+    assert noise.std().item() == pytest.approx(1.0, abs=1e-5)
+    neighbours = (noise[..., 1:] * noise[..., :-1]).mean().item()
+    plain = _objective().sample_noise((2, 4, 32, 32), torch.Generator().manual_seed(1))
+    assert neighbours > 0.15 and abs((plain[..., 1:] * plain[..., :-1]).mean().item()) < 0.05
+
+
+@pytest.mark.parametrize("name", ["MSE-Huber", "Huber-MSE"])
+def test_timestep_blended_losses_move_from_one_loss_to_the_other(name):
+    objective = _objective(loss_function=name)
+    x0 = torch.zeros(1, 1, 4, 4)
+    noise = torch.full((1, 1, 4, 4), 3.0)  # error 3 against a zero prediction: MSE 9, Huber 2.5
+
+    def loss_at(step):
+        return objective.loss(lambda x, t: torch.zeros_like(x), x0, noise=noise,
+                              timesteps=torch.tensor([step]))[0].item()
+
+    late_mse = name == "MSE-Huber"
+    assert loss_at(0) == pytest.approx(9.0 if not late_mse else 2.5)
+    assert loss_at(999) == pytest.approx(9.0 * 0.999 + 2.5 * 0.001 if late_mse else 2.5 * 0.999 + 9.0 * 0.001)
+
+
+def test_embedding_perturbation_and_sample_weights():
+    objective = _objective(embedding_perturbation=2.0)
+    seen = []
+
+    def model(x, t, encoder_hidden_states):
+        seen.append(encoder_hidden_states)
+        return torch.zeros_like(x)
+
+    hidden = torch.zeros(4, 77, 64)
+    x0 = torch.zeros(4, 1, 2, 2)
+    objective.loss(model, x0, torch.Generator().manual_seed(0), encoder_hidden_states=hidden)
+    assert seen[0].std().item() == pytest.approx(2.0 / 64**0.5, rel=0.05)
+    draws = _objective().fixed_validation_draws((4, 1, 2, 2), 0)
+    plain = _objective().loss(lambda x, t: torch.zeros_like(x), x0, **draws)[1]["loss_per_sample"]
+    weights = torch.tensor([1.0, 2.0, 0.0, 3.0])
+    weighted = _objective().loss(lambda x, t: torch.zeros_like(x), x0, **draws, sample_weights=weights)[0]
+    assert weighted.item() == pytest.approx((plain * weights).mean().item())
+
+
+def test_unfreeze_last_n_layers_trains_only_those_and_the_final_norm():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difftrain.tasks.sd import _unfreeze_last_layers
+
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                           num_hidden_layers=4, vocab_size=1000, bos_token_id=0, eos_token_id=1))
+    _unfreeze_last_layers(encoder, 2)
+    trained = {name.split(".weight")[0].split(".bias")[0] for name, p in encoder.named_parameters() if p.requires_grad}
+    layers = {int(name.split("layers.")[1].split(".")[0]) for name in trained if "layers." in name}
+    assert layers == {2, 3}
+    assert any("final_layer_norm" in name for name in trained)
+    assert not any("embeddings" in name for name in trained)
+
+
+def test_text_encoder_gets_its_own_schedule():
+    from difftrain.optim import make_scheduler
+
+    config = Config(lr_scheduler="constant", text_encoder_lr_scheduler="cosine", lr_warmup_steps=0)
+    unet, text = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [unet]}, {"params": [text], "lr": 5e-7}], lr=1e-6)
+    scheduler = make_scheduler(config, optimizer, 100)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-6, 2.5e-7])
