@@ -191,9 +191,19 @@ def test_text_encoder_lr_scale_applies_when_the_override_has_no_lr(tmp_path):
     assert config.lr == 2e-6 and config.text_encoder_lr == pytest.approx(1e-6)
 
 
-def test_optimizer_dadapt_is_refused_naming_the_optimizer(shipped):
-    with pytest.raises(ConfigError, match="dadapt_adam' is not available"):
-        translated("--config", "train.json", "--optimizer_config", "optimizer_dadapt.json")
+def test_optimizer_dadapt_translates_with_its_d_adaptation_settings(shipped):
+    config = translated("--config", "train.json", "--optimizer_config", "optimizer_dadapt.json")
+    assert (config.optimizer, config.lr, config.weight_decay) == ("DAdaptAdam", 0.1, 0.8)
+    assert config.optimizer_settings == "betas=(0.9, 0.999);eps=1e-08;d0=1e-06;decouple=True"
+    assert (config.text_encoder_lr, config.text_encoder_lr_scheduler) == (0.1, "")
+
+
+def test_an_optimizer_difftrain_lacks_is_refused_naming_it(tmp_path):
+    data = json.loads((REAL / "optimizer.json").read_text())
+    data["base"]["optimizer"] = "coordinate_dowg"
+    (tmp_path / "opt.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="coordinate_dowg' is not available"):
+        translated("--optimizer_config", str(tmp_path / "opt.json"))
 
 
 def test_validation_manual_split_and_refusals(tmp_path):
@@ -232,13 +242,14 @@ def _images(folder: Path, count: int = 4) -> Path:
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("name", ["train.json", "trainSD21.json"])
-def test_shipped_configs_train_verbatim_on_the_tiny_stand_in(shipped, name, tiny_sd15, tmp_path):
+@pytest.mark.parametrize("name, extra", [("train.json", []), ("trainSD21.json", []),
+                                         ("train.json", ["--optimizer_config", "optimizer_dadapt.json"])])
+def test_shipped_configs_train_verbatim_on_the_tiny_stand_in(shipped, name, extra, tiny_sd15, tmp_path):
     from difftrain.cli import main
 
     data = _images(tmp_path / "data")
     assert main(["--config", name, "--resume_ckpt", str(tiny_sd15), "--data_root", str(data),
-                 "--resolution", "64", "--max_epochs", "1", "--batch_size", "2"]) == 0
+                 "--resolution", "64", "--max_epochs", "1", "--batch_size", "2", *extra]) == 0
     (log_folder,) = (shipped / "logs").iterdir()
     assert list((log_folder / "ckpts").glob("last-*")), "no final checkpoint"
     (run,) = (shipped / "runs").iterdir()

@@ -257,15 +257,29 @@ FLAG_KEYS: tuple[str, ...] = tuple(term.key for term in TERMS if term.status != 
 # (key, status, meaning) of the keys inside the files that optimizer_config, validation_config and
 # sample_prompts point at; the translators below follow these rows.
 
-OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion"}
+# EveryDream2's optimizer names -> ours, and which optimizer.json settings each of them receives
+# there (optimizer/optimizers.py passes epsilon to the Adam family only, momentum to SGD only...).
+_ADAM, _LION = ("betas", "epsilon"), ("betas",)
+OPTIMIZER_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "adamw": ("AdamW", _ADAM), "adamw8bit": ("AdamW8bit", _ADAM), "lion": ("Lion", _LION),
+    "lion8bit": ("Lion8bit", _LION), "prodigy": ("Prodigy", ("d0", "use_bias_correction", "safeguard_warmup")),
+    "dadapt_adam": ("DAdaptAdam", (*_ADAM, "d0", "decouple")), "dadapt_adan": ("DAdaptAdan", (*_ADAM, "d0")),
+    "dadapt_lion": ("DAdaptLion", (*_LION, "d0")), "dadapt_sgd": ("DAdaptSGD", ("momentum", "d0")),
+}
+# our optimizer_settings names for optimizer.json's (optim.py renames decouple and use_bias_correction
+# to pytorch-optimizer's spellings itself)
+_SETTING_NAMES = {"epsilon": "eps"}
 OPTIMIZER_KEYS: tuple[tuple[str, str, str], ...] = (
     ("doc", "no effect", "documentation inside the file; not read"),
-    ("base.optimizer", "ours", "optimizer: adamw -> AdamW, adamw8bit -> AdamW8bit, lion -> Lion; the "
-     "D-Adaptation, Prodigy and DoWG optimizers are refused (not available here)"),
+    ("base.optimizer", "ours", "optimizer: adamw, adamw8bit, lion, lion8bit, prodigy, dadapt_adam, dadapt_adan, "
+     "dadapt_lion, dadapt_sgd -> AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, DAdaptAdam, DAdaptAdan, DAdaptLion, "
+     "DAdaptSGD; coordinate_dowg, scalar_dowg and adacoor are refused (not available here)"),
     ("base.lr", "ours", "lr, unless the main config or the command line sets lr (EveryDream2's order)"),
     ("base.lr_scheduler, base.lr_warmup_steps, base.lr_decay_steps", "ours",
      "the same keys; non-null values win over the main config (EveryDream2's order), flags win over both"),
-    ("base.betas, base.epsilon", "ours", "optimizer_settings 'betas=(b1, b2);eps=e'"),
+    ("base.betas, base.epsilon, base.d0, base.decouple, base.momentum, base.use_bias_correction, "
+     "base.safeguard_warmup", "ours", "optimizer_settings ('betas=(b1, b2);eps=e;d0=...'), each passed to "
+     "the optimizers EveryDream2 passes it to; given to another optimizer it has no effect, with a note"),
     ("base.weight_decay", "ours", "weight_decay"),
     ("text_encoder_overrides.lr", "ours", "text_encoder_lr"),
     ("text_encoder_overrides.lr_scheduler", "ours", "text_encoder_lr_scheduler (its own schedule, as in "
@@ -330,7 +344,8 @@ BASE_OPTIMIZER_KEYS = {"optimizer", "lr", "lr_scheduler", "lr_decay_steps", "lr_
                        "epsilon", "weight_decay", "d0", "decouple", "momentum", "safeguard_warmup", "use_bias_correction"}
 
 
-def optimizer_settings(data: dict[str, Any], where: str, main: dict[str, Any]) -> dict[str, Any]:
+def optimizer_settings(data: dict[str, Any], where: str, main: dict[str, Any],
+                       notes: Optional[list[str]] = None) -> dict[str, Any]:
     """Our keys from an EveryDream2 optimizer.json; `main` holds what the main config already set."""
     _check_keys(data, {"doc", "base", "text_encoder_overrides", "text_encoder_lr_scale",
                        "text_encoder_freezing", "apply_grad_scaler_step_tweaks"}, where)
@@ -339,31 +354,34 @@ def optimizer_settings(data: dict[str, Any], where: str, main: dict[str, Any]) -
     _check_keys(base, BASE_OPTIMIZER_KEYS, f"{where}: base")
     _check_keys(overrides, BASE_OPTIMIZER_KEYS, f"{where}: text_encoder_overrides")
     result: dict[str, Any] = {}
-    name = base.get("optimizer")
-    if name is not None:
-        if str(name).lower() not in OPTIMIZER_NAMES:
-            raise ConfigError(f"{where}: base.optimizer '{name}' is not available in difftrain; use "
-                              f"{', '.join(OPTIMIZER_NAMES)}.")
-        result["optimizer"] = OPTIMIZER_NAMES[str(name).lower()]
+    name = str(base.get("optimizer") or "adamw8bit").lower()  # EveryDream2's default when unnamed
+    if name not in OPTIMIZER_NAMES:
+        raise ConfigError(f"{where}: base.optimizer '{name}' is not available in difftrain; use one of "
+                          f"{', '.join(OPTIMIZER_NAMES)}.")
+    ours, passed = OPTIMIZER_NAMES[name]
+    if base.get("optimizer") is not None:
+        result["optimizer"] = ours
     if base.get("lr") is not None and main.get("lr") is None:
         result["lr"] = base["lr"]
     for key in ("lr_scheduler", "lr_warmup_steps", "lr_decay_steps"):
         if base.get(key) is not None:
             result[key] = base[key]
-    extras = []
-    if base.get("betas") is not None:
-        extras.append(f"betas=({float(base['betas'][0])!r}, {float(base['betas'][1])!r})")
-    if base.get("epsilon") is not None:
-        extras.append(f"eps={float(base['epsilon'])!r}")
-    if extras:
-        result["optimizer_settings"] = ";".join(extras)
     if base.get("weight_decay") is not None:
         result["weight_decay"] = base["weight_decay"]
-    unused = sorted(k for k in ("d0", "decouple", "momentum", "safeguard_warmup", "use_bias_correction")
-                    if base.get(k) is not None)
-    if unused:
-        raise ConfigError(f"{where}: base.{unused[0]} belongs to optimizers difftrain does not have "
-                          "(D-Adaptation, Prodigy); remove it.")
+    extras = []
+    for key in ("betas", "epsilon", "d0", "decouple", "momentum", "use_bias_correction", "safeguard_warmup"):
+        value = base.get(key)
+        if value is None:
+            continue
+        if key not in passed:
+            if notes is not None:
+                notes.append(f"note: {where}: base.{key} has no effect with {name} (EveryDream2 does not pass it "
+                             "either).")
+            continue
+        text = f"({float(value[0])!r}, {float(value[1])!r})" if key == "betas" else repr(value)
+        extras.append(f"{_SETTING_NAMES.get(key, key)}={text}")
+    if extras:
+        result["optimizer_settings"] = ";".join(extras)
     result.update(_text_encoder_settings(data, base, overrides, where, main.get("lr", result.get("lr"))))
     return result
 
@@ -488,7 +506,7 @@ def translate(data: dict[str, Any], source: str, *, config_dir: Optional[Path] =
         name = data["optimizer_config"]
         where = str(resolve_side_file(name, "optimizer_config", config_dir))
         from_file = optimizer_settings(_read_side_json(name, "optimizer_config", config_dir), where,
-                                       {**(main or {}), **data})
+                                       {**(main or {}), **data}, notes)
         result.update(from_file)
     return result, notes
 
@@ -501,8 +519,10 @@ def load(path: Optional[str], flags: Optional[dict[str, Any]] = None) -> Config:
     source = str(path) if path else "command line"
     config_dir = Path(path).parent if path else None
     raw = read_json_object(path) if path else {}
-    from_json, notes = translate(raw, source, config_dir=config_dir)
-    from_flags, flag_notes = translate(flags or {}, "command line", config_dir=config_dir, main=raw)
+    flags = flags or {}
+    # A flag replaces the JSON's key of the same name whole (a side file's every setting with it).
+    from_json, notes = translate({k: v for k, v in raw.items() if k not in flags}, source, config_dir=config_dir)
+    from_flags, flag_notes = translate(flags, "command line", config_dir=config_dir, main=raw)
     for note in dict.fromkeys(notes + flag_notes):
         say(note)
     return validate_config_dict({**from_json, **from_flags}, source)
