@@ -464,7 +464,10 @@ def test_a_folder_in_everydream2_conventions_trains(tmp_path, tiny_sd15):
                 "tracker": "none", "logdir": str(tmp_path / "logs"), "runs_dir": str(tmp_path / "runs"),
                 "ckpt_every_n_minutes": 0, "project_name": "conv"}
     config = validate_config_dict(settings)
-    task = SDTask(config, SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1))
+    from difftrain.tasks.base import StartPoint
+
+    cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
+    task = SDTask(config, cpu, StartPoint(base=str(tiny_sd15)))
     items = task.train_set.items
     people = [i for i, item in enumerate(items) if item.batch_id == "people"]
     assert len(people) == 6  # 3 images x ceil(1.5)
