@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from difftrain.config import Config
 from difftrain.errors import ConfigError
+from difftrain.log import say
 from difftrain.trainer import Trainer, TrainingStopped, decide_start
 
 TRAINING_FAILED_EXIT_CODE = 1
@@ -60,5 +60,5 @@ def run(config: Config, program: str = "difftrain") -> int:
             return mode_runner(config, decide_start(config, factory), program=program)
         return Trainer(config, factory, program=program).run()
     except TrainingStopped as stop:
-        print(f"{program}: training stopped: {stop}", file=sys.stderr)
+        say(f"{program}: training stopped: {stop}")
         return TRAINING_FAILED_EXIT_CODE

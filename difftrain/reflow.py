@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from difftrain.errors import ConfigError
+from difftrain.log import say
 from difftrain.sampling import Cond, euler_flow_path
 
 MANIFEST_NAME = "manifest.json"
@@ -362,12 +364,118 @@ class ReflowSchedule:
         return Path(root) / f"reflow_stage_{stage:02d}"
 
 
+# ---- the training loop's view: how long a run is, and what happens at stage boundaries ----------------
+
+@dataclass(frozen=True)
+class RunLength:
+    """How long a run trains: stage 0 (max_steps, or max_epochs of the data), then the reflow stages."""
+
+    steps_per_epoch: int
+    stage0_steps: int
+    total_steps: int
+    schedule: ReflowSchedule
+
+    @property
+    def max_epochs(self) -> int:
+        return self.schedule.total_epochs
+
+    def ends_stage0_mid_epoch(self, global_step: int, epoch: int) -> bool:
+        """max_steps ended stage 0 inside an epoch: the epoch ends here and reflow begins."""
+        return global_step == self.stage0_steps and bool(self.schedule.reflow_steps) and epoch < self.schedule.max_epochs
+
+    def epoch_complete(self, batch_in_epoch: int, batches: int, global_step: int) -> bool:
+        return batch_in_epoch >= batches or global_step == self.stage0_steps
+
+
+def run_length(config: Any, micro_batches_per_epoch: int, processes: int) -> RunLength:
+    """The RunLength of `config` when each process draws `micro_batches_per_epoch` per epoch."""
+    if micro_batches_per_epoch == 0:
+        raise ConfigError(f"batch_size {config.batch_size} x {processes} process(es) is larger than the "
+                          "training set; lower batch_size or add data.")
+    if config.reflow_steps and not config.rectified_flow:
+        raise ConfigError("reflow_steps needs rectified_flow: reflow straightens a rectified flow. "
+                          "Add --rectified_flow or set reflow_steps to 0.")
+    accumulation = config.gradient_accumulation_steps
+    steps_per_epoch = max(1, micro_batches_per_epoch // accumulation)
+    stage0_steps = config.max_steps or steps_per_epoch * config.max_epochs
+    stage0_epochs = math.ceil(stage0_steps / steps_per_epoch) if config.max_steps else config.max_epochs
+    schedule = ReflowSchedule(max_epochs=stage0_epochs, reflow_steps=config.reflow_steps,
+                              reflow_train_epochs=config.reflow_train_epochs,
+                              reflow_sample_steps=config.reflow_sample_steps, sample_steps=config.sample_steps,
+                              reflow_gen_batches=config.reflow_gen_batches, batch_size=config.batch_size)
+    # Each reflow epoch trains on reflow_gen_batches batches of generated pairs, split over processes.
+    reflow_steps_per_epoch = max(1, config.reflow_gen_batches // processes // accumulation)
+    total_steps = stage0_steps + config.reflow_steps * config.reflow_train_epochs * reflow_steps_per_epoch
+    return RunLength(steps_per_epoch, stage0_steps, total_steps, schedule)
+
+
+class ReflowStages:
+    """Reflow around the training loop: before each epoch, point the task's flow at that epoch's
+    data (the data set, or a stage's pairs, generated on the stage's first epoch); after the last
+    epoch of each stage, measure how straight the flow has become.
+
+    `states`: difftrain.sharding's model states (`evaluating` hands the main process the whole model).
+    """
+
+    def __init__(self, flow: Any, schedule: ReflowSchedule, config: Any, accelerator: Any, states: Any) -> None:
+        self.flow, self.schedule, self.config = flow, schedule, config
+        self.accelerator, self.states = accelerator, states
+
+    def enter_epoch(self, progress: Any, model: torch.nn.Module, outputs: Any) -> None:
+        """Set progress.stage / epoch_in_stage and the training data of epoch `progress.epoch`.
+
+        Pairs live under the log folder of the run that generated them; the path travels in the
+        checkpoint, so a resumed run trains on the very same pairs instead of regenerating them.
+        """
+        position = self.schedule.position(progress.epoch)
+        progress.stage, progress.epoch_in_stage = position.stage, position.epoch_in_stage
+        if position.stage == 0:
+            self.flow.use_reflow_pairs(None)
+            return
+        if "reflow_root" not in progress.extra:
+            progress.extra["reflow_root"] = str((outputs.log_folder or outputs.main_log_folder or
+                                                 Path(self.config.logdir)) / "reflow")
+        pairs_dir = ReflowSchedule.pairs_dir(progress.extra["reflow_root"], position.stage)
+        if position.needs_new_pairs and progress.batch_in_epoch == 0:
+            with self.states.evaluating(model) as whole:
+                if whole is not None:
+                    say(f"reflow {position.stage}/{self.schedule.reflow_steps}: generating "
+                        f"{self.schedule.samples_per_iteration} pairs with {self.schedule.simulation_steps} Euler steps")
+                    velocity = self.flow.flow_velocity_fn(whole)
+                    noise, cond = self.flow.reflow_inputs(position.stage, self.config.reflow_gen_batches)
+                    generate_reflow_pairs(velocity, noise, self.schedule.simulation_steps, cond, pairs_dir)
+            self.accelerator.wait_for_everyone()
+        self.flow.use_reflow_pairs(ReflowPairDataset(pairs_dir))
+
+    def after_epoch(self, progress: Any, model: torch.nn.Module, tracker: Any) -> None:
+        """At the end of each stage (progress.epoch just counted the finished epoch): straightness and
+        1-step vs N-step distance on fixed noise."""
+        epoch = progress.epoch
+        if not (epoch == self.schedule.total_epochs or self.schedule.position(epoch).epoch_in_stage == 0):
+            return
+        with self.states.evaluating(model) as whole:
+            if whole is None:
+                return
+            velocity = self.flow.flow_velocity_fn(whole)
+            noise, cond = self.flow.flow_probe()
+            steps = self.config.sample_inference_steps
+            metrics = {"straightness": straightness(velocity, noise, steps, cond=cond),
+                       "one_vs_n_step_distance": one_step_vs_n_step_distance(velocity, noise, steps, cond=cond),
+                       "reflow_stage": progress.stage}
+        tracker.log(metrics, step=progress.global_step)
+        say(f"after stage {progress.stage}: straightness {metrics['straightness']:.4f}, "
+            f"1-step vs {steps}-step distance {metrics['one_vs_n_step_distance']:.4f}")
+
+
 __all__ = [
     "ReflowGeneration",
     "ReflowPairDataset",
     "ReflowSchedule",
+    "ReflowStages",
+    "RunLength",
     "StagePosition",
     "generate_reflow_pairs",
     "one_step_vs_n_step_distance",
+    "run_length",
     "straightness",
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -121,6 +121,18 @@ class ReplicatedStates:
         Every process must enter it: under sharding the gather is a collective.
         """
         yield self.accelerator.unwrap_model(model) if self.is_main else None
+
+    @contextmanager
+    def evaluating(self, model: nn.Module, autocast: bool = True) -> Iterator[Optional[nn.Module]]:
+        """`whole_model` on the accelerator's device, in eval mode, without gradients, under autocast
+        unless told otherwise; back to train mode after. Every process must enter it."""
+        model.eval()
+        try:
+            with self.whole_model(model, self.accelerator.device) as whole, torch.no_grad(), \
+                    (self.accelerator.autocast() if autocast else nullcontext()):
+                yield whole
+        finally:
+            model.train()
 
     def optimizer_state(self, model: nn.Module, optimizer) -> Optional[dict[str, Any]]:
         """{key: state} for trainer_state on the main process (None elsewhere); collective."""

@@ -4,6 +4,7 @@ wandb runs offline by default, so nobody needs an account or a network. Offline 
 run no name, so we make one in wandb's style (adjective-noun-N) and an 8-character id.
 With wandb off (EveryDream2's default), the metrics also go to TensorBoard event files in the
 log folder, under the tags EveryDream2 writes, so `tensorboard --logdir logs` shows them as before.
+`RunOutputs` gathers what one training run writes to: its run folder, tracker and log folder.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import json
 import os
 import secrets
 import string
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from difftrain.errors import ConfigError
 
@@ -197,3 +199,69 @@ class NullTracker:
 
     def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """What a run writes to. The main process has them all; the others have (None, NullTracker(),
+    None) and only the main process's log folder path, `main_log_folder` (e.g. where DeepSpeed's
+    per-process checkpoint parts go)."""
+
+    run_dir: Optional[Path]
+    tracker: Any
+    log_folder: Optional[Path]
+    main_log_folder: Path
+
+    def save_samples(self, samples: dict[str, Any], step: int) -> None:
+        """A task's samples at `step`: images into samples/ of both folders, then images and numbers
+        to the tracker."""
+        from PIL import Image
+
+        pictures = {key: value for key, value in samples.items() if isinstance(value, Image.Image)}
+        numbers = {key: value for key, value in samples.items() if key not in pictures}
+        for folder in filter(None, (self.run_dir, self.log_folder)):
+            (folder / "samples").mkdir(exist_ok=True)
+            for key, image in pictures.items():
+                image.save(folder / "samples" / f"{key}-gs{step:05d}.png")
+        if pictures or numbers:
+            self.tracker.log(numbers, step=step, images={"samples": list(pictures.values())} if pictures else None)
+
+    def summary(self, checkpoint_folder: Optional[Path]) -> str:
+        """The lines printed when a run ends: where everything went."""
+        lines = ["", "done."]
+        if self.run_dir is not None:
+            lines.append(f"run folder: {self.run_dir}")
+            lines.append("  config.json, state.pth, metrics.jsonl, samples/")
+        if self.log_folder is not None:
+            lines.append(f"log folder: {self.log_folder}")
+        if checkpoint_folder is not None:
+            lines.append(f"checkpoint: {checkpoint_folder}")
+        return "\n".join(lines)
+
+
+def open_run_outputs(config: Any, is_main: bool, decide_on_main: Callable[[Callable[[], str]], str]) -> RunOutputs:
+    """Make the run folder (config.json), tracker and log folder (settings.json) on the main process
+    alone -- one run name, one folder -- and tell every process the log folder's path."""
+    from difftrain.checkpoint import new_log_folder, write_file_atomically
+    from difftrain.log import say
+
+    opened: dict[str, Any] = {}
+
+    def open_on_main() -> str:
+        runs_dir = Path(config.runs_dir)
+        name = config.run_name or make_run_name(runs_dir)
+        run_dir, run_id = create_run_folder(runs_dir, name, config.model_dump(mode="json"))
+        log_folder = new_log_folder(Path(config.logdir), config.project_name)
+        settings = config.model_dump_json(indent=2)
+        write_file_atomically(log_folder / "settings.json", lambda temp: temp.write_text(settings, encoding="utf-8"))
+        tracker = Tracker(run_dir, run_name=name, run_id=run_id, project=config.wandb_project or config.project_name,
+                          config=config.model_dump(mode="json"), use_wandb=config.tracker == "wandb",
+                          wandb_mode=config.wandb_mode, log_folder=log_folder)
+        say(f"run folder: {run_dir}")
+        opened.update(run_dir=run_dir, tracker=tracker, log_folder=log_folder)
+        return str(log_folder)
+
+    main_log_folder = Path(decide_on_main(open_on_main))
+    if not is_main:
+        return RunOutputs(None, NullTracker(), None, main_log_folder)
+    return RunOutputs(opened["run_dir"], opened["tracker"], opened["log_folder"], main_log_folder)
