@@ -60,7 +60,9 @@ def measure_bare(args, steps: int) -> dict:
     accelerator = Accelerator(mixed_precision=precision)
     if common.wants_sd_unet(args) and args.batch_size is None:
         config = config.model_copy(update={"batch_size": 4})
-    task = common.make_engine_task(args, config, accelerator)
+    from difftrain.tasks.base import StartPoint
+
+    task = common.make_engine_task(args, config, accelerator, StartPoint())  # random weights: from scratch
     device = accelerator.device
     model = task.model.to(device)
     bare = common.BareLoop(model, config, task, device, precision)

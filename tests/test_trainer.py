@@ -178,3 +178,47 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, tiny_field_data):
     run_id = folder.name.rsplit("_", 1)[1]
     (offline,) = (folder / "wandb").glob(f"offline-run-*-{run_id}")
     assert list(offline.glob("*.wandb")) and (folder / "state.pth").is_file()
+
+
+def test_the_loop_uses_only_the_parts_a_task_declares(tmp_path, tiny_field_data):
+    """A task without samples or validation trains to the end (the loop never asks it for either);
+    an exports part is asked at every step, handed the whole model where it says so, and
+    finished once after the last checkpoint."""
+    from difftrain.tasks.base import StartPoint, TaskDefaults, TaskParts
+    from difftrain.tasks.kolmogorov import KolmogorovTask
+    from difftrain.trainer import Trainer
+
+    calls = []
+
+    class EveryThirdStep:
+        def exports_at(self, global_step):
+            calls.append(("asked", global_step))
+            return global_step % 3 == 0
+
+        def after_step(self, model, global_step, log_folder):
+            calls.append(("export", global_step, log_folder.is_dir()))
+
+        def finish(self, model, log_folder, run_dir):
+            calls.append(("finish", sorted(p.name for p in (log_folder / "ckpts").iterdir())[0]))
+
+    class Bare(KolmogorovTask):
+        defaults = TaskDefaults(from_scratch=True)
+
+        def __init__(self, config, accelerator, start: StartPoint):
+            super().__init__(config, accelerator, start)
+            self.parts = TaskParts(exports=EveryThirdStep())
+
+        def samples(self, model):
+            raise AssertionError("samples of a task that has no samples part")
+
+        def validation_loss(self, model):
+            raise AssertionError("validation of a task that has no validation part")
+
+    config = tiny_config(tmp_path, tiny_field_data, max_epochs=1, sample_steps=2)
+    assert Trainer(config, Bare).run() == 0
+    assert [call[1] for call in calls if call[0] == "asked"] == list(range(1, 11))
+    assert [call[1:] for call in calls if call[0] == "export"] == [(3, True), (6, True), (9, True)]
+    assert calls[-1] == ("finish", "last-tiny-ep01-gs00010")
+    folder = only_run_folder(tmp_path)
+    assert not (folder / "samples").exists()
+    assert not any("loss_valid" in line for line in (folder / "metrics.jsonl").read_text().splitlines())
