@@ -224,9 +224,49 @@ def test_validation_manual_split_and_refusals(tmp_path):
         with_validation(extra_manual_datasets={"santa": "x"})
 
 
-def test_sample_prompts_json_is_refused_until_implemented(shipped):
-    with pytest.raises(ConfigError, match="sample_prompts.json.*use a .txt file"):
-        translated("--config", "train.json", "--sample_prompts", "sample_prompts.json")
+def test_sample_prompts_json_reads_into_a_plan(shipped):
+    config = translated("--config", "train.json", "--sample_prompts", "sample_prompts.json")
+    plan = ed2.read_sample_plan(config.sample_prompts, default_seed=9, resolution=512)
+    assert (plan.scheduler, plan.num_inference_steps) == ("dpm++", 15)
+    first, second, third = plan.requests
+    assert (first.prompt, first.negative_prompt, first.seed, first.size, first.cfgs) == (
+        "ted bennet and a man sitting on a sofa with a kitchen in the background", "distorted, deformed", 555,
+        (512, 512), (7.0, 4.0))
+    assert (second.seed, second.negative_prompt) == (-1, "")
+    assert (third.prompt, third.seed, third.cfgs, third.size) == (None, 555, (1.0, 11.0), (640, 384))
+
+
+def test_sample_prompts_json_mistakes_are_reported_at_the_start(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({"scheduler": "dpm+", "samples": []}))
+    with pytest.raises(ConfigError, match="scheduler 'dpm\\+' is not one of"):
+        translated("--sample_prompts", str(tmp_path / "s.json"))
+    (tmp_path / "s.json").write_text(json.dumps({"samples": [{"prompt": "x", "size": [100, 64]}]}))
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        translated("--sample_prompts", str(tmp_path / "s.json"))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sample_prompts_json_draws_each_sample_at_each_cfg(shipped, tiny_sd15, tmp_path):
+    from types import SimpleNamespace
+
+    from difftrain.tasks.base import StartPoint
+    from difftrain.tasks.sd import SDTask
+
+    data = _images(tmp_path / "data")
+    # The shipped file with its one explicit size and its steps made small for the tiny CPU model.
+    plan = json.loads((shipped / "sample_prompts.json").read_text())
+    plan["samples"][2]["size"], plan["num_inference_steps"] = [80, 48], 2
+    (shipped / "small_samples.json").write_text(json.dumps(plan))
+    config = translated("--config", "train.json", "--resume_ckpt", str(tiny_sd15), "--data_root", str(data),
+                        "--resolution", "64", "--sample_prompts", "small_samples.json")
+    cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
+    task = SDTask(config, cpu, StartPoint(base=str(tiny_sd15)))
+    sheet = task.samples(task.model)["samples"]
+    # rows: 64x64 (the resolution) at cfgs 7 and 4, twice (sample 2 inherits the cfgs), then 80x48 at 1 and 11
+    assert sheet.size == (2 * 80, 64 + 64 + 48)
+    pixels = np.asarray(sheet).astype(float)
+    assert pixels[:64, :128].std() > 0 and pixels[128:, :160].std() > 0
+    assert np.abs(pixels[:64, :64] - pixels[:64, 64:128]).max() > 0  # cfg 7 and cfg 4 differ
 
 
 # ---- training on the tiny stand-ins -------------------------------------------------------------------

@@ -439,6 +439,9 @@ class SDTask:
             if unused:
                 raise ConfigError(f"{', '.join(unused)} apply to the epsilon / v objective, not to rectified_flow; "
                                   "set them to 0 or rectified_flow to false.")
+            if config.sample_prompts.lower().endswith(".json"):
+                raise ConfigError("sample_prompts: EveryDream2's .json sample settings drive the diffusers "
+                                  "pipeline, which rectified_flow does not sample with; give a .txt of prompts.")
             return pretrained_flow_objective(self.prediction_type, alphas_cumprod,
                                              time_sampling=config.timestep_sampling,
                                              loss_function=config.loss_function)
@@ -658,6 +661,8 @@ class SDTask:
                     from PIL import Image
 
                     images.append(Image.fromarray(array))
+            elif config.sample_prompts.lower().endswith(".json"):  # EveryDream2's sample generator settings
+                return {"samples": self._planned_samples(view)}
             else:
                 pipeline = view.to_pipeline()
                 pipeline.set_progress_bar_config(disable=True)
@@ -667,6 +672,42 @@ class SDTask:
                                            num_inference_steps=config.sample_inference_steps,
                                            guidance_scale=SAMPLE_GUIDANCE_SCALE).images[0])
         return {"samples": image_grid(images)}
+
+    def _planned_samples(self, view: SDModel):
+        """EveryDream2's sample_prompts.json: each sample at each of its guidance scales, one row per
+        sample (difftrain.vocab.everydream2.read_sample_plan)."""
+        import diffusers
+        from PIL import Image
+
+        from difftrain.vocab.everydream2 import SCHEDULERS, read_sample_plan
+
+        config = self.config
+        plan = read_sample_plan(config.sample_prompts, config.seed, config.resolution)
+        pipeline = view.to_pipeline()
+        class_name, options = SCHEDULERS[plan.scheduler]
+        pipeline.scheduler = getattr(diffusers, class_name).from_config(pipeline.scheduler.config, **options)
+        pipeline.set_progress_bar_config(disable=True)
+        captions = list(dict.fromkeys(item.caption for item in self.train_items)) or [""]
+        rows = []
+        for index, request in enumerate(plan.requests):
+            seed = config.seed + index if request.seed == -1 else request.seed  # -1: reproducible, not random
+            prompt = request.prompt
+            if prompt is None:
+                prompt = captions[torch.randint(len(captions), (1,), generator=torch.Generator().manual_seed(seed))]
+            width, height = request.size
+            rows.append([pipeline(prompt, negative_prompt=request.negative_prompt or None, width=width, height=height,
+                                  num_inference_steps=plan.num_inference_steps, guidance_scale=cfg,
+                                  generator=torch.Generator(device=self.device).manual_seed(seed)).images[0]
+                         for cfg in request.cfgs])
+        sheet = Image.new("RGB", (max(sum(i.width for i in row) for row in rows), sum(row[0].height for row in rows)))
+        top = 0
+        for row in rows:
+            left = 0
+            for image in row:
+                sheet.paste(image, (left, top))
+                left += image.width
+            top += row[0].height
+        return sheet
 
     # ---- rectified flow and reflow ----------------------------------------------------------------------
     def flow_velocity_fn(self, model: nn.Module):

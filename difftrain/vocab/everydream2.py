@@ -184,7 +184,8 @@ TERMS: tuple[Term, ...] = (
           "str"),
     _ours("run_name", None, "run_name", "str", convert=_drop_none("run_name")),
     _ours("sample_prompts", "sample_prompts.txt", "sample_prompts: a .txt file is read as it is (one prompt "
-          "a line); a .json file is translated (see the sample_prompts table)", "str",
+          "a line); a .json file is EveryDream2's sample generator settings (see the sample_prompts table; "
+          "not with rectified_flow)", "str",
           also=("sample_inference_steps", "num_samples")),
     _ours("sample_steps", 250, "sample_steps", "int"),
     _pending("save_ckpt_dir", None, "str", "a separate folder for single-file checkpoints"),
@@ -309,10 +310,90 @@ VALIDATION_KEYS: tuple[tuple[str, str, str], ...] = (
 )
 SAMPLE_KEYS: tuple[tuple[str, str, str], ...] = (
     ("(a .txt file)", "ours", "one prompt a line, read as it is; an empty file samples training captions"),
-    ("(a .json file)", "refused", "EveryDream2's sample generator settings (batch_size, seed, cfgs, "
-     "scheduler, num_inference_steps, samples with negative_prompt, seed, cfgs, size, random_caption) "
-     "are not implemented yet; use a .txt file of prompts"),
+    ("cfgs", "ours", "every sample is drawn at each guidance scale (default [7, 4, 1.01])"),
+    ("scheduler", "ours", "the inference scheduler: ddim, dpm++ (dpm++_2m), dpm++_2m_k, dpm++_2s, dpm++_2s_k, "
+     "dpm++_sde, dpm++_sde_k, dpm++_2m_sde, dpm++_2m_sde_k, pndm, ddpm, lms, euler, euler_a, kdpm2"),
+    ("num_inference_steps", "ours", "denoising steps (default 30)"),
+    ("seed", "ours", "the samples' default seed; -1 (here or per sample): the run's seed plus the sample's "
+     "number, so every sampling draws comparable images (EveryDream2 draws a new random seed)"),
+    ("resolution", "ours", "the default size of samples without their own size"),
+    ("samples[].prompt, samples[].negative_prompt, samples[].seed, samples[].size", "ours",
+     "each sample's prompt, negative prompt, seed and [width, height] (multiples of 8)"),
+    ("samples[].aspect_ratio", "ours", "without size: the size of about resolution^2 pixels nearest this ratio"),
+    ("samples[].random_caption", "ours", "true: a training caption picked at random (seeded) is the prompt"),
+    ("batch_size, show_progress_bars", "no effect", "samples are drawn one at a time, without a progress bar"),
+    ("generate_pretrain_samples, generate_samples_every_n_steps", "refused", "use sample_steps (and the "
+     "samples difftrain draws at the end); remove these keys"),
 )
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}), "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}), "kdpm2": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_2m_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++_2s": ("DPMSolverSinglestepScheduler", {}),
+    "dpm++_2s_k": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "dpm++_sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}),
+    "dpm++_sde_k": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True, "noise_sampler_seed": 0}),
+    "dpm++_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++_2m_sde_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                       "use_karras_sigmas": True}),
+}
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One sample of EveryDream2's sample_prompts.json (prompt None: a random training caption)."""
+
+    prompt: Optional[str]
+    negative_prompt: str
+    seed: int
+    size: tuple[int, int]
+    cfgs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    requests: tuple[SampleRequest, ...]
+    scheduler: str
+    num_inference_steps: int
+
+
+def _size_for_ratio(ratio: float, resolution: int) -> tuple[int, int]:
+    """EveryDream2's rule: of the sizes in steps of 64 near resolution^2 pixels, the one nearest `ratio`."""
+    target = resolution * resolution
+    sizes = [(w, max(64, round(target / w / 64) * 64)) for w in range(64, 4 * resolution + 1, 64)]
+    return min(sizes, key=lambda size: abs(1 - ratio / (size[0] / size[1])))
+
+
+def read_sample_plan(path: str | Path, default_seed: int, resolution: int) -> SamplePlan:
+    """EveryDream2's sample_prompts.json as a plan (its keys are checked: see SAMPLE_KEYS)."""
+    where = str(path)
+    data = read_json_object(path, "sample_prompts")
+    _check_keys(data, {"batch_size", "seed", "cfgs", "scheduler", "num_inference_steps", "show_progress_bars",
+                       "samples", "resolution", "generate_pretrain_samples", "generate_samples_every_n_steps"}, where)
+    for key in ("generate_pretrain_samples", "generate_samples_every_n_steps"):
+        if data.get(key) is not None:
+            raise ConfigError(f"{where}: {key} is not implemented; {SAMPLE_KEYS[-1][2]}.")
+    scheduler = str(data.get("scheduler", "ddim"))
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"{where}: scheduler '{scheduler}' is not one of EveryDream2's: {', '.join(SCHEDULERS)}.")
+    cfgs = tuple(float(value) for value in data.get("cfgs") or (7, 4, 1.01))
+    resolution = int(data.get("resolution", resolution))
+    seed = int(data.get("seed", default_seed))
+    requests = []
+    for number, entry in enumerate(data.get("samples") or [{"random_caption": True}] * 4):
+        at = f"{where}: samples[{number}]"
+        _check_keys(entry, {"prompt", "negative_prompt", "seed", "size", "aspect_ratio", "random_caption", "cfgs"}, at)
+        size = entry.get("size") or _size_for_ratio(float(entry.get("aspect_ratio", 1)), resolution)
+        if len(size) != 2 or any(int(side) % 8 or int(side) < 8 for side in size):
+            raise ConfigError(f"{at}: size {size} must be [width, height], multiples of 8.")
+        prompt = None if entry.get("random_caption") else str(entry.get("prompt", ""))
+        requests.append(SampleRequest(prompt, str(entry.get("negative_prompt", "")), int(entry.get("seed", seed)),
+                                      (int(size[0]), int(size[1])),
+                                      tuple(float(v) for v in entry.get("cfgs") or cfgs)))
+    return SamplePlan(tuple(requests), scheduler, int(data.get("num_inference_steps", 30)))
 
 
 def resolve_side_file(name: str, key: str, config_dir: Optional[Path]) -> Path:
@@ -447,7 +528,7 @@ def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _sample_prompt_settings(name: str) -> dict[str, Any]:
     if Path(str(name)).suffix.lower() == ".json":
-        raise ConfigError(f"sample_prompts '{name}': {SAMPLE_KEYS[1][2]}.")
+        read_sample_plan(name, 0, 512)  # its mistakes are reported now, not at the first sample
     return {"sample_prompts": name}
 
 
