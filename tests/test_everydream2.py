@@ -399,3 +399,13 @@ def test_text_encoder_gets_its_own_schedule():
         optimizer.step()
         scheduler.step()
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-6, 2.5e-7])
+
+
+def test_the_doc_lists_the_defaults_that_differ_and_giving_the_key_gets_everydream2s():
+    differences = ed2.default_differences()
+    assert {"cond_dropout", "zero_frequency_noise_ratio", "loss_type", "disable_textenc_training"} <= set(differences)
+    assert "batch_size" not in differences and "seed" not in differences  # the same default in both
+    for key in ("cond_dropout", "loss_type"):
+        config = translated(f"--{key}", str(ed2.TABLE[key].default))
+        for name, (theirs, ours) in differences[key].items():
+            assert getattr(config, name) == theirs != ours == getattr(Config(), name)

@@ -621,6 +621,24 @@ def _side_table(title: str, rows: tuple[tuple[str, str, str], ...]) -> list[str]
     return lines + [""]
 
 
+SIDE_FILE_KEYS = ("optimizer_config", "validation_config", "sample_prompts")
+
+
+def default_differences() -> dict[str, dict[str, tuple[Any, Any]]]:
+    """EveryDream2 keys whose default there, translated, is not what difftrain does when the key is
+    left out: {key: {our key: (EveryDream2's default translated, our default)}}. Side files apart."""
+    result: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for term in TERMS:
+        if term.status != "ours" or term.key in SIDE_FILE_KEYS or term.default is None:
+            continue
+        settings, _ = translate({term.key: term.default}, "defaults")
+        ours = {name: Config.model_fields[name].default for name in settings}
+        differ = {name: (value, ours[name]) for name, value in settings.items() if value != ours[name]}
+        if differ:
+            result[term.key] = differ
+    return result
+
+
 def status_counts() -> dict[str, int]:
     """How many of EveryDream2's train.py flags (legacy keys apart) have each status."""
     counts = {status: 0 for status in STATUSES}
@@ -649,8 +667,15 @@ def render_markdown() -> str:
         "refused until issue 18's named requirement lands; **legacy** a key EveryDream2's shipped configs "
         "still carry, accepted with a note; **front door** handled by train.py's command line.",
         "",
-        "Defaults: a key left out takes difftrain's default, which is EveryDream2's except where the "
-        "EveryDream2-default column says otherwise (difftrain's default is in `python train.py --help`).",
+        "Defaults: a key left out takes difftrain's default (`python train.py --help`). Where that is not "
+        "what EveryDream2 does without the key, the list below says so (computed from this table and the "
+        "schema); give the key to get EveryDream2's behaviour. The side files are read only when named: "
+        "without `optimizer_config` difftrain does not look for ./optimizer.json, without "
+        "`sample_prompts` it samples training captions, and without `validation_config` it does not validate.",
+        "",
+        *[f"- `{key}`: EveryDream2 {', '.join(f'`{name}` {json.dumps(theirs)}' for name, (theirs, _) in diff.items())}"
+          f"; difftrain {', '.join(f'`{name}` {json.dumps(ours)}' for name, (_, ours) in diff.items())}"
+          for key, diff in default_differences().items()],
         "",
         "## train.py flags and train.json keys",
         "",
