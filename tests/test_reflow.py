@@ -254,3 +254,46 @@ def test_one_reflow_iteration_straightens_a_toy_flow(tmp_path, one_thread):
     # Measured on three seeds: both drop to about a tenth; half leaves room for platform noise.
     assert after[0] < 0.5 * before[0], (before, after)
     assert after[1] < 0.5 * before[1], (before, after)
+
+
+def _length_settings(**changes):
+    from types import SimpleNamespace
+
+    settings = dict(batch_size=4, gradient_accumulation_steps=2, max_steps=0, max_epochs=3, rectified_flow=True,
+                    reflow_steps=0, reflow_train_epochs=1, reflow_sample_steps=0, sample_steps=0, reflow_gen_batches=1)
+    return SimpleNamespace(**{**settings, **changes})
+
+
+@pytest.mark.parametrize("changes, processes, expected", [
+    # 10 micro-batches of one process, 2 per optimizer step: 5 steps an epoch.
+    ({}, 1, (5, 15, 15, 3)),
+    # max_steps ends stage 0 inside its second epoch.
+    ({"max_steps": 7}, 1, (5, 7, 7, 2)),
+    # Each reflow epoch: 8 generated batches over 2 processes, 2 micro-batches a step = 2 steps.
+    ({"reflow_steps": 2, "reflow_train_epochs": 3, "reflow_gen_batches": 8}, 2, (5, 15, 15 + 2 * 3 * 2, 3 + 2 * 3)),
+    # Fewer generated batches than processes x accumulation still make one step an epoch.
+    ({"reflow_steps": 1, "reflow_gen_batches": 1}, 2, (5, 15, 16, 4)),
+])
+def test_run_length_counts_stage_zero_then_the_reflow_stages(changes, processes, expected):
+    from difftrain.reflow import run_length
+
+    length = run_length(_length_settings(**changes), 10, processes)
+    assert (length.steps_per_epoch, length.stage0_steps, length.total_steps, length.max_epochs) == expected
+
+
+def test_run_length_ends_stage_zero_mid_epoch_only_when_reflow_follows():
+    from difftrain.reflow import run_length
+
+    with_reflow = run_length(_length_settings(max_steps=7, reflow_steps=1), 10, 1)
+    assert with_reflow.ends_stage0_mid_epoch(7, 1) and not with_reflow.ends_stage0_mid_epoch(6, 1)
+    assert with_reflow.epoch_complete(batch_in_epoch=4, batches=10, global_step=7)
+    assert not run_length(_length_settings(max_steps=7), 10, 1).ends_stage0_mid_epoch(7, 1)
+
+
+def test_run_length_refuses_an_empty_epoch_and_reflow_without_a_flow():
+    from difftrain.reflow import run_length
+
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        run_length(_length_settings(), 0, 2)
+    with pytest.raises(ConfigError, match="reflow_steps needs rectified_flow"):
+        run_length(_length_settings(rectified_flow=False, reflow_steps=1), 10, 1)
