@@ -87,6 +87,8 @@ class ModelSettings(BaseModel):
     te: str = setting("", "A separate text encoder replacing the model's own.")
     family: Literal["auto", "sd1", "sd2", "sdxl"] = setting(
         "auto", "Model family; 'auto' detects it from the weights.")
+    clip_skip: int = setting(0, "SD1/SD2: condition on text-encoder layer -N (after the final layer norm); "
+                             "2 is the penultimate layer; 0 or 1: the last (EveryDream2's clip_skip).", ge=0, le=4)
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = setting(
         "auto", "What the base model predicts; 'auto' reads it from the model. SD2 single files "
         "cannot tell 512-base (epsilon) from 768 (v): set this for them.")

@@ -97,7 +97,6 @@ def test_every_flag_is_accepted_at_its_default_as_flag_and_as_json_key(term, tmp
 @pytest.mark.parametrize("key, value, words", [
     ("plugins", ["plugins.accumulnator.Accumulnator"], ["plugins", "does not load"]),
     ("gpuid", 1, ["CUDA_VISIBLE_DEVICES"]),
-    ("clip_skip", 2, ["clip_skip", "not implemented"]),
     ("disable_unet_training", True, ["text encoder alone"]),
     ("rated_dataset", True, ["multiply.txt"]),
     ("load_settings_every_epoch", True, ["findlast"]),
@@ -409,3 +408,31 @@ def test_the_doc_lists_the_defaults_that_differ_and_giving_the_key_gets_everydre
         config = translated(f"--{key}", str(ed2.TABLE[key].default))
         for name, (theirs, ours) in differences[key].items():
             assert getattr(config, name) == theirs != ours == getattr(Config(), name)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_clip_skip_conditions_on_the_earlier_layer_in_training_and_samples(tiny_sd15, tmp_path):
+    from types import SimpleNamespace
+
+    from difftrain.tasks.base import StartPoint
+    from difftrain.tasks.sd import SDTask
+
+    data = _images(tmp_path / "data", count=2)
+    cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
+
+    def task_with(clip_skip):
+        config = translated("--resume_ckpt", str(tiny_sd15), "--data_root", str(data), "--resolution", "64",
+                            "--clip_skip", str(clip_skip), "--sample_inference_steps", "2", "--num_samples", "1")
+        return SDTask(config, cpu, StartPoint(base=str(tiny_sd15)))
+
+    skipped, plain = task_with(2), task_with(0)
+    with torch.no_grad():
+        encoder = skipped.sd.text_encoders[0]
+        ids = skipped.sd.tokenize(["a cat"])[0]
+        layers = encoder(ids, output_hidden_states=True).hidden_states
+        expected = getattr(encoder, "text_model", encoder).final_layer_norm(layers[-2])
+        assert torch.allclose(skipped.sd.encode_prompts(["a cat"])["encoder_hidden_states"], expected)
+        assert not torch.allclose(plain.sd.encode_prompts(["a cat"])["encoder_hidden_states"], expected)
+    assert skipped.text_fingerprint != plain.text_fingerprint  # cached embeddings of one layer never serve the other
+    assert np.abs(np.asarray(skipped.samples(skipped.model)["samples"], float)
+                  - np.asarray(plain.samples(plain.model)["samples"], float)).max() > 0

@@ -84,6 +84,8 @@ class SDModel:
         source: where it was loaded from (None when built in memory).
         scheduler_config: the inference scheduler's config (class name included) used by
             ``to_pipeline``/``save_pretrained``.
+        clip_skip: SD1/SD2 text conditioning from layer -clip_skip (after the final layer norm);
+            0 or 1: the last layer (EveryDream2's clip_skip; diffusers' pipelines count one less).
     """
 
     unet: Any
@@ -95,6 +97,7 @@ class SDModel:
     prediction_type: str
     source: Path | None = None
     scheduler_config: dict = field(default_factory=dict)
+    clip_skip: int = 0
 
     # -- construction ---------------------------------------------------------------
 
@@ -194,8 +197,12 @@ class SDModel:
         ids = self.tokenize(prompts)
         device = self.device
         if self.family != "sdxl":
-            hidden = self.text_encoders[0](ids[0].to(device))[0]
-            return {"encoder_hidden_states": hidden}
+            encoder = self.text_encoders[0]
+            if self.clip_skip < 2:
+                return {"encoder_hidden_states": encoder(ids[0].to(device))[0]}
+            output = encoder(ids[0].to(device), output_hidden_states=True)
+            final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+            return {"encoder_hidden_states": final_norm(output.hidden_states[-self.clip_skip])}
         hidden_states = []
         pooled = None
         for encoder, token_ids in zip(self.text_encoders, ids):

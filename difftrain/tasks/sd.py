@@ -221,6 +221,11 @@ class SDTask:
         self.checkpoint = start.checkpoint
         self.base = self._base_source()
         self.sd = self._load_base()
+        if config.clip_skip >= 2:
+            if self.sd.family == "sdxl":
+                raise ConfigError("clip_skip applies to SD1/SD2 models; SDXL already conditions on its text "
+                                  "encoders' penultimate layers. Set clip_skip to 0.")
+            self.sd.clip_skip = config.clip_skip
         self.family, self.prediction_type = self.sd.family, self.sd.prediction_type
         self._check_bucket_sizes()
         self.train_text_encoders = self._trains_text_encoders()
@@ -243,7 +248,9 @@ class SDTask:
         self.train_set, self.valid_set = self._build_datasets()
         self.cache = LatentCache(self._cache_folder(config, accelerator))
         self.vae_fingerprint = fingerprint_module(self.sd.vae)
-        self.text_fingerprint = "+".join(fingerprint_module(e) for e in self.sd.text_encoders)
+        # clip_skip changes the embeddings, not the weights: cached ones of another layer must not match.
+        self.text_fingerprint = "+".join(fingerprint_module(e) for e in self.sd.text_encoders) + \
+            (f"+clip_skip{config.clip_skip}" if config.clip_skip >= 2 else "")
         self._samplers: dict[tuple[int, int], BucketBatchSampler] = {}
         self.pairs: Optional[Any] = None
         self._pair_shapes: Optional[list[tuple[int, ...]]] = None
@@ -668,10 +675,18 @@ class SDTask:
                 pipeline.set_progress_bar_config(disable=True)
                 for index, prompt in enumerate(chosen):
                     generator = torch.Generator(device=self.device).manual_seed(config.seed + index)
-                    images.append(pipeline(prompt, height=side, width=side, generator=generator,
-                                           num_inference_steps=config.sample_inference_steps,
+                    images.append(pipeline(**self._prompt_arguments(view, prompt), height=side, width=side,
+                                           generator=generator, num_inference_steps=config.sample_inference_steps,
                                            guidance_scale=SAMPLE_GUIDANCE_SCALE).images[0])
         return {"samples": image_grid(images)}
+
+    def _prompt_arguments(self, view: SDModel, prompt: str, negative: str = "") -> dict[str, Any]:
+        """The pipeline's prompt arguments; with clip_skip, embeddings from our encoder (the layer the
+        model trains on; diffusers' own clip_skip needs the text_model that transformers 5 removed)."""
+        if self.config.clip_skip < 2:
+            return {"prompt": prompt, "negative_prompt": negative or None}
+        return {"prompt_embeds": view.encode_prompts([prompt])["encoder_hidden_states"],
+                "negative_prompt_embeds": view.encode_prompts([negative])["encoder_hidden_states"]}
 
     def _planned_samples(self, view: SDModel):
         """EveryDream2's sample_prompts.json: each sample at each of its guidance scales, one row per
@@ -695,8 +710,8 @@ class SDTask:
             if prompt is None:
                 prompt = captions[torch.randint(len(captions), (1,), generator=torch.Generator().manual_seed(seed))]
             width, height = request.size
-            rows.append([pipeline(prompt, negative_prompt=request.negative_prompt or None, width=width, height=height,
-                                  num_inference_steps=plan.num_inference_steps, guidance_scale=cfg,
+            rows.append([pipeline(**self._prompt_arguments(view, prompt, request.negative_prompt), width=width,
+                                  height=height, num_inference_steps=plan.num_inference_steps, guidance_scale=cfg,
                                   generator=torch.Generator(device=self.device).manual_seed(seed)).images[0]
                          for cfg in request.cfgs])
         sheet = Image.new("RGB", (max(sum(i.width for i in row) for row in rows), sum(row[0].height for row in rows)))

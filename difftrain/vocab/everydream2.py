@@ -111,11 +111,6 @@ def _wandb(value: Any) -> dict[str, Any]:
     return {"tracker": "wandb", "wandb_mode": "online"} if value else {"tracker": "none"}
 
 
-def _clip_skip_neutral(value: Any) -> bool:
-    # 1 is the last layer after the final layer norm, the same as 0 (EveryDream2 reads hidden_states[-1]).
-    return value in (0, 1)
-
-
 TERMS: tuple[Term, ...] = (
     Term("config", None, "front door", "`train.py --config FILE` (or the file as the first argument) is "
          "read first; flags win over it, as in EveryDream2.", "str"),
@@ -130,8 +125,8 @@ TERMS: tuple[Term, ...] = (
           "save_every_n_epochs is set, as in EveryDream2)", "int",
           convert=_drop_none("ckpt_every_n_minutes")),
     _ours("clip_grad_norm", None, "clip_grad_norm", "float"),
-    _refused_unless("clip_skip", 0, "int", _clip_skip_neutral, "clip_skip 2-4 (training on an earlier "
-                    "text-encoder layer) is not implemented; leave clip_skip at 0"),
+    _ours("clip_skip", 0, "clip_skip (SD1/SD2; training, validation and samples all condition on that layer)",
+          "int"),
     _ours("cond_dropout", 0.04, "caption_dropout", "float", "caption_dropout",
           convert=_drop_none("caption_dropout")),
     _ours("data_root", "input", "data_root: a folder in EveryDream2's conventions, or a .json list of "
