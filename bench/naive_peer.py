@@ -150,7 +150,7 @@ def main() -> None:
         write_image_folder(data, args.resolution, 4 if args.smoke else 8)
 
         def make_peer(task, accelerator):
-            peer = PeerLoop(task.sd, task.model.unet, data, args.resolution, task.config.batch_size,
+            peer = PeerLoop(task.stack.sd, task.model.unet, data, args.resolution, task.config.batch_size,
                             accelerator.device, accelerator.mixed_precision)
             return peer.step
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from difftrain.errors import ConfigError, did_you_mean
 from difftrain.jsonfile import read_json_object
+from difftrain.registry import MODE_NAMES
 
 
 
@@ -39,7 +40,7 @@ def setting(default: Any, help: str, *aliases: str, per_pass: bool = False, **co
 
 
 Precision = Literal["fp32", "fp16", "bf16"]
-TrainTrainMode = Literal["Full", "LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT"]
+TrainTrainMode = Literal[MODE_NAMES]  # every mode, written once in difftrain.registry
 
 
 class SimulationConfig(BaseModel):
@@ -77,8 +78,8 @@ class ModelSettings(BaseModel):
         "sd", "What is trained: 'sd' fine-tunes a Stable Diffusion model; 'kolmogorov' trains the "
         "score network of the Kolmogorov-flow experiment from scratch (no downloaded weights).")
     mode: TrainTrainMode = setting(
-        "Full", "Training mode: 'Full' fine-tunes the UNet; TrainTrain modes train a LoRA: 'LoRA', "
-        "'iLECO', 'Difference', 'ADDifT', 'Multi-ADDifT'.")
+        "Full", "Training mode: 'Full' fine-tunes the UNet; TrainTrain modes train a LoRA: "
+        + ", ".join(f"'{name}'" for name in MODE_NAMES if name != "Full") + ".")
     resume_ckpt: str = setting(
         "sd_v1-5_vae", "Base model (diffusers folder, .safetensors/.ckpt single file, or a bare name "
         "looked up in the model folders), a checkpoint folder under logs/ to resume from, or "

@@ -7,6 +7,7 @@ import os
 from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.log import say
+from difftrain.registry import MODE_NAMES, MODES, load
 from difftrain.trainer import Trainer, TrainingStopped, decide_start
 
 TRAINING_FAILED_EXIT_CODE = 1
@@ -28,36 +29,35 @@ def quiet_library_logs() -> None:
 
 
 def task_factory(config: Config):
-    """The class that owns the model, data and loss of `config.task` / `config.mode`."""
+    """The factory of the task that owns the model, data and loss of `config.task` / `config.mode`
+    (for a multi-run mode, the task of each of its runs; see mode_runner)."""
     if config.task == "kolmogorov":
         from difftrain.tasks.kolmogorov import KolmogorovTask
 
         return KolmogorovTask
-    if config.task == "sd" and config.mode in ("Full", "LoRA"):
-        from difftrain.tasks.sd import SDTask
+    mode = MODES.get(config.mode) if config.task == "sd" else None
+    if mode is None:
+        raise ConfigError(f"task '{config.task}' with mode '{config.mode}' is not available; 'kolmogorov', and 'sd' "
+                          f"with mode {', '.join(MODE_NAMES[:-1])} or {MODE_NAMES[-1]} are "
+                          "(see configs/quickstart.json, configs/sd15_finetune.json, configs/LoRA_SD15.json).")
+    return load(mode.task)
 
-        return SDTask
-    if config.task == "sd":
-        from difftrain.modes import mode_factory
 
-        factory = mode_factory(config.mode)
-        if factory is not None:
-            return factory
-    raise ConfigError(f"task '{config.task}' with mode '{config.mode}' is not available; 'kolmogorov', and 'sd' "
-                      "with mode Full, LoRA, ADDifT, Multi-ADDifT, Difference or iLECO are "
-                      "(see configs/quickstart.json, configs/sd15_finetune.json, configs/LoRA_SD15.json).")
+def mode_runner(config: Config):
+    """runner(config, start, program=...) of a mode that runs the trainer several times itself (the
+    registry declares it), else None."""
+    mode = MODES.get(config.mode) if config.task == "sd" else None
+    return load(mode.runner) if mode is not None and mode.runner else None
 
 
 def run(config: Config, program: str = "difftrain") -> int:
     """Train `config` to the end; returns the exit code for the front door."""
     quiet_library_logs()
     factory = task_factory(config)
-    # A mode made of several trainer runs (Difference: copier pass, then difference pass) runs them
-    # itself; every other factory builds the one task a Trainer drives.
-    mode_runner = getattr(factory, "run_mode", None)
+    runner = mode_runner(config)
     try:
-        if mode_runner is not None:
-            return mode_runner(config, decide_start(config, factory), program=program)
+        if runner is not None:
+            return runner(config, decide_start(config, factory), program=program)
         return Trainer(config, factory, program=program).run()
     except TrainingStopped as stop:
         say(f"{program}: training stopped: {stop}")

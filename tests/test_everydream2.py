@@ -260,7 +260,7 @@ def test_sample_prompts_json_draws_each_sample_at_each_cfg(shipped, tiny_sd15, t
                         "--resolution", "64", "--sample_prompts", "small_samples.json")
     cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
     task = SDTask(config, cpu, StartPoint(base=str(tiny_sd15)))
-    sheet = task.samples(task.model)["samples"]
+    sheet = task.parts.samples.samples(task.model)["samples"]
     # rows: 64x64 (the resolution) at cfgs 7 and 4, twice (sample 2 inherits the cfgs), then 80x48 at 1 and 11
     assert sheet.size == (2 * 80, 64 + 64 + 48)
     pixels = np.asarray(sheet).astype(float)
@@ -375,11 +375,11 @@ def test_embedding_perturbation_and_sample_weights():
 def test_unfreeze_last_n_layers_trains_only_those_and_the_final_norm():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from difftrain.tasks.sd import _unfreeze_last_layers
+    from difftrain.tasks.sd_parts.trainable import unfreeze_last_layers
 
     encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2,
                                            num_hidden_layers=4, vocab_size=1000, bos_token_id=0, eos_token_id=1))
-    _unfreeze_last_layers(encoder, 2)
+    unfreeze_last_layers(encoder, 2)
     trained = {name.split(".weight")[0].split(".bias")[0] for name, p in encoder.named_parameters() if p.requires_grad}
     layers = {int(name.split("layers.")[1].split(".")[0]) for name in trained if "layers." in name}
     assert layers == {2, 3}
@@ -427,12 +427,12 @@ def test_clip_skip_conditions_on_the_earlier_layer_in_training_and_samples(tiny_
 
     skipped, plain = task_with(2), task_with(0)
     with torch.no_grad():
-        encoder = skipped.sd.text_encoders[0]
-        ids = skipped.sd.tokenize(["a cat"])[0]
+        encoder = skipped.stack.sd.text_encoders[0]
+        ids = skipped.stack.sd.tokenize(["a cat"])[0]
         layers = encoder(ids, output_hidden_states=True).hidden_states
         expected = getattr(encoder, "text_model", encoder).final_layer_norm(layers[-2])
-        assert torch.allclose(skipped.sd.encode_prompts(["a cat"])["encoder_hidden_states"], expected)
-        assert not torch.allclose(plain.sd.encode_prompts(["a cat"])["encoder_hidden_states"], expected)
-    assert skipped.text_fingerprint != plain.text_fingerprint  # cached embeddings of one layer never serve the other
-    assert np.abs(np.asarray(skipped.samples(skipped.model)["samples"], float)
-                  - np.asarray(plain.samples(plain.model)["samples"], float)).max() > 0
+        assert torch.allclose(skipped.stack.sd.encode_prompts(["a cat"])["encoder_hidden_states"], expected)
+        assert not torch.allclose(plain.stack.sd.encode_prompts(["a cat"])["encoder_hidden_states"], expected)
+    assert skipped.stack.text.fingerprint != plain.stack.text.fingerprint  # cached embeddings of one layer never serve the other
+    assert np.abs(np.asarray(skipped.parts.samples.samples(skipped.model)["samples"], float)
+                  - np.asarray(plain.parts.samples.samples(plain.model)["samples"], float)).max() > 0

@@ -158,9 +158,9 @@ def test_addift_loss_uses_the_frozen_prediction_of_the_other_image(tmp_path, pai
 @pytest.mark.parametrize("missing, message", [("original_image", "'original image' is empty"),
                                               ("target_image", "'target image' .*does not exist")])
 def test_addift_refuses_a_missing_image_before_loading_the_model(tmp_path, pair, missing, message, monkeypatch):
-    import difftrain.tasks.sd as sd_task
+    import difftrain.tasks.sd_parts.base_model as base_model
 
-    monkeypatch.setattr(sd_task, "load_sd", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(base_model, "load_sd", lambda *a, **k: pytest.fail("the model was loaded first"))
     original, target = pair
     images = {"original_image": str(original), "target_image": str(target)}
     images[missing] = "" if missing == "original_image" else str(tmp_path / "nope.png")
@@ -275,9 +275,9 @@ def test_ileco_on_sdxl_changes_the_concept_and_needs_an_original_prompt(tmp_path
     assert run(config) == 0
     assert lora_changes_pipeline(tiny_sdxl, tmp_path / "loras" / "erase.safetensors", "sdxl", "a cat") > 1e-3
 
-    import difftrain.tasks.sd as sd_task
+    import difftrain.tasks.sd_parts.base_model as base_model
 
-    monkeypatch.setattr(sd_task, "load_sd", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(base_model, "load_sd", lambda *a, **k: pytest.fail("the model was loaded first"))
     with pytest.raises(ConfigError, match="original prompt"):
         run(mode_config(tmp_path, tiny_sdxl, mode="iLECO", target_prompt="a dog"))
 
@@ -318,16 +318,18 @@ def test_network_blocks_and_c3lier_select_layers_and_unknown_blocks_are_refused(
 def test_mode_presets_validate_and_pick_their_tasks():
     from difftrain.cli import config_from_argv
     from difftrain.modes.addift import ADDifTTask
-    from difftrain.modes.difference import DifferenceMode
+    from difftrain.engine import mode_runner
+    from difftrain.modes.difference import DifferencePassTask, run_difference
     from difftrain.modes.ileco import ILECOTask
     from difftrain.tasks.sd import SDTask
 
     expected = {"ADDifT_Style_SDXL": ADDifTTask, "ADDifT_Action_SD15": ADDifTTask, "Multi-ADDifT_SD15": ADDifTTask,
-                "Difference_SD15": DifferenceMode, "iLECO_SD15": ILECOTask, "LoRA_SD15": SDTask,
+                "Difference_SD15": DifferencePassTask, "iLECO_SD15": ILECOTask, "LoRA_SD15": SDTask,
                 "LoRA_SDXL": SDTask, "base_settings": SDTask}
     for name, task_class in expected.items():
         config = config_from_argv([str(REPO / "configs" / f"{name}.json")], "train_j")
         assert task_factory(config) is task_class, name
+        assert mode_runner(config) is (run_difference if name.startswith("Difference") else None), name
     style = config_from_argv([str(REPO / "configs" / "ADDifT_Style_SDXL.json")], "train_j")
     assert (style.network_rank, style.network_alpha, style.max_steps, style.lr, style.min_timestep,
             style.max_timestep, style.network_strength, style.batch_size) == (4, 1, 30, 2e-4, 200, 400, 2, 1)

@@ -74,9 +74,9 @@ def validation_losses(config, checkpoint: Path) -> tuple[float, float]:
 
     task = built(SDTask, config)
     with torch.no_grad():
-        before = task.validation_loss(task.model)
+        before = task.parts.validation.validation_loss(task.model)
         task.load_model(task.model, checkpoint)
-        after = task.validation_loss(task.model)
+        after = task.parts.validation.validation_loss(task.model)
     return before, after
 
 
@@ -166,7 +166,7 @@ def test_sdxl_lora_end_to_end_file_loads_in_diffusers_and_resumes_exactly(tmp_pa
     # diffusers reads every layer of the file as we trained it: same images as our own modules.
     task = built(SDTask, sd_config(tmp_path / "check", tiny_sdxl, images, **settings, resume_ckpt=str(checkpoint)))
     task.load_model(task.model, checkpoint)
-    ours = generate(task._model_view(task.model).to_pipeline())
+    ours = generate(task.stack.view(task.model).to_pipeline())
     np.testing.assert_allclose(ours, with_lora, atol=1e-4)
 
     middle = checkpoint.parent / "sdtest-ep00-gs00001"
@@ -202,12 +202,12 @@ def test_network_resume_starts_from_a_saved_lora(tmp_path, images, tiny_sd15):
 
 
 def test_a_missing_data_root_is_reported_before_any_model_is_loaded(tmp_path, monkeypatch):
-    import difftrain.tasks.sd as sd_task
+    import difftrain.tasks.sd_parts.base_model as base_model
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data folder was checked")
 
-    monkeypatch.setattr(sd_task, "load_sd", must_not_load)
+    monkeypatch.setattr(base_model, "load_sd", must_not_load)
     config = sd_config(tmp_path, "no-such-model", tmp_path / "missing")
     with pytest.raises(ConfigError, match="data_root .*does not exist"):
         run(config)
@@ -228,7 +228,7 @@ def test_rectified_flow_is_refused_for_an_epsilon_base_and_trains_a_v_base(tmp_p
 
 
 def test_bucket_rules(tmp_path):
-    from difftrain.tasks.sd import buckets_for, split_validation
+    from difftrain.tasks.sd_parts.data import buckets_for, split_validation
 
     full = validate_config_dict({"resolution": 256})
     assert (256, 256) in buckets_for(full) and len(buckets_for(full)) > 1
@@ -249,7 +249,8 @@ def test_bucket_rules(tmp_path):
 def test_presets_validate_and_pick_the_sd_task(preset, mode):
     from difftrain.config import load_config
     from difftrain.engine import task_factory
-    from difftrain.tasks.sd import SDTask, buckets_for
+    from difftrain.tasks.sd import SDTask
+    from difftrain.tasks.sd_parts.data import buckets_for
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.json")
     assert config.task == "sd" and config.mode == mode and task_factory(config) is SDTask
@@ -279,12 +280,12 @@ def test_the_front_door_shows_our_lines_not_the_libraries_chatter(tmp_path, imag
 
 
 def test_several_processes_share_one_disk_cache_unless_told_otherwise(tmp_path, capsys):
-    from difftrain.tasks.sd import SDTask
+    from difftrain.tasks.sd_parts.conditioning import cache_folder
 
     def folder(processes, main=True, **changes):
         config = validate_config_dict({"task": "sd", "logdir": str(tmp_path / "logs"), **changes})
         accelerator = SimpleNamespace(num_processes=processes, is_main_process=main)
-        return SDTask._cache_folder(config, accelerator)
+        return cache_folder(config, accelerator)
 
     assert folder(1) is None  # one process: in memory
     assert folder(1, cache_dir=str(tmp_path / "c")) == folder(2, cache_dir=str(tmp_path / "c")) == str(tmp_path / "c")

@@ -110,7 +110,7 @@ def test_image_size_is_one_side_or_height_comma_width():
     assert settings_of({IMAGE_SIZE: "512, 768"}) == {"resolution": 512, "image_height_width": [512, 768]}
     config = load(None, data={IMAGE_SIZE: "512,768"})
     assert config.training_size() == (512, 768)
-    from difftrain.tasks.sd import buckets_for
+    from difftrain.tasks.sd_parts.data import buckets_for
 
     buckets = buckets_for(config)  # (width, height); the pixel budget is 512 x 768, both orientations
     assert (768, 512) in buckets and (512, 768) in buckets and max(w * h for w, h in buckets) == 512 * 768

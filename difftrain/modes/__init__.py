@@ -1,4 +1,5 @@
-"""TrainTrain's modes beyond plain LoRA: each owns its data and its loss (see each module).
+"""TrainTrain's modes beyond plain LoRA: each is a small task that picks Stable Diffusion parts
+(difftrain.tasks.sd_parts) and owns its data and its loss (see each module).
 
 | mode         | module                         | trains on                                   |
 |--------------|--------------------------------|---------------------------------------------|
@@ -7,22 +8,6 @@
 | Difference   | difftrain.modes.difference     | copier LoRA (pass 1), then difference (pass 2) |
 | iLECO        | difftrain.modes.ileco          | prompts only (random latents)               |
 
-'LoRA' and 'Full' are difftrain.tasks.sd.SDTask.
+'LoRA' and 'Full' are difftrain.tasks.sd.SDTask. Which class trains which mode is written once, in
+difftrain.registry.
 """
-
-
-def mode_factory(mode: str):
-    """The task class (or, for Difference, the two-run mode) that trains `mode`; None if not a mode here."""
-    if mode in ("ADDifT", "Multi-ADDifT"):
-        from difftrain.modes.addift import ADDifTTask
-
-        return ADDifTTask
-    if mode == "iLECO":
-        from difftrain.modes.ileco import ILECOTask
-
-        return ILECOTask
-    if mode == "Difference":
-        from difftrain.modes.difference import DifferenceMode
-
-        return DifferenceMode
-    return None

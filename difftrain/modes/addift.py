@@ -24,18 +24,20 @@ Multi-ADDifT: every image `a.png` of lora_data_directory whose folder also holds
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from difftrain.data.buckets import BucketBatchSampler, nearest_bucket
-from difftrain.data.images import ImageBucketDataset, ImageItem, scan_image_folder
+from difftrain.config import Config
+from difftrain.data.images import ImageItem, scan_image_folder
 from difftrain.errors import ConfigError
-from difftrain.modes.base import ModeTask, image_item
-from difftrain.tasks.base import TaskParts
+from difftrain.log import say
+from difftrain.modes.base import check_mode_settings, lora_stack, mode_parts
+from difftrain.tasks.base import StartPoint
+from difftrain.tasks.sd_parts.data import EpochBatches, buckets_for, image_item, paired, repeated
+from difftrain.tasks.sd_parts.objective import PredictionMatch
+from difftrain.tasks.sd_parts.stack import SDStackTask
 
 FORWARD_MULTIPLIER = 0.25
 
@@ -70,64 +72,59 @@ def find_pairs(items: Sequence[ImageItem], target_suffix: str, folder: str) -> l
                           f"a{target_suffix}.png beside it (found: {names}{', ...' if len(items) > 6 else ''}). "
                           "Rename the targets, or set diff_target_name to their suffix.")
     if unmatched:
-        print(f"note: {len(unmatched)} image(s) without a '{target_suffix}' target are not used: "
-              f"{', '.join(unmatched[:5])}{', ...' if len(unmatched) > 5 else ''}", file=sys.stderr)
+        say(f"note: {len(unmatched)} image(s) without a '{target_suffix}' target are not used: "
+            f"{', '.join(unmatched[:5])}{', ...' if len(unmatched) > 5 else ''}")
     return pairs
 
 
-class ADDifTTask(ModeTask):
+def scan_pairs(config: Config) -> list[tuple[ImageItem, ImageItem]]:
+    """The (original, target) pairs of the run, swapped with diff_revert_original_target."""
+    if config.mode == "ADDifT":
+        pairs = [(image_item(config.original_image, "original image", config.original_prompt),
+                  image_item(config.target_image, "target image", config.target_prompt))]
+    else:
+        items = scan_image_folder(config.data_root, trigger_word=config.lora_trigger_word,
+                                  caption_from_filename=config.image_use_filename_as_tag,
+                                  setting_name="lora_data_directory")
+        pairs = find_pairs(items, config.diff_target_name, config.data_root) * config.image_num_multiply
+    if config.diff_revert_original_target:
+        pairs = [(target, original) for original, target in pairs]
+    return pairs
+
+
+class ADDifTTask(SDStackTask):
     """ADDifT (one pair from "original image" / "target image") and Multi-ADDifT (a folder of pairs)."""
 
-    MODES = ("ADDifT", "Multi-ADDifT")
-    step_multiplier = FORWARD_MULTIPLIER  # set by before_batch for each step
-
-    def _scan_data(self):
-        config = self.config
-        if config.mode == "ADDifT":
-            pairs = [(image_item(config.original_image, "original image", config.original_prompt),
-                      image_item(config.target_image, "target image", config.target_prompt))]
-        else:
-            items = scan_image_folder(config.data_root, trigger_word=config.lora_trigger_word,
-                                      caption_from_filename=config.image_use_filename_as_tag,
-                                      setting_name="lora_data_directory")
-            pairs = find_pairs(items, config.diff_target_name, config.data_root) * config.image_num_multiply
-        if config.diff_revert_original_target:
-            pairs = [(target, original) for original, target in pairs]
+    def __init__(self, config: Config, accelerator: Any, start: StartPoint):
+        check_mode_settings(config)
+        self.config = config
+        pairs = scan_pairs(config)
         self.pair_count = len(pairs)
-        return [item for pair in pairs for item in pair], []
-
-    def _build_datasets(self):
-        if self.config.image_mirroring or self.config.flip_p:
-            print("note: image_mirroring is off in ADDifT modes (a pair must be flipped together).", file=sys.stderr)
+        self.train_items = [item for pair in pairs for item in pair]
+        self.stack = lora_stack(config, accelerator, start)
+        if config.image_mirroring or config.flip_p:
+            say("note: image_mirroring is off in ADDifT modes (a pair must be flipped together).")
         # Item 2k is pair k's original, 2k + 1 its target; both take the original's bucket.
-        buckets = []
-        for original in self.train_items[::2]:
-            bucket = nearest_bucket(original.width, original.height, self.buckets)
-            buckets += [bucket, bucket]
-        return ImageBucketDataset(self.train_items, buckets, seed=self.config.seed), None
+        self.train_set = paired(self.train_items, buckets_for(config), config.seed)
+        self.pair_batches = EpochBatches(self.train_set.buckets[::2], config.batch_size, config.seed)
+        self.compare = PredictionMatch(config, self.stack.objective)
+        self.step_multiplier = FORWARD_MULTIPLIER  # set by before_batch for each step
+        self.parts = mode_parts(config, self.stack, start, [self.train_items[0].caption],
+                                step_fields=self.step_fields, before_batch=self.before_batch)
 
     def epoch_batches(self, epoch: int, rank: int, world_size: int) -> Sequence[Sequence[int]]:
         if self.pair_count == 1:
-            return self.repeated(0)
-        key = (rank, world_size)
-        if key not in self._samplers:
-            self._samplers[key] = BucketBatchSampler(self.train_set.buckets[::2], self.config.batch_size,
-                                                     seed=self.config.seed, num_replicas=world_size, rank=rank)
-        return self._samplers[key].epoch_batches(epoch)
+            return repeated(0, self.config.batch_size)
+        return self.pair_batches(epoch, rank, world_size)
 
     def collate(self, indices: Sequence[int], epoch: int) -> dict[str, Any]:
         """{"original" | "target": {"latents": (B, 4, h, w), "cond": UNet conditioning}} for pairs `indices`."""
         batch = {}
         for name, offset in (("original", 0), ("target", 1)):
             items = [2 * pair + offset for pair in indices]
-            batch[name] = {"latents": self.latents_of(items, epoch),
-                           "cond": self._cond([self.train_set.items[i].caption for i in items],
-                                              self._time_ids(self.train_set, items))}
+            batch[name] = {"latents": self.stack.latents.means(self.train_set, items, epoch),
+                           "cond": self.stack.text.of_items(self.train_set, items)}
         return batch
-
-    @property
-    def parts(self) -> TaskParts:
-        return dataclasses.replace(super().parts, before_batch=self.before_batch)
 
     def before_batch(self, global_step: int, epoch: int) -> None:
         self.step_multiplier = direction_multiplier(global_step, self.config.diff_alt_ratio)
@@ -135,25 +132,21 @@ class ADDifTTask(ModeTask):
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         forward = self.step_multiplier > 0
         trained, frozen = (batch["original"], batch["target"]) if forward else (batch["target"], batch["original"])
-        latents = trained["latents"]
-        timesteps = self.objective.sample_timesteps(latents.shape[0], generator, latents.device)
-        noise = self.objective.sample_noise(tuple(latents.shape), generator, latents.device)
-        with torch.no_grad(), self.lora_strength(0.0):
-            target = model(self.objective.add_noise(frozen["latents"], noise, timesteps), timesteps.float(),
+        latents, objective, strength = trained["latents"], self.objective, self.stack.trainable.strength
+        timesteps = objective.sample_timesteps(latents.shape[0], generator, latents.device)
+        noise = objective.sample_noise(tuple(latents.shape), generator, latents.device)
+        with torch.no_grad(), strength(0.0):
+            target = model(objective.add_noise(frozen["latents"], noise, timesteps), timesteps.float(),
                            **frozen["cond"])
-        with self.lora_strength(self.step_multiplier):
-            prediction = model(self.objective.add_noise(latents, noise, timesteps), timesteps.float(), **trained["cond"])
+        with strength(self.step_multiplier):
+            prediction = model(objective.add_noise(latents, noise, timesteps), timesteps.float(), **trained["cond"])
         return self.compare(prediction, target, timesteps)
 
-    def step_metrics(self, global_step: int) -> dict[str, Any]:
-        # Logged step s is the optimizer step that began at global step s - 1.
+    def step_fields(self, global_step: int) -> dict[str, Any]:
+        """The direction and multiplier of logged step `global_step` (the optimizer step that
+        began at global step global_step - 1)."""
         multiplier = direction_multiplier(global_step - 1, self.config.diff_alt_ratio)
         return {"direction": "forward" if multiplier > 0 else "reverse", "lora_multiplier": multiplier}
 
-    def sample_prompts(self) -> list[str]:
-        if self.config.sample_prompts:
-            return super().sample_prompts()
-        return [self.train_items[0].caption]
 
-
-__all__ = ["ADDifTTask", "direction_multiplier", "find_pairs"]
+__all__ = ["ADDifTTask", "direction_multiplier", "find_pairs", "scan_pairs"]

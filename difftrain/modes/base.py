@@ -1,98 +1,42 @@
-"""What TrainTrain's LoRA modes share beyond plain LoRA training (difftrain.tasks.sd.SDTask):
-the LoRA multiplier switched per forward pass, a loss that compares two predictions, images named
-by a config key, and batches that repeat one example."""
+"""What TrainTrain's modes beyond plain LoRA choose alike: a LoRA on the UNet of a frozen base (no
+rectified flow, no held-out loss), TrainTrain's buckets, and samples of the mode's own prompt."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
-
-import torch
-from torch import nn
+from typing import Any, Callable, Sequence
 
 from difftrain.config import Config
-from difftrain.data.images import IMAGE_EXTENSIONS, ImageItem
-from difftrain.errors import ConfigError
-from difftrain.models import lora as lora_io
-from difftrain.objectives import elementwise_loss
-from difftrain.tasks.base import StartPoint, TaskDefaults
-from difftrain.tasks.sd import SDTask
+from difftrain.log import say
+from difftrain.tasks.base import StartPoint, TaskParts
+from difftrain.tasks.sd_parts.data import buckets_for
+from difftrain.tasks.sd_parts.objective import refuse_rectified_flow
+from difftrain.tasks.sd_parts.outputs import LoraExports, no_step_fields
+from difftrain.tasks.sd_parts.samples import SDSamples
+from difftrain.tasks.sd_parts.stack import SDStack, build_stack
 
 
-def image_item(path_text: str, setting: str, caption: str) -> ImageItem:
-    """The image a config key names (e.g. "original image"), as an ImageItem with `caption`.
-
-    Raises:
-        ConfigError: the key is empty, the file is missing, or it is not a readable image.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not path_text.strip():
-        raise ConfigError(f"'{setting}' is empty; this mode trains on an image pair: set \"original image\" "
-                          "and \"target image\" to image files.")
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"'{setting}' {str(path)!r} does not exist (or is a folder); give the path of an image "
-                          f"file ({' '.join(sorted(IMAGE_EXTENSIONS))}).")
-    try:
-        with Image.open(path) as image:
-            width, height = ImageOps.exif_transpose(image).size
-    except (OSError, UnidentifiedImageError) as error:
-        raise ConfigError(f"'{setting}' {str(path)!r} is not a readable image ({error}).") from None
-    return ImageItem(path=path, caption=caption, width=width, height=height)
+def check_mode_settings(config: Config) -> None:
+    """Refusals common to the modes, made before anything is read or loaded."""
+    refuse_rectified_flow(config)
 
 
-class ModeTask(SDTask):
-    """Base of the TrainTrain modes other than LoRA: UNet LoRA only, no held-out loss."""
+def lora_stack(config: Config, accelerator: Any, start: StartPoint) -> SDStack:
+    """The frozen base with a trained LoRA on its UNet; these modes never train the text encoders."""
+    if config.network_train_text_encoder:
+        say(f"note: network_train_text_encoder applies to modes LoRA and Full; mode {config.mode} "
+            "trains the UNet only.")
+    return build_stack(config, accelerator, start, buckets_for(config), lora=True, train_text_encoders=False)
 
-    defaults = TaskDefaults(from_scratch=False, warmup_fraction=0.0)
 
-    def __init__(self, config: Config, accelerator: Any, start: StartPoint):
-        if config.rectified_flow:
-            raise ConfigError(f"rectified_flow is not available in mode {config.mode}; it trains a LoRA against the "
-                              "model's own predictions. Turn rectified_flow off.")
-        super().__init__(config, accelerator, start)
-        self._compare = elementwise_loss(config.loss_function)
+def mode_parts(config: Config, stack: SDStack, start: StartPoint, default_prompts: Sequence[str], *,
+               step_fields: Callable[[int], dict[str, Any]] = no_step_fields, exports: Any = None,
+               before_batch: Any = None) -> TaskParts:
+    """Samples (sample_prompts, else `default_prompts`) and the LoRA exports (`exports`, or the
+    ordinary LoRA files with the mode's `step_fields`)."""
+    samples = SDSamples(config, stack.view, stack.objective, stack.device, default_prompts)
+    if exports is None:
+        exports = LoraExports(config, stack.trainable, start.resumes, step_fields)
+    return TaskParts(samples=samples, exports=exports, before_batch=before_batch)
 
-    def unet_lora_modules(self) -> list[nn.Module]:
-        return [self.sd.unet]
 
-    @contextmanager
-    def lora_strength(self, value: float) -> Iterator[None]:
-        """Run the UNet with the trained LoRA at strength `value` (0: the frozen model), then go
-        back to network_strength, which samples and exports use."""
-        lora_io.set_multiplier(self.unet_lora_modules(), value)
-        try:
-            yield
-        finally:
-            lora_io.set_multiplier(self.unet_lora_modules(), self.multiplier)
-
-    def compare(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """loss_function between two predictions (B, C, h, w), averaged per sample, min-SNR weighted,
-        then over the batch: TrainTrain's loss, with the frozen prediction as the target."""
-        per_sample = self._compare(prediction.float(), target.float()).mean(dim=tuple(range(1, prediction.dim())))
-        return (per_sample * self.objective.loss_weights(timesteps).to(per_sample.device)).mean()
-
-    def repeated(self, index: int) -> list[list[int]]:
-        """One batch of `batch_size` copies of item `index` (a single example, fresh noise per row)."""
-        return [[index] * self.config.batch_size]
-
-    def prompt_cond(self, prompt: str, count: int, size: tuple[int, int]) -> dict[str, Any]:
-        """Frozen-text-encoder conditioning of `prompt`, `count` rows, for images of (width, height)."""
-        time_ids = None
-        if self.family == "sdxl":
-            from difftrain.models.sd import sdxl_time_ids
-
-            height_width = (size[1], size[0])
-            time_ids = sdxl_time_ids([height_width] * count, [(0, 0)] * count, [height_width] * count)
-        return self._frozen_text_cond([prompt] * count, time_ids)
-
-    def latents_of(self, indices: Sequence[int], epoch: int) -> torch.Tensor:
-        """Scaled VAE latents (B, 4, h, w) of training items: the posterior mean, so that a pair's two
-        images differ only by their content, not by two posterior draws."""
-        stats = self._latent_stats(self.train_set, indices, epoch)
-        return self._scaled_latents(stats["mean"].to(self.device), None)
-
-    def validation_loss(self, model: nn.Module) -> Optional[float]:
-        return None
+__all__ = ["check_mode_settings", "lora_stack", "mode_parts"]

@@ -18,8 +18,6 @@ finishes pass 2. diff_load_1st_pass skips pass 1 and uses that copier file inste
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -27,10 +25,15 @@ import torch
 from torch import nn
 
 from difftrain.config import Config
+from difftrain.data.images import ImageItem
 from difftrain.errors import ConfigError
-from difftrain.models import lora as lora_io
-from difftrain.modes.base import ModeTask, image_item
-from difftrain.tasks.base import FactoryFunction, StartPoint, TaskDefaults
+from difftrain.log import say
+from difftrain.modes.base import check_mode_settings, lora_stack, mode_parts
+from difftrain.tasks.base import FactoryFunction, StartPoint
+from difftrain.tasks.sd_parts.base_model import find_lora_file, read_pointer
+from difftrain.tasks.sd_parts.data import buckets_for, image_item, paired, repeated
+from difftrain.tasks.sd_parts.outputs import LoraExports
+from difftrain.tasks.sd_parts.stack import SDStackTask
 
 COPIER_ADAPTER = "copier"
 COPIER_FILE = "copier.safetensors"
@@ -38,88 +41,92 @@ COPIER_FILE = "copier.safetensors"
 DIFFERENCE_THRESHOLD = 0.1
 
 
-class CopierTask(ModeTask):
-    """Pass 1: the copier LoRA, trained to denoise the original image."""
+def scan_pair(config: Config) -> list[ImageItem]:
+    """[original, target], both captioned with the original prompt (swapped with diff_revert_original_target)."""
+    original = image_item(config.original_image, "original image", config.original_prompt)
+    target = image_item(config.target_image, "target image", config.original_prompt)
+    if config.diff_revert_original_target:
+        original, target = target, original
+    if (original.width, original.height) != (target.width, target.height):
+        say(f"note: the original ({original.width}x{original.height}) and target ({target.width}x"
+            f"{target.height}) images differ in size; both are fitted to the original's bucket.")
+    return [original, target]
 
-    MODES = ("Difference",)
-    PASS = 1
 
-    def _scan_data(self):
-        config = self.config
-        original = image_item(config.original_image, "original image", config.original_prompt)
-        target = image_item(config.target_image, "target image", config.original_prompt)
-        if config.diff_revert_original_target:
-            original, target = target, original
-        if (original.width, original.height) != (target.width, target.height):
-            print(f"note: the original ({original.width}x{original.height}) and target ({target.width}x"
-                  f"{target.height}) images differ in size; both are fitted to the original's bucket.",
-                  file=sys.stderr)
-        return [original, target], []
+class CopierExports:
+    """Pass 1's exports: save_per_steps files as any LoRA run, and at the end the copier, kept for
+    pass 2 in the log folder (full precision) and as <name>_copy beside the LoRA if asked."""
 
-    def _build_datasets(self):
-        from difftrain.data.buckets import nearest_bucket
-        from difftrain.data.images import ImageBucketDataset
+    def __init__(self, lora: LoraExports):
+        self.lora = lora
+        self.copier_path: Optional[Path] = None
 
-        original = self.train_items[0]
-        bucket = nearest_bucket(original.width, original.height, self.buckets)
-        return ImageBucketDataset(self.train_items, [bucket, bucket], seed=self.config.seed), None
+    def exports_at(self, global_step: int) -> bool:
+        return self.lora.exports_at(global_step)
+
+    def after_step(self, model: nn.Module, global_step: int, log_folder: Optional[Path]) -> None:
+        self.lora.after_step(model, global_step, log_folder)
+
+    def finish(self, model: nn.Module, log_folder: Optional[Path], run_dir: Optional[Path]) -> None:
+        self.lora.add_step_fields(run_dir)
+        config = self.lora.config
+        folder = log_folder or Path(config.logdir)
+        self.copier_path = self.lora.trainable.save(model, folder / COPIER_FILE, "copier").resolve()
+        if config.diff_save_1st_pass or config.diff_1st_pass_only:
+            path = self.lora.write_lora_file(model, f"{self.lora.output_stem(log_folder)}_copy", log_folder)
+            say(f"copier LoRA: {path}")
+
+
+class DifferencePassTask(SDStackTask):
+    """One pass of Difference (see the module docstring): without `copier`, pass 1 trains the copier
+    on the original image; with it, pass 2 applies the copier, frozen, and trains the difference
+    LoRA on the target image."""
+
+    def __init__(self, config: Config, accelerator: Any, start: StartPoint, *,
+                 copier: Optional[Path] = None):
+        check_mode_settings(config)
+        self.config = config
+        self.pass_number = 1 if copier is None else 2
+        items = scan_pair(config)
+        self.stack = lora_stack(config, accelerator, start)
+        self.pointer_extras = {"difference_pass": self.pass_number}
+        if copier is not None:
+            self.stack.trainable.add_frozen_adapter(Path(copier), COPIER_ADAPTER)
+            self.pointer_extras["copier"] = str(copier)
+        self.train_set = paired(items, buckets_for(config), config.seed)
+        self._difference_mask: Optional[torch.Tensor] = None
+        exports = LoraExports(config, self.stack.trainable, start.resumes, self.step_fields)
+        self.copier_exports = CopierExports(exports) if copier is None else None
+        self.parts = mode_parts(config, self.stack, start, [config.original_prompt],
+                                exports=self.copier_exports or exports)
 
     @property
     def image_index(self) -> int:
-        return 0  # the original image; pass 2 trains on item 1, the target
+        return self.pass_number - 1  # pass 1 trains on the original (item 0), pass 2 on the target
+
+    @property
+    def copier_path(self) -> Optional[Path]:
+        """The copier pass 1 wrote when it finished (None before, and in pass 2)."""
+        return self.copier_exports.copier_path if self.copier_exports else None
 
     def epoch_batches(self, epoch: int, rank: int, world_size: int) -> Sequence[Sequence[int]]:
-        return self.repeated(self.image_index)
+        return repeated(self.image_index, self.config.batch_size)
 
     def collate(self, indices: Sequence[int], epoch: int) -> dict[str, Any]:
-        """{"latents": (B, 4, h, w) of the pass's image, "cond": the original prompt's conditioning}."""
-        return {"latents": self.latents_of(indices, epoch),
-                "cond": self._cond([self.train_set.items[i].caption for i in indices],
-                                   self._time_ids(self.train_set, indices))}
+        """{"latents": (B, 4, h, w) of the pass's image, "cond": the original prompt's conditioning
+        [, "loss_mask": (B, 1, h, w) with diff_use_diff_mask in pass 2]}."""
+        batch = {"latents": self.stack.latents.means(self.train_set, indices, epoch),
+                 "cond": self.stack.text.of_items(self.train_set, indices)}
+        if self.pass_number == 2 and self.config.diff_use_diff_mask:
+            batch["loss_mask"] = self.difference_mask().expand(len(indices), -1, -1, -1)
+        return batch
 
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         return self.objective.loss(model, batch["latents"], generator, loss_mask=batch.get("loss_mask"),
                                    **batch["cond"])[0]
 
-    def pointer_extras(self) -> dict[str, Any]:
-        return {"difference_pass": self.PASS}
-
-    def step_metrics(self, global_step: int) -> dict[str, Any]:
-        return {"pass": self.PASS}
-
-    def sample_prompts(self) -> list[str]:
-        if self.config.sample_prompts:
-            return super().sample_prompts()
-        return [self.config.original_prompt]
-
-    def finish(self, model: nn.Module, log_folder: Optional[Path], run_dir: Optional[Path]) -> None:
-        """Keep the copier for pass 2 (log folder), and as <name>_copy beside the LoRA if asked."""
-        from difftrain.modes.outputs import add_step_fields
-
-        if run_dir is not None:
-            add_step_fields(run_dir / "metrics.jsonl", self.step_metrics)
-        folder = log_folder or Path(self.config.logdir)
-        state = lora_io.lora_state_dict(self._lora_modules(model))
-        self.copier_path = lora_io.save_lora_file(folder / COPIER_FILE, state, self._lora_metadata("copier"),
-                                                  overwrite=True).resolve()
-        if self.config.diff_save_1st_pass or self.config.diff_1st_pass_only:
-            path = self.write_lora_file(model, f"{self.output_stem(log_folder)}_copy", log_folder)
-            print(f"copier LoRA: {path}", file=sys.stderr)
-
-
-class DifferencePassTask(CopierTask):
-    """Pass 2: the difference LoRA on the target image, with the copier applied and frozen."""
-
-    PASS = 2
-
-    def __init__(self, config: Config, accelerator: Any, start: StartPoint, *, copier: Path):
-        self.copier_path = Path(copier)
-        super().__init__(config, accelerator, start)
-        self._difference_mask: Optional[torch.Tensor] = None
-
-    @property
-    def image_index(self) -> int:
-        return 1
+    def step_fields(self, global_step: int) -> dict[str, Any]:
+        return {"pass": self.pass_number}
 
     def difference_mask(self) -> torch.Tensor:
         """(1, 1, h, w) latent-space mask of where the target differs from the original; made once,
@@ -136,49 +143,25 @@ class DifferencePassTask(CopierTask):
             pixels = [dataset.load_pixels(index, flip=choice.flip, crop_position=choice.crop_position)
                       for index, choice in ((i, dataset.augmentation(i, 0)) for i in (0, 1))]
             changed = ((pixels[1] - pixels[0]).abs().mean(dim=0) > DIFFERENCE_THRESHOLD).float()[None, None]
-            latent_size = self.latents_of([1], 0).shape[-2:]
+            latent_size = self.stack.latents.means(dataset, [1], 0).shape[-2:]
             if not bool(changed.any()):
                 mask = torch.ones((1, 1, *latent_size))
             else:
                 mask = torch.nn.functional.adaptive_max_pool2d(changed, latent_size)
                 mask = torch.nn.functional.max_pool2d(mask, kernel_size=3, stride=1, padding=1)
-            self._difference_mask = mask.to(self.device)
-            print(f"difference mask: the loss covers {float(mask.mean()):.0%} of the image", file=sys.stderr)
+            self._difference_mask = mask.to(self.stack.device)
+            say(f"difference mask: the loss covers {float(mask.mean()):.0%} of the image")
         return self._difference_mask
-
-    def collate(self, indices: Sequence[int], epoch: int) -> dict[str, Any]:
-        batch = super().collate(indices, epoch)
-        if self.config.diff_use_diff_mask:
-            batch["loss_mask"] = self.difference_mask().expand(len(indices), -1, -1, -1)
-        return batch
-
-    def _build_lora(self):
-        model = super()._build_lora()
-        state, _ = lora_io.read_lora_file(self.copier_path)
-        lora_io.add_lora_from_state(self.sd.unet, "lora_unet", state, str(self.copier_path),
-                                    adapter_name=COPIER_ADAPTER, dtype=torch.float32)
-        lora_io.activate_adapters([self.sd.unet], [COPIER_ADAPTER, lora_io.ADAPTER_NAME])
-        return model
-
-    def pointer_extras(self) -> dict[str, Any]:
-        return {"difference_pass": self.PASS, "copier": str(self.copier_path)}
-
-    def finish(self, model: nn.Module, log_folder: Optional[Path], run_dir: Optional[Path]) -> None:
-        ModeTask.finish(self, model, log_folder, run_dir)
 
 
 def _resume_pointer(start: StartPoint) -> dict[str, Any]:
     """The base_model.json of the checkpoint the run resumes ({} when it starts from a base model)."""
-    from difftrain.tasks.sd import BASE_POINTER_FILE
-
-    folder = start.checkpoint
-    if folder is None:
+    if start.checkpoint is None:
         return {}
-    pointer_file = folder / BASE_POINTER_FILE
-    pointer = json.loads(pointer_file.read_text(encoding="utf-8")) if pointer_file.is_file() else {}
+    pointer = read_pointer(start.checkpoint)
     if pointer.get("mode") != "Difference":
-        raise ConfigError(f"checkpoint '{folder}' was not made by a Difference run; resume it with its own mode, "
-                          "or start this run from a base model.")
+        raise ConfigError(f"checkpoint '{start.checkpoint}' was not made by a Difference run; resume it with its "
+                          "own mode, or start this run from a base model.")
     return pointer
 
 
@@ -188,25 +171,24 @@ def run_difference(config: Config, start: StartPoint, program: str = "difftrain"
     from difftrain.tracking import make_run_name
     from difftrain.trainer import Trainer
 
-    checkpoint, pointer = start.checkpoint, _resume_pointer(start)
-    second_start = start
+    pointer = _resume_pointer(start)
     name = config.run_name or make_run_name(Path(config.runs_dir))
-    second = config.for_second_pass().model_copy(update={"run_name": f"{name}-pass2"})
-    if checkpoint is not None and pointer.get("difference_pass") == 2:
+    second, second_start = config.for_second_pass().model_copy(update={"run_name": f"{name}-pass2"}), start
+    if pointer.get("difference_pass") == 2:
         copier = Path(pointer["copier"])
     else:
         if config.diff_load_1st_pass:
-            copier = _find_copier(config)
+            copier = find_lora_file(config, config.diff_load_1st_pass, "diff_load_1st_pass").resolve()
         else:
-            first = Trainer(config.model_copy(update={"run_name": f"{name}-pass1"}), CopierTask, program=program,
-                            start=start)
+            first = Trainer(config.model_copy(update={"run_name": f"{name}-pass1"}), DifferencePassTask,
+                            program=program, start=start)
             code = first.run()
             if code:
                 return code
             copier = first.task.copier_path
             if config.diff_1st_pass_only:
                 return 0
-        if checkpoint is not None:  # pass 1 resumed from its checkpoint; pass 2 starts from the base
+        if start.resumes:  # pass 1 resumed from its checkpoint; pass 2 starts from the base
             second = second.model_copy(update={"resume_ckpt": pointer["model"], "vae": pointer.get("vae") or "",
                                                "te": pointer.get("te") or ""})
             second_start = StartPoint(base=pointer["model"])
@@ -214,25 +196,4 @@ def run_difference(config: Config, start: StartPoint, program: str = "difftrain"
     return Trainer(second, factory, program=program, start=second_start).run()
 
 
-def _find_copier(config: Config) -> Path:
-    from difftrain.models.sd import resolve_model_path
-
-    dirs = [d for d in (config.lora_dir, str(Path(config.models_dir) / "lora") if config.models_dir else "") if d]
-    try:
-        return resolve_model_path(config.diff_load_1st_pass, dirs, what="LoRA").resolve()
-    except ConfigError as error:
-        raise ConfigError(f"diff_load_1st_pass: {error}") from None
-
-
-class DifferenceMode:
-    """What task_factory returns for mode Difference: a mode that runs two trainer runs.
-
-    The engine calls `run_mode(config, start, program=...)` instead of building a Trainer around it.
-    """
-
-    defaults = TaskDefaults(from_scratch=False, warmup_fraction=0.0)
-
-    run_mode = staticmethod(run_difference)
-
-
-__all__ = ["CopierTask", "DifferenceMode", "DifferencePassTask", "run_difference"]
+__all__ = ["COPIER_FILE", "CopierExports", "DifferencePassTask", "run_difference", "scan_pair"]

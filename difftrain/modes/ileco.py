@@ -13,52 +13,50 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from difftrain.data.images import ImageBucketDataset
+from difftrain.config import Config
 from difftrain.errors import ConfigError
-from difftrain.modes.base import ModeTask
+from difftrain.modes.base import check_mode_settings, lora_stack, mode_parts
 from difftrain.objectives import randn
+from difftrain.tasks.base import StartPoint
+from difftrain.tasks.sd_parts.data import repeated
+from difftrain.tasks.sd_parts.objective import PredictionMatch
+from difftrain.tasks.sd_parts.stack import SDStackTask
 
 
-class ILECOTask(ModeTask):
+class ILECOTask(SDStackTask):
     """iLECO: see the module docstring."""
 
-    MODES = ("iLECO",)
-
-    def _scan_data(self):
-        if not self.config.original_prompt.strip():
+    def __init__(self, config: Config, accelerator: Any, start: StartPoint):
+        check_mode_settings(config)
+        if not config.original_prompt.strip():
             raise ConfigError("iLECO needs \"original prompt\": the concept to change (e.g. \"Mona Lisa\"); "
                               "\"target prompt\" is what it becomes (empty: the concept is erased).")
-        return [], []
-
-    def _build_datasets(self):
-        return ImageBucketDataset([], [], seed=self.config.seed), None
+        self.config = config
+        self.stack = lora_stack(config, accelerator, start)
+        self.compare = PredictionMatch(config, self.stack.objective)
+        self.parts = mode_parts(config, self.stack, start, [config.original_prompt])
 
     def epoch_batches(self, epoch: int, rank: int, world_size: int) -> Sequence[Sequence[int]]:
-        return self.repeated(0)
+        return repeated(0, self.config.batch_size)
 
     def collate(self, indices: Sequence[int], epoch: int) -> dict[str, Any]:
         """{"original", "target": conditioning of each prompt for len(indices) rows}."""
         height, width = self.config.training_size()
         size = (width, height)
-        return {"original": self.prompt_cond(self.config.original_prompt, len(indices), size),
-                "target": self.prompt_cond(self.config.target_prompt, len(indices), size)}
+        return {"original": self.stack.text.of_prompt(self.config.original_prompt, len(indices), size),
+                "target": self.stack.text.of_prompt(self.config.target_prompt, len(indices), size)}
 
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         rows = batch["original"]["encoder_hidden_states"].shape[0]
+        sd, device = self.stack.sd, self.stack.device
         height, width = self.config.training_size()
-        factor = self.sd.vae_scale_factor
-        shape = (rows, self.sd.unet.config.in_channels, height // factor, width // factor)
-        latents = randn(shape, generator, device=self.device)
-        timesteps = self.objective.sample_timesteps(rows, generator, self.device)
-        with torch.no_grad(), self.lora_strength(0.0):
+        factor = sd.vae_scale_factor
+        latents = randn((rows, sd.unet.config.in_channels, height // factor, width // factor), generator, device=device)
+        timesteps = self.objective.sample_timesteps(rows, generator, device)
+        with torch.no_grad(), self.stack.trainable.strength(0.0):
             target = model(latents, timesteps.float(), **batch["target"])
         prediction = model(latents, timesteps.float(), **batch["original"])
         return self.compare(prediction, target, timesteps)
-
-    def sample_prompts(self) -> list[str]:
-        if self.config.sample_prompts:
-            return super().sample_prompts()
-        return [self.config.original_prompt]
 
 
 __all__ = ["ILECOTask"]

@@ -1,0 +1,164 @@
+"""The data source of a Stable Diffusion run: images scanned with their captions, held-out images,
+buckets, bucketed data sets, and the batches of each epoch.
+
+Everything here runs before any model is loaded, so a wrong folder or image costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from difftrain.config import Config
+from difftrain.data.buckets import (RESOLUTION_CLASSES, BucketBatchSampler, assign_buckets, make_buckets,
+                                    make_buckets_traintrain, nearest_bucket)
+from difftrain.data.images import (IMAGE_EXTENSIONS, ImageBucketDataset, ImageItem, scan_image_folder,
+                                   trained_in_epoch)
+from difftrain.errors import ConfigError
+
+MAX_VALIDATION_ITEMS = 256
+Bucket = tuple[int, int]
+
+
+def buckets_for(config: Config) -> list[Bucket]:
+    """Bucket shapes (width, height) for the config.
+
+    TrainTrain's modes (LoRA, ADDifT, ...) follow TrainTrain (image_size, image_buckets_step, image_min_length,
+    image_max_ratio); 'Full' follows EveryDream2's resolution classes (256..1536). Below 256,
+    which no real model trains at, a single square bucket is used so that small test models
+    and previews can run.
+    """
+    resolution = config.resolution
+    if config.mode != "Full":
+        height, width = config.training_size()  # TrainTrain's image_size(height, width): its area is the budget
+        return make_buckets_traintrain((width, height), config.image_buckets_step,
+                                       min(config.image_min_length, height, width), config.image_max_ratio)
+    if resolution < RESOLUTION_CLASSES[0]:
+        if resolution % 8:
+            raise ConfigError(f"resolution {resolution} is not a multiple of 8; the VAE works on 8x8 blocks.")
+        return [(resolution, resolution)]
+    return make_buckets(resolution)
+
+
+def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tuple[list[ImageItem], list[ImageItem]]:
+    """(train, validation): a seeded random `fraction` of the items held out (at least one when
+    fraction > 0, at least one left to train on)."""
+    if fraction <= 0:
+        return items, []
+    count = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    if count < 1:
+        raise ConfigError(f"validation_fraction {fraction} leaves no image to train on ({len(items)} image(s)); "
+                          "add images, set validation_fraction to 0, or use validation_root.")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:count])
+    return ([item for i, item in enumerate(items) if i not in held_out],
+            [item for i, item in enumerate(items) if i in held_out])
+
+
+def scan_captioned_images(config: Config) -> tuple[list[ImageItem], list[ImageItem]]:
+    """(training items repeated image_num_multiply times, held-out items) of data_root and
+    validation_root (or a validation_fraction of data_root)."""
+    setting = "data_root" if config.mode == "Full" else "lora_data_directory"
+    from_filename = config.mode == "Full" or config.image_use_filename_as_tag
+    items = scan_image_folder(config.data_root, trigger_word=config.lora_trigger_word,
+                              caption_from_filename=from_filename, setting_name=setting)
+    if config.validation_root:
+        valid = scan_image_folder(config.validation_root, trigger_word=config.lora_trigger_word,
+                                  caption_from_filename=from_filename, setting_name="validation_root")
+        train = items
+    else:
+        train, valid = split_validation(items, config.validation_fraction, config.seed)
+    return train * config.image_num_multiply, valid[:MAX_VALIDATION_ITEMS]
+
+
+def image_item(path_text: str, setting: str, caption: str) -> ImageItem:
+    """The image a config key names (e.g. "original image"), as an ImageItem with `caption`.
+
+    Raises:
+        ConfigError: the key is empty, the file is missing, or it is not a readable image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not path_text.strip():
+        raise ConfigError(f"'{setting}' is empty; this mode trains on an image pair: set \"original image\" "
+                          "and \"target image\" to image files.")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"'{setting}' {str(path)!r} does not exist (or is a folder); give the path of an image "
+                          f"file ({' '.join(sorted(IMAGE_EXTENSIONS))}).")
+    try:
+        with Image.open(path) as image:
+            width, height = ImageOps.exif_transpose(image).size
+    except (OSError, UnidentifiedImageError) as error:
+        raise ConfigError(f"'{setting}' {str(path)!r} is not a readable image ({error}).") from None
+    return ImageItem(path=path, caption=caption, width=width, height=height)
+
+
+def bucketed(items: Sequence[ImageItem], buckets: Sequence[Bucket], seed: int, **augment: Any) -> ImageBucketDataset:
+    """`items`, each in its nearest bucket, with ImageBucketDataset's augmentations `augment`."""
+    return ImageBucketDataset(items, assign_buckets([(i.width, i.height) for i in items], buckets), seed=seed,
+                              **augment)
+
+
+def paired(items: Sequence[ImageItem], buckets: Sequence[Bucket], seed: int) -> ImageBucketDataset:
+    """Items 2k (an original) and 2k + 1 (its target), both in the original's bucket, unflipped, so
+    the two images of a pair line up pixel for pixel."""
+    shapes = []
+    for original in items[::2]:
+        bucket = nearest_bucket(original.width, original.height, buckets)
+        shapes += [bucket, bucket]
+    return ImageBucketDataset(items, shapes, seed=seed)
+
+
+def check_bucket_sizes(buckets: Sequence[Bucket], multiple: int, resolution: int) -> None:
+    """Every bucket side must be a multiple of `multiple` (VAE factor x UNet downsamplings)."""
+    bad = [b for b in buckets if b[0] % multiple or b[1] % multiple]
+    if bad:
+        raise ConfigError(f"resolution {resolution} gives bucket(s) {bad[:3]} whose sides are not "
+                          f"multiples of {multiple}, which this model needs; pick another resolution.")
+
+
+class EpochBatches:
+    """The batches of each epoch over items with bucket keys `keys` (items of one batch share a key),
+    one sampler per process layout (rank, world size)."""
+
+    def __init__(self, keys: Sequence[Any], batch_size: int, seed: int):
+        self.keys, self.batch_size, self.seed = list(keys), batch_size, seed
+        self._samplers: dict[tuple[int, int], BucketBatchSampler] = {}
+
+    def __call__(self, epoch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        layout = (rank, world_size)
+        if layout not in self._samplers:
+            self._samplers[layout] = BucketBatchSampler(self.keys, self.batch_size, seed=self.seed,
+                                                        num_replicas=world_size, rank=rank)
+        return self._samplers[layout].epoch_batches(epoch)
+
+
+class ImageEpochBatches:
+    """The batches of each epoch over an image data set: items batch together when they share a
+    bucket, and a batch_id (EveryDream2's batch_id.txt) if they have one. Copies with a chance
+    below 1 (the last copy of a fractional multiply) are drawn anew each epoch."""
+
+    def __init__(self, dataset: ImageBucketDataset, chances: Sequence[float], batch_size: int, seed: int):
+        self.keys = [(item.batch_id, bucket) if item.batch_id else bucket
+                     for item, bucket in zip(dataset.items, dataset.buckets)]
+        self.chances, self.batch_size, self.seed = list(chances), batch_size, seed
+        self.every_item = EpochBatches(self.keys, batch_size, seed)
+
+    def __call__(self, epoch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        if all(chance >= 1.0 for chance in self.chances):
+            return self.every_item(epoch, rank, world_size)
+        trained = trained_in_epoch(self.chances, self.seed, epoch)
+        batches = EpochBatches([self.keys[i] for i in trained], self.batch_size, self.seed)(epoch, rank, world_size)
+        return [[trained[position] for position in batch] for batch in batches]
+
+
+def repeated(index: int, batch_size: int) -> list[list[int]]:
+    """One batch of `batch_size` copies of item `index` (a single example, fresh noise per row)."""
+    return [[index] * batch_size]
+
+
+__all__ = ["EpochBatches", "ImageEpochBatches", "MAX_VALIDATION_ITEMS", "bucketed", "buckets_for", "check_bucket_sizes", "image_item",
+           "paired", "repeated", "scan_captioned_images", "split_validation"]

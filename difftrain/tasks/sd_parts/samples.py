@@ -1,0 +1,184 @@
+"""Samples and the held-out loss of a Stable Diffusion run (the Samples and Validation parts)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from difftrain.config import Config
+from difftrain.data.images import ImageBucketDataset
+from difftrain.errors import ConfigError
+from difftrain.models.sd import SDModel
+from difftrain.tasks.sd_parts.conditioning import Latents, TextConditioning
+
+SAMPLE_GUIDANCE_SCALE = 7.5  # diffusers' default for these pipelines
+VALIDATION_SEED = 12345  # fixed noise and timesteps, so loss_valid is comparable between evaluations
+
+
+def image_grid(images: list[Any]):
+    """PIL images of one size in a near-square grid."""
+    from PIL import Image
+
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def contact_sheet(rows: list[list[Any]]):
+    """PIL images in rows (each row left to right, rows top to bottom), on one image."""
+    from PIL import Image
+
+    sheet = Image.new("RGB", (max(sum(i.width for i in row) for row in rows), sum(row[0].height for row in rows)))
+    top = 0
+    for row in rows:
+        left = 0
+        for image in row:
+            sheet.paste(image, (left, top))
+            left += image.width
+        top += row[0].height
+    return sheet
+
+
+def sample_prompts(config: Config, defaults: Sequence[str]) -> list[str]:
+    """Prompts from the sample_prompts file (one per line), else `defaults` (or one empty prompt)."""
+    path = config.sample_prompts
+    if path:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise ConfigError(f"sample_prompts file '{path}' cannot be read ({error.strerror}); give a "
+                              "text file with one prompt per line, or leave sample_prompts empty.") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if prompts:
+            return prompts
+    return list(dict.fromkeys(defaults)) or [""]
+
+
+class SDSamples:
+    """num_samples images, prompt i (cycling) with seed seed + i: the diffusers pipeline over the
+    trained modules, or (rectified_flow) the flow Euler sampler."""
+
+    def __init__(self, config: Config, view: Callable[[nn.Module], SDModel], objective: Any,
+                 device: torch.device, default_prompts: Sequence[str]):
+        self.config, self.view, self.objective, self.device = config, view, objective, device
+        self.default_prompts = list(default_prompts)
+
+    def prompts(self) -> list[str]:
+        return sample_prompts(self.config, self.default_prompts)
+
+    def samples(self, model: nn.Module) -> dict[str, Any]:
+        """{"samples": a grid of num_samples images}."""
+        prompts = self.prompts()
+        chosen = [prompts[i % len(prompts)] for i in range(self.config.num_samples)]
+        view = self.view(model)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
+            if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        with torch.no_grad(), autocast:
+            if self.config.rectified_flow:
+                images = [self._flow_image(model, view, prompt, index) for index, prompt in enumerate(chosen)]
+            elif self.config.sample_prompts.lower().endswith(".json"):  # EveryDream2's sample generator settings
+                return {"samples": self.planned_samples(view)}
+            else:
+                images = self._pipeline_images(view, chosen)
+        return {"samples": image_grid(images)}
+
+    def _flow_image(self, model: nn.Module, view: SDModel, prompt: str, index: int):
+        from PIL import Image
+
+        from difftrain.sampling import sample_flow_euler
+
+        side = self.config.resolution // view.vae_scale_factor
+        generator = torch.Generator().manual_seed(self.config.seed + index)
+        noise = torch.randn((1, view.unet.config.in_channels, side, side), generator=generator).to(self.device)
+        latents = sample_flow_euler(self.objective.velocity_fn(model), noise, self.config.sample_inference_steps,
+                                    cfg_scale=SAMPLE_GUIDANCE_SCALE, cond=view.encode_prompts([prompt]),
+                                    uncond=view.encode_prompts([""]))
+        pixels = view.decode_latents(latents.float()).float().clamp(-1, 1)
+        return Image.fromarray(((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy())
+
+    def prompt_arguments(self, view: SDModel, prompt: str, negative: str = "") -> dict[str, Any]:
+        """The pipeline's prompt arguments; with clip_skip, embeddings from our encoder (the layer the
+        model trains on; diffusers' own clip_skip needs the text_model that transformers 5 removed)."""
+        if self.config.clip_skip < 2:
+            return {"prompt": prompt, "negative_prompt": negative or None}
+        return {"prompt_embeds": view.encode_prompts([prompt])["encoder_hidden_states"],
+                "negative_prompt_embeds": view.encode_prompts([negative])["encoder_hidden_states"]}
+
+    def planned_samples(self, view: SDModel):
+        """EveryDream2's sample_prompts.json: each sample at each of its guidance scales, one row per
+        sample (difftrain.vocab.everydream2.read_sample_plan)."""
+        import diffusers
+
+        from difftrain.vocab.everydream2 import SCHEDULERS, read_sample_plan
+
+        config = self.config
+        plan = read_sample_plan(config.sample_prompts, config.seed, config.resolution)
+        pipeline = view.to_pipeline()
+        class_name, options = SCHEDULERS[plan.scheduler]
+        pipeline.scheduler = getattr(diffusers, class_name).from_config(pipeline.scheduler.config, **options)
+        pipeline.set_progress_bar_config(disable=True)
+        captions = list(dict.fromkeys(self.default_prompts)) or [""]
+        rows = []
+        for index, request in enumerate(plan.requests):
+            seed = config.seed + index if request.seed == -1 else request.seed  # -1: reproducible, not random
+            prompt = request.prompt
+            if prompt is None:  # a random training caption
+                prompt = captions[torch.randint(len(captions), (1,), generator=torch.Generator().manual_seed(seed))]
+            width, height = request.size
+            rows.append([pipeline(**self.prompt_arguments(view, prompt, request.negative_prompt), width=width,
+                                  height=height, num_inference_steps=plan.num_inference_steps, guidance_scale=cfg,
+                                  generator=torch.Generator(device=self.device).manual_seed(seed)).images[0]
+                         for cfg in request.cfgs])
+        return contact_sheet(rows)
+
+    def _pipeline_images(self, view: SDModel, prompts: list[str]) -> list[Any]:
+        pipeline = view.to_pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        side = self.config.resolution
+        images = []
+        for index, prompt in enumerate(prompts):
+            generator = torch.Generator(device=self.device).manual_seed(self.config.seed + index)
+            images.append(pipeline(**self.prompt_arguments(view, prompt), height=side, width=side,
+                                   generator=generator, num_inference_steps=self.config.sample_inference_steps,
+                                   guidance_scale=SAMPLE_GUIDANCE_SCALE).images[0])
+        return images
+
+
+class SDValidation:
+    """Loss on held-out images with the posterior mean and seeded noise / timesteps, so two
+    evaluations differ only by the weights."""
+
+    def __init__(self, dataset: ImageBucketDataset, batch_size: int, latents: Latents, text: TextConditioning,
+                 objective: Any):
+        self.dataset, self.batch_size, self.latents, self.text, self.objective = \
+            dataset, batch_size, latents, text, objective
+
+    def validation_loss(self, model: nn.Module) -> Optional[float]:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(self.dataset.buckets):
+            groups.setdefault(bucket, []).append(index)
+        total, seen, number = 0.0, 0, 0
+        for bucket in sorted(groups):
+            members = groups[bucket]
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                latents = self.latents.means(self.dataset, chunk, 0)
+                draws = self.objective.fixed_validation_draws(tuple(latents.shape), VALIDATION_SEED + number,
+                                                              latents.device)
+                cond = self.text.of_items(self.dataset, chunk)
+                total += self.objective.loss(model, latents, **draws, **cond)[0].item() * len(chunk)
+                seen += len(chunk)
+                number += 1
+        return total / seen
+
+
+__all__ = ["SAMPLE_GUIDANCE_SCALE", "SDSamples", "SDValidation", "VALIDATION_SEED", "contact_sheet", "image_grid",
+           "sample_prompts"]
