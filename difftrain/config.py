@@ -284,7 +284,8 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
     target_prompt: str = setting("", "TrainTrain target prompt (iLECO: empty erases the concept).")
     original_image: str = setting("", "TrainTrain original image.")
     target_image: str = setting("", "TrainTrain target image.")
-    network_type: Literal["lierla", "c3lier", "loha"] = setting("lierla", "LoRA type.", per_pass=True)
+    network_type: Literal["lierla", "c3lier", "loha"] = setting(
+        "lierla", "lierla (LoRA), c3lier (LoCon) or loha (LyCORIS LoHa).", per_pass=True)
     network_rank: int = setting(16, "LoRA rank.", per_pass=True, ge=1)
     network_alpha: float = setting(8.0, "LoRA alpha.", per_pass=True, gt=0)
     network_element: Literal["Full", "CrossAttention", "SelfAttention"] = setting(
@@ -293,7 +294,8 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
     network_conv_alpha: float = setting(0.0, "LoRA alpha of 3x3 convolutions.", per_pass=True, ge=0)
     network_blocks: list[str] = setting([], "UNet blocks to train (empty: all).", per_pass=True)
     network_resume: str = setting("", "Start from this LoRA file.")
-    network_strength: float = setting(1.0, "LoRA multiplier while training.", per_pass=True)
+    network_strength: float = setting(1.0, "Strength baked into the saved LoRA (2: twice as strong).",
+                                      per_pass=True)
     network_train_text_encoder: bool = setting(False, "Also train the text encoder(s).", per_pass=True)
     lora_trigger_word: str = setting("", "Prepended to every caption.")
     diff_target_name: str = setting("", "Multi-ADDifT: suffix of target images (a.png -> a<suffix>.png).")

@@ -486,3 +486,64 @@ def test_save_as_json_writes_traintrain_keys_that_load_back_as_the_same_run(pres
     (tmp_path / "run.json").write_text(json.dumps(written), encoding="utf-8")
     again = traintrain.load(tmp_path / "run.json", say_notes=False)
     assert again.model_dump() == config.model_dump()
+
+
+def test_a_loha_run_exports_network_strength_baked_kohya_metadata_and_traintrain_json(tmp_path, tiny_sd15, one_thread):
+    """A whole run: LoHa trains, the export is network_strength times the checkpoint's network, its
+    metadata carries the captions' tags, save_as_json writes TrainTrain's keys."""
+    from PIL import Image
+
+    from difftrain.config import validate_config_dict
+    from difftrain.engine import run
+    from difftrain.vocab import traintrain
+
+    images = tmp_path / "cats"
+    images.mkdir()
+    for index, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+        Image.new("RGB", (64, 64), colour).save(images / f"{index}.png")
+        (images / f"{index}.txt").write_text("a cat, Red" if index == 0 else "a cat", encoding="utf-8")
+    settings = {"task": "sd", "mode": "LoRA", "resume_ckpt": str(tiny_sd15), "data_root": str(images),
+                "resolution": 64, "max_steps": 2, "batch_size": 2, "lr": 1e-2, "seed": 3, "sample_steps": 0,
+                "tracker": "none", "logdir": str(tmp_path / "logs"), "runs_dir": str(tmp_path / "runs"),
+                "ckpt_every_n_minutes": 0, "project_name": "lohatest", "network_type": "loha", "network_rank": 2,
+                "network_alpha": 1.0, "network_strength": 2.0, "save_precision": "fp32", "save_as_json": True,
+                "lora_dir": str(tmp_path / "loras"), "save_lora_name": "cat"}
+    assert run(validate_config_dict(settings)) == 0
+    exported, metadata = lora_io.read_lora_file(tmp_path / "loras" / "cat.safetensors")
+    (log_folder,) = (tmp_path / "logs").iterdir()
+    (checkpoint,) = (log_folder / "ckpts").glob("last-*")
+    trained, _ = lora_io.read_lora_file(checkpoint / "lora.safetensors")
+    assert exported.keys() == trained.keys() and any(key.endswith(".hada_w2_b") for key in exported)
+    layers = sorted({key.split(".", 1)[0] for key in exported})
+    moved = [layer for layer in layers if _weight_change(trained, layer).abs().max() > 0]
+    assert moved  # the run trained something
+    for layer in layers:
+        torch.testing.assert_close(_weight_change(exported, layer), 2.0 * _weight_change(trained, layer))
+    assert metadata["ss_network_module"] == "lycoris.kohya" and json.loads(metadata["ss_network_args"])["algo"] == "loha"
+    assert json.loads(metadata["ss_tag_frequency"]) == {"cats": {"a cat": 2, "red": 1}}
+    assert metadata["ss_optimizer"] == "AdamW" and metadata["ss_mixed_precision"] == "no"
+    assert float(metadata["ss_training_started_at"]) <= float(metadata["ss_training_finished_at"])
+    saved = json.loads((tmp_path / "loras" / "cat.json").read_text(encoding="utf-8"))
+    assert set(saved) <= set(traintrain.TABLE.rows)
+    assert saved["network_type"] == "loha" and saved["network_strength"] == 2.0
+
+
+@pytest.mark.parametrize("network_type", ["lierla", "loha"])
+def test_a_frozen_copier_adds_to_the_trained_network(sd15, network_type):
+    """Difference's second pass: the copier file applied, frozen, beside the adapter that trains."""
+    copier = lora_io.lora_state_dict({"lora_unet": _build(sd15, network_type, strength_seed=6)["lora_unet"]})
+    alone = _build(sd15, network_type, strength_seed=7)["lora_unet"]
+    both = _build(sd15, network_type, strength_seed=7)["lora_unet"]
+    lora_io.add_lora_from_state(both, "lora_unet", copier, "copier.safetensors", adapter_name="copier")
+    lora_io.activate_adapters([both], ["copier", "default"])
+    trainable = {name for name, parameter in both.named_parameters() if parameter.requires_grad}
+    assert trainable == {name for name, parameter in alone.named_parameters() if parameter.requires_grad}
+    # a layer of the UNet now changes its weight by the sum of the two networks' changes
+    trained = lora_io.lora_state_dict({"lora_unet": alone})
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
+    layer = "lora_unet_" + _underscored(path)
+    original = dict(sd15.unet.named_modules())[path]
+    weight = original.weight + _weight_change(trained, layer) + _weight_change(copier, layer)
+    x = torch.randn(3, original.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dict(both.named_modules())[path](x), nn.functional.linear(x, weight, original.bias))

@@ -311,8 +311,10 @@ def test_network_blocks_and_c3lier_select_layers_and_unknown_blocks_are_refused(
     assert conv and all(v.shape[0] == 4 for v in conv.values())  # conv rank 0: network_rank
     with pytest.raises(ConfigError, match="unknown block"):
         built(SDTask, mode_config(tmp_path, tiny_sd15, **base, network_blocks=["IN99"]))
-    with pytest.raises(ConfigError, match="loha"):
-        built(SDTask, mode_config(tmp_path, tiny_sd15, **base, network_type="loha"))
+    loha = built(SDTask, mode_config(tmp_path, tiny_sd15, **base, network_type="loha"))
+    hada = loha.run_state_dict(loha.model)
+    assert any(key.endswith("resnets_0_conv1.hada_w1_a") for key in hada)  # LyCORIS LoHa, LoCon's layers
+    assert not any("lora_down" in key for key in hada)
 
 
 def test_mode_presets_validate_and_pick_their_tasks():

@@ -14,8 +14,8 @@ Each image is conditioned on its own prompt ("original prompt" / "target prompt"
 each image's caption). diff_revert_original_target swaps the two images (and prompts). TrainTrain's
 reference code pairs the roles the other way round in the forward direction; its style presets
 set diff_revert_original_target, which is this module's forward direction without the swap.
-The training multipliers are the method's; network_strength is the strength recorded in the
-file and used for samples.
+The training multipliers are the method's; network_strength is baked into the exported file (as
+TrainTrain saves it).
 
 Multi-ADDifT: every image `a.png` of lora_data_directory whose folder also holds
 `a<diff_target_name>.<ext>` forms a pair; pairs are bucketed by the original's aspect ratio

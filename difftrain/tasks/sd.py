@@ -53,6 +53,8 @@ class SDTask(SDStackTask):
             self.defaults = TaskDefaults(warmup_fraction=0.0)
         self.stack = stack = build_stack(config, accelerator, start, buckets, lora=lora,
                                          train_text_encoders=trains_text_encoders(config))
+        if lora:  # ss_tag_frequency of the exported files
+            stack.trainable.training_images = [(str(item.path.parent), item.caption) for item in train_items]
         self.train_set = bucketed(train_items, buckets, config.seed, caption_dropout=config.caption_dropout,
                                   flip_p=max(config.flip_p, 0.5 if config.image_mirroring else 0.0),
                                   shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags)

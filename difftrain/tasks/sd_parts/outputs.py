@@ -116,7 +116,7 @@ class LoraExports:
             say(f"note: {folder / (stem + '.safetensors')} already exists; writing {path} instead "
                 "(save_overwrite is off).")
         return self.trainable.save(model, path, path.stem, dtype=DTYPES[config.save_precision],
-                                   overwrite=config.save_overwrite)
+                                   overwrite=config.save_overwrite, strength=config.network_strength)
 
     def exports_at(self, global_step: int) -> bool:
         """TrainTrain's save_per_steps: every N steps, not at the last (finish writes that one)."""
@@ -137,8 +137,10 @@ class LoraExports:
         self.add_step_fields(run_dir)
         path = self.write_lora_file(model, self.output_stem(log_folder), log_folder)
         config = self.config
-        if config.save_as_json:
-            path.with_suffix(".json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
+        if config.save_as_json:  # in TrainTrain's keys, so TrainTrain loads it back as a preset
+            from difftrain.vocab.traintrain_export import traintrain_settings
+
+            path.with_suffix(".json").write_text(json.dumps(traintrain_settings(config), indent=4), encoding="utf-8")
         if config.logging_save_csv and run_dir is not None:
             write_metrics_csv(run_dir / "metrics.jsonl", path.with_suffix(".csv"))
         say(f"LoRA: {path}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -179,9 +181,9 @@ class FullTrainable:
 
 
 def conv_rank_alpha(config: Config) -> tuple[int, float]:
-    """3x3-convolution rank and alpha: c3lier falls back to network_rank / network_alpha
+    """3x3-convolution rank and alpha: c3lier and loha fall back to network_rank / network_alpha
     (TrainTrain's rule for a conv rank or alpha of 0); lierla gets them only when set."""
-    if config.network_type == "c3lier":
+    if config.network_type in ("c3lier", "loha"):
         return config.network_conv_rank or config.network_rank, config.network_conv_alpha or config.network_alpha
     return config.network_conv_rank, config.network_conv_alpha or float(config.network_conv_rank)
 
@@ -189,8 +191,10 @@ def conv_rank_alpha(config: Config) -> tuple[int, float]:
 class LoraTrainable:
     """LoRA adapters on the frozen base's UNet (and text encoders when they train).
 
-    A checkpoint holds `lora.safetensors` (kohya/A1111 keys, float32) and the base pointer; the
-    strength of the trained adapter is network_strength except inside `strength(value)`.
+    A checkpoint holds `lora.safetensors` (kohya/A1111 keys, float32) and the base pointer. The
+    adapter trains (and samples) at strength 1 except inside `strength(value)`; network_strength
+    is baked into the exported files, as TrainTrain does (`save(..., strength=)`).
+    `training_images`: (folder, caption) of each training image, for ss_tag_frequency.
     """
 
     is_lora = True
@@ -205,24 +209,29 @@ class LoraTrainable:
         if train_text_encoders:
             for encoder in sd.text_encoders:
                 lora_io.add_lora(encoder, lora_io.text_encoder_target_modules(encoder), config.network_rank,
-                                 config.network_alpha, dtype=DTYPES[config.lora_precision])
+                                 config.network_alpha, dtype=DTYPES[config.lora_precision],
+                                 network_type=config.network_type)
         self.model = SDTrainable(sd, train_text_encoders)
         self.train_text_encoders = train_text_encoders
         if config.network_resume and not resuming:
             self.load_file(find_lora_file(config, config.network_resume, "network_resume"))
-        self.multiplier = config.network_strength
+        self.multiplier = 1.0
+        self.training_images: list[tuple[str, str]] = []
+        self.started_at, self.session_id = time.time(), random.SystemRandom().randrange(2 ** 31)
         lora_io.set_multiplier(self.modules(self.model).values(), self.multiplier)
 
     def _add_unet_adapter(self, unet: nn.Module) -> None:
         config = self.config
-        if config.network_type == "loha":
-            raise ConfigError("network_type 'loha' (LyCORIS) is not available in this version; use 'lierla' "
-                              "(LoRA) or 'c3lier' (LoRA with 3x3 convolutions, network_conv_rank).")
+        element = config.network_element
+        if config.network_type == "loha" and element != "Full":
+            say(f"note: network_element {element!r} has no effect with network_type 'loha' (as in TrainTrain); "
+                "the LoHa covers every layer LoCon does.")
+            element = "Full"
         conv_rank, conv_alpha = conv_rank_alpha(config)
-        linear, convolutions = lora_io.unet_target_modules(unet, config.network_element, conv_rank,
-                                                           blocks=config.network_blocks)
+        linear, convolutions = lora_io.unet_target_modules(unet, element, conv_rank, blocks=config.network_blocks)
         lora_io.add_lora(unet, linear, config.network_rank, config.network_alpha, conv_targets=convolutions,
-                         conv_rank=conv_rank, conv_alpha=conv_alpha, dtype=DTYPES[config.lora_precision])
+                         conv_rank=conv_rank, conv_alpha=conv_alpha, dtype=DTYPES[config.lora_precision],
+                         network_type=config.network_type)
 
     def modules(self, model: SDTrainable) -> dict[str, nn.Module]:
         """The modules that carry the trained adapter, by kohya key prefix."""
@@ -245,8 +254,7 @@ class LoraTrainable:
 
     @contextmanager
     def strength(self, value: float) -> Iterator[None]:
-        """Run with the trained adapter at strength `value` (0: the frozen model), then go back to
-        network_strength, which samples and exports use."""
+        """Run with the trained adapter at strength `value` (0: the frozen model), then go back to 1."""
         modules = list(self.modules(self.model).values())
         lora_io.set_multiplier(modules, value)
         try:
@@ -262,18 +270,37 @@ class LoraTrainable:
             family=self.base.family, rank=config.network_rank, alpha=config.network_alpha, output_name=output_name,
             conv_rank=conv_rank, conv_alpha=conv_alpha, prediction_type=self.base.prediction_type,
             base_model=str(self.base.source.get("model") or ""), trains_text_encoder=self.train_text_encoders,
-            extra={"ss_network_element": config.network_element, "ss_seed": str(config.seed),
-                   "ss_learning_rate": str(config.lr), "ss_resolution": str(config.resolution),
+            network_type=config.network_type,
+            extra={**self._training_metadata(),
+                   "ss_network_element": config.network_element,
                    "ss_network_strength": str(config.network_strength), "ss_training_mode": config.mode,
                    "ss_network_blocks": json.dumps(list(config.network_blocks)),
-                   "ss_max_train_steps": str(config.max_steps),
                    "ss_min_timestep": str(config.min_timestep), "ss_max_timestep": str(config.max_timestep)})
 
+    def _training_metadata(self) -> dict[str, str]:
+        """kohya's ss_* facts about the training run (optimizer, schedule, precision, captions)."""
+        from accelerate.state import AcceleratorState
+
+        config = self.config
+        # the precision the loop runs in ("auto" resolved), once its Accelerator exists
+        precision = AcceleratorState().mixed_precision if AcceleratorState._shared_state else config.mixed_precision
+        size = tuple(config.image_height_width or (config.resolution, config.resolution))
+        return lora_io.kohya_training_metadata(
+            session_id=self.session_id, started_at=self.started_at, optimizer=config.optimizer,
+            optimizer_args=config.optimizer_settings, lr_scheduler=config.lr_scheduler, mixed_precision=str(precision),
+            learning_rate=config.lr, text_encoder_lr=config.text_encoder_lr or config.lr, seed=config.seed,
+            max_train_steps=config.max_steps, resolution=size, captions=self.training_images,
+            batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+            gradient_checkpointing=config.gradient_checkpointing, lr_warmup_steps=config.lr_warmup_steps or 0,
+            noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma or 0.0,
+            zero_terminal_snr=config.zero_terminal_snr, max_grad_norm=config.clip_grad_norm or 0.0)
+
     def save(self, model: SDTrainable, path: Path, output_name: str, dtype: Optional[torch.dtype] = None,
-             overwrite: bool = True) -> Path:
-        """Write the trained adapter of `model` to `path` (kohya keys, `dtype` or float32)."""
-        return lora_io.save_lora_file(path, self.state_dict(model), self.metadata(output_name), dtype=dtype,
-                                      overwrite=overwrite)
+             overwrite: bool = True, strength: float = 1.0) -> Path:
+        """Write the trained adapter of `model` to `path` (kohya keys, `dtype` or float32), with
+        `strength` baked in (exports: network_strength; checkpoints: 1, so a resume is exact)."""
+        state = lora_io.lora_state_dict(self.modules(model), strength=strength)
+        return lora_io.save_lora_file(path, state, self.metadata(output_name), dtype=dtype, overwrite=overwrite)
 
     def write(self, model: SDTrainable, folder: Path, output_name: str, **pointer_extras: Any) -> None:
         """A checkpoint folder: lora.safetensors and base_model.json (the base is not copied). The
