@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from difftrain.errors import ConfigError
-from difftrain.tasks.base import StartPoint
 
 # trainer_state.pt holds the optimizer state under one of these keys: torch.optim's own state_dict
 # (one process, data parallel), the whole state keyed by parameter name (FSDP), or the name of the
@@ -38,6 +37,25 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.pt"
 MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where the weights of a run come from: `resolve_start` decides it once, on the main process,
+    and every process receives the same value (no task resolves resume_ckpt again).
+
+    `checkpoint`: a difftrain checkpoint folder to continue (trainer state and all), or None.
+    `base`: what a task loads when there is no checkpoint: the user's base model setting
+    (a file, a folder, or a name to look up in the model folders); "" when the task trains from
+    scratch. Both None/"" only for a from-scratch task starting fresh.
+    """
+
+    checkpoint: Optional[Path] = None
+    base: str = ""
+
+    @property
+    def resumes(self) -> bool:
+        return self.checkpoint is not None
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 from difftrain.config import Config
 from difftrain.errors import ConfigError
@@ -44,10 +46,17 @@ def task_factory(config: Config):
 
 
 def mode_runner(config: Config):
-    """runner(config, start, program=...) of a mode that runs the trainer several times itself (the
+    """runner(config, start, train_once) of a mode that runs the trainer several times itself (the
     registry declares it), else None."""
     mode = MODES.get(config.mode) if config.task == "sd" else None
     return load(mode.runner) if mode is not None and mode.runner else None
+
+
+def train_once(config: Config, factory, start, program: str = "difftrain") -> tuple[int, Any]:
+    """One trainer run of `factory`'s task from `start`: (exit code, the task it trained). Multi-run
+    modes get this instead of importing the trainer (they sit below it)."""
+    trainer = Trainer(config, factory, program=program, start=start)
+    return trainer.run(), trainer.task
 
 
 def run(config: Config, program: str = "difftrain") -> int:
@@ -57,7 +66,7 @@ def run(config: Config, program: str = "difftrain") -> int:
     runner = mode_runner(config)
     try:
         if runner is not None:
-            return runner(config, decide_start(config, factory), program=program)
+            return runner(config, decide_start(config, factory), functools.partial(train_once, program=program))
         return Trainer(config, factory, program=program).run()
     except TrainingStopped as stop:
         say(f"{program}: training stopped: {stop}")

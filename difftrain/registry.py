@@ -20,7 +20,7 @@ from typing import Any, Optional
 class Mode:
     name: str
     task: str  # "module:attribute" of the task factory (for a multi-run mode: the task of each run)
-    runner: Optional[str] = None  # "module:attribute" of runner(config, start, program=...) -> exit code
+    runner: Optional[str] = None  # "module:attribute" of runner(config, start, train_once) -> exit code
     summary: str = ""
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from difftrain.config import validate_config_dict
-from difftrain.engine import run, task_factory
+from difftrain.engine import run, task_factory, train_once
 from difftrain.errors import ConfigError
 from difftrain.tiny import single_file_path
 
@@ -201,7 +201,7 @@ def test_difference_trains_a_copier_then_the_difference_with_2nd_pass_settings(t
                     ckpt_every_n_steps=1, use_2nd_pass_settings=True,
                     second_pass={"max_steps": 3, "network_rank": 2, "lr": 1e-3})
     full = mode_config(tmp_path / "full", tiny_sd15, **settings)
-    assert run_difference(full, start_of(full)) == 0
+    assert run_difference(full, start_of(full), train_once) == 0
     runs = tmp_path / "full" / "runs"
     first, second = only(runs, "d-pass1_*"), only(runs, "d-pass2_*")
     assert [(e["pass"], e["lr"]) for e in events_of(first)] == [(1, 2e-3)] * 4
@@ -217,7 +217,7 @@ def test_difference_trains_a_copier_then_the_difference_with_2nd_pass_settings(t
     # Resuming inside pass 2 reloads the copier and finishes pass 2 exactly.
     middle = only(pass2_logs / "ckpts", "modes-*gs00001")
     resumed = mode_config(tmp_path / "resumed", tiny_sd15, **dict(settings, resume_ckpt=str(middle)))
-    assert run_difference(resumed, start_of(resumed)) == 0
+    assert run_difference(resumed, start_of(resumed), train_once) == 0
     assert not list((tmp_path / "resumed" / "runs").glob("*pass1*"))
     a = torch.load(second / "state.pth", weights_only=True)
     b = torch.load(only(tmp_path / "resumed" / "runs", "d-pass2_*") / "state.pth", weights_only=True)
@@ -226,7 +226,7 @@ def test_difference_trains_a_copier_then_the_difference_with_2nd_pass_settings(t
     # diff_load_1st_pass skips pass 1 and uses that copier.
     loaded = mode_config(tmp_path / "loaded", tiny_sd15, **dict(settings, diff_load_1st_pass=str(loras / "diff_copy.safetensors"),
                                                                  use_2nd_pass_settings=False, max_steps=1))
-    assert run_difference(loaded, start_of(loaded)) == 0
+    assert run_difference(loaded, start_of(loaded), train_once) == 0
     assert [p.name.split("_")[0] for p in (tmp_path / "loaded" / "runs").iterdir()] == ["d-pass2"]
 
 
@@ -249,7 +249,7 @@ def test_difference_mask_covers_where_the_images_differ(tmp_path, tiny_sd15, cap
         return masks[-1]
 
     monkeypatch.setattr(DifferencePassTask, "difference_mask", recording)
-    assert run_difference(config, start_of(config)) == 0
+    assert run_difference(config, start_of(config), train_once) == 0
     mask = masks[0][0, 0]
     width = mask.shape[-1]
     assert mask[:, : width // 8].min() == 1  # the changed columns count...

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -154,6 +154,10 @@ class DifferencePassTask(SDStackTask):
         return self._difference_mask
 
 
+# The engine's one trainer run, handed to multi-run modes: train(config, factory, start) -> (exit code, task).
+TrainOnce = Callable[[Config, Any, StartPoint], tuple[int, Any]]
+
+
 def _resume_pointer(start: StartPoint) -> dict[str, Any]:
     """The base_model.json of the checkpoint the run resumes ({} when it starts from a base model)."""
     if start.checkpoint is None:
@@ -165,11 +169,11 @@ def _resume_pointer(start: StartPoint) -> dict[str, Any]:
     return pointer
 
 
-def run_difference(config: Config, start: StartPoint, program: str = "difftrain") -> int:
+def run_difference(config: Config, start: StartPoint, train: TrainOnce) -> int:
     """Train both passes (see the module docstring) from `start` (resolved once by the engine);
-    returns the exit code of the last run."""
+    returns the exit code of the last run. `train` is the engine's one trainer run: a mode sits
+    below the loop and never builds a Trainer itself."""
     from difftrain.tracking import make_run_name
-    from difftrain.trainer import Trainer
 
     pointer = _resume_pointer(start)
     name = config.run_name or make_run_name(Path(config.runs_dir))
@@ -180,12 +184,11 @@ def run_difference(config: Config, start: StartPoint, program: str = "difftrain"
         if config.diff_load_1st_pass:
             copier = find_lora_file(config, config.diff_load_1st_pass, "diff_load_1st_pass").resolve()
         else:
-            first = Trainer(config.model_copy(update={"run_name": f"{name}-pass1"}), DifferencePassTask,
-                            program=program, start=start)
-            code = first.run()
+            code, first_task = train(config.model_copy(update={"run_name": f"{name}-pass1"}), DifferencePassTask,
+                                     start)
             if code:
                 return code
-            copier = first.task.copier_path
+            copier = first_task.copier_path
             if config.diff_1st_pass_only:
                 return 0
         if start.resumes:  # pass 1 resumed from its checkpoint; pass 2 starts from the base
@@ -193,7 +196,8 @@ def run_difference(config: Config, start: StartPoint, program: str = "difftrain"
                                                "te": pointer.get("te") or ""})
             second_start = StartPoint(base=pointer["model"])
     factory = FactoryFunction(functools.partial(DifferencePassTask, copier=copier), DifferencePassTask.defaults)
-    return Trainer(second, factory, program=program, start=second_start).run()
+    code, _ = train(second, factory, second_start)
+    return code
 
 
 __all__ = ["COPIER_FILE", "CopierExports", "DifferencePassTask", "run_difference", "scan_pair"]

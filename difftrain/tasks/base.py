@@ -17,27 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
+# StartPoint is the checkpoint module's value (it resolves resume_ckpt into one); the contract hands it
+# to every task factory, so tasks import it from here.
+from difftrain.checkpoint import StartPoint  # noqa: F401
+
 if TYPE_CHECKING:  # annotations only: the contract loads without torch (the launcher imports no torch)
     import torch
     from torch import nn
-
-
-@dataclass(frozen=True)
-class StartPoint:
-    """Where the weights of a run come from, resolved once (see module docstring).
-
-    `checkpoint`: a difftrain checkpoint folder to continue (trainer state and all), or None.
-    `base`: what a task loads when there is no checkpoint: the user's base model setting
-    (a file, a folder, or a name to look up in the model folders); "" when the task trains from
-    scratch. Both None/"" only for a from-scratch task starting fresh.
-    """
-
-    checkpoint: Optional[Path] = None
-    base: str = ""
-
-    @property
-    def resumes(self) -> bool:
-        return self.checkpoint is not None
 
 
 @dataclass(frozen=True)

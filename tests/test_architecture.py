@@ -1,0 +1,42 @@
+"""The layering of docs/architecture.md, checked by import-linter on every test run.
+
+Front doors -> engine -> trainer -> tasks/modes -> building blocks -> config/errors: a lower layer
+never imports a higher one (the contract is `.importlinter` at the repository root). Imports inside
+functions count too, so a late import cannot hide a cycle.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c",
+               "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+               str(root / ".importlinter"), "--no-cache"]
+    environment = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_the_layers_hold():
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_lower_layer_importing_a_higher_one_breaks_the_contract(tmp_path):
+    # The contract is only worth running if it can fail: plant the import the layering forbids
+    # most plainly (the schema reaching up to the loop) in a copy of the package.
+    shutil.copytree(REPO / "difftrain", tmp_path / "difftrain", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".importlinter", tmp_path / ".importlinter")
+    config = tmp_path / "difftrain" / "config.py"
+    config.write_text(config.read_text(encoding="utf-8") + "\n\ndef _late():\n    import difftrain.trainer\n",
+                      encoding="utf-8")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "difftrain.config is not allowed to import difftrain.trainer" in result.stdout
