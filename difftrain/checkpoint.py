@@ -293,7 +293,7 @@ def find_last(logdir: Path, project: str, *, verify: bool = False) -> tuple[Opti
     skipped: list[Path] = []
     for ckpts in sorted(logdir.glob(f"{glob.escape(project)}*/ckpts")):
         for folder in sorted(ckpts.iterdir()):
-            if not folder.is_dir():
+            if not folder.is_dir() or _is_model_beside_checkpoints(folder):
                 continue
             if not is_checkpoint(folder):
                 skipped.append(folder)
@@ -313,20 +313,27 @@ def find_last(logdir: Path, project: str, *, verify: bool = False) -> tuple[Opti
     return None, skipped
 
 
-def find_last_everydream2(logdir: Path, project: str) -> Optional[Path]:
-    """The newest model EveryDream2 itself saved for `project`: a diffusers folder (model_index.json)
-    under logdir/<project>-<timestamp>/ckpts/, or None.
+def _is_model_beside_checkpoints(folder: Path) -> bool:
+    """A model folder, not a checkpoint: EveryDream2's saves (a diffusers folder) and the EMA exports
+    (`<checkpoint>_ema`) live in ckpts/ too; a half-written checkpoint still counts as one."""
+    return not looks_like_checkpoint(folder) and (folder.name.endswith("_ema") or
+                                                  (folder / "model_index.json").is_file())
+
+
+def find_last_everydream2(logdir: Path, project: str, ema: bool = False) -> Optional[Path]:
+    """The newest model EveryDream2 saved for `project`: a diffusers folder (model_index.json)
+    under logdir/<project>-<timestamp>/ckpts/, or None. With `ema`, the newest `<name>_ema` copy
+    instead (EveryDream2's and ours: the EMA exports beside our checkpoints).
 
     EveryDream2 keeps no trainer state, so a run continues from such a folder as from weights.
-    Like EveryDream2's own findlast, the newest by time wins, and its `_ema` copies are not the
-    trained model; an `errored-` save (written after a crash) is passed over here, where
-    EveryDream2 would stop.
+    Like EveryDream2's own findlast, the newest by time wins; an `errored-` save (written after a
+    crash) is passed over here, where EveryDream2 would stop.
     """
     found: list[tuple[float, Path]] = []
     for ckpts in sorted(logdir.glob(f"{glob.escape(project)}*/ckpts")):
         for folder in sorted(ckpts.iterdir()):
             index = folder / "model_index.json"
-            if (not index.is_file() or looks_like_checkpoint(folder) or folder.name.endswith("_ema")
+            if (not index.is_file() or looks_like_checkpoint(folder) or folder.name.endswith("_ema") != ema
                     or folder.name.startswith("errored-")):
                 continue
             found.append((index.stat().st_mtime, folder))
@@ -389,6 +396,12 @@ def resolve_start(config: Any, from_scratch: bool, log: Callable[[str], None]) -
     name = config.resume_ckpt
     if from_scratch and name in ("", Config.model_fields["resume_ckpt"].default):
         return StartPoint()
+    if name == "findlast" and not from_scratch:
+        theirs = _everydream2_if_newer(Path(config.logdir), config.project_name)
+        if theirs is not None:
+            log(f"findlast: '{theirs}' is the newest save, made by EveryDream2, which keeps no trainer "
+                "state; this run starts from its weights.")
+            return StartPoint(base=str(theirs))
     found = resolve_resume(name, Path(config.logdir), config.project_name, log)
     if found is not None and found.name.startswith(FINAL_PREFIX) and (found / "unet").is_dir():
         # A finished full fine-tune has nothing left to continue: like EveryDream2's resume_ckpt
@@ -402,6 +415,17 @@ def resolve_start(config: Any, from_scratch: bool, log: Callable[[str], None]) -
         raise ConfigError(f"resume_ckpt '{name}' is not a checkpoint folder (it has no "
                           "trainer_state.json). Point it at logs/<run>/ckpts/<folder> or use 'findlast'.")
     return StartPoint(base=name)
+
+
+def _everydream2_if_newer(logdir: Path, project: str) -> Optional[Path]:
+    """EveryDream2's newest save of `project` when no checkpoint of ours is newer, else None."""
+    theirs = find_last_everydream2(logdir, project)
+    if theirs is None:
+        return None
+    ours, _ = find_last(logdir, project)
+    if ours is not None and (ours / STATE_JSON).stat().st_mtime >= (theirs / "model_index.json").stat().st_mtime:
+        return None
+    return theirs
 
 
 def new_log_folder(logdir: Path, project: str) -> Path:

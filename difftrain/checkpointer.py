@@ -20,6 +20,7 @@ from torch import nn
 
 from difftrain.checkpoint import Progress, checkpoint_name, load_trainer_tensors, read_progress, save_checkpoint
 from difftrain.errors import ConfigError
+from difftrain.exports import export_beside_checkpoint
 from difftrain.log import say
 from difftrain.processes import decide_on_main
 from difftrain.sharding import place_staged_files
@@ -38,6 +39,7 @@ class Training:
     optimizer: Any
     scheduler: Any
     generator: torch.Generator
+    ema: Optional[Any] = None  # difftrain.ema.WeightAverage, on the main process of a run with EMA
 
 
 class Checkpointer:
@@ -51,7 +53,7 @@ class Checkpointer:
                  resumed: Optional[Path]) -> None:
         self.config, self.accelerator, self.states, self.task = config, accelerator, states, task
         self.model, self.optimizer = training.model, training.optimizer
-        self.scheduler, self.generator = training.scheduler, training.generator
+        self.scheduler, self.generator, self.ema = training.scheduler, training.generator, training.ema
         self.ckpts_dir: Optional[Path] = None  # set by `write_into`; stays None where nothing is written
         self.main_log_folder: Optional[Path] = None
         self.last_checkpoint: Optional[Path] = resumed
@@ -75,7 +77,7 @@ class Checkpointer:
 
     def due_at_epoch(self, epoch: int) -> bool:
         every = self.config.save_every_n_epochs
-        return bool(every) and epoch % every == 0
+        return bool(every) and epoch % every == 0 and epoch >= self.config.save_ckpts_from_n_epochs
 
     def save(self, progress: Progress, prefix: str = "") -> Optional[Path]:
         """Write a checkpoint of the run at `progress`; its folder on the main process, else None."""
@@ -96,12 +98,15 @@ class Checkpointer:
                 def write_model(folder: Path) -> None:
                     self.task.write_model(whole, folder)
                     place_staged_files(staged, folder)
+                    if self.ema is not None:
+                        self.ema.save(folder)
 
                 state = {**optimizer_state, **self._loop_state(streams)}
                 saved = self.last_checkpoint = save_checkpoint(self.ckpts_dir, name, progress, state, write_model,
                                                                self.config.model_dump(mode="json"))
                 if staged is not None:
                     shutil.rmtree(staged, ignore_errors=True)  # a checkpoint of that name existed
+                export_beside_checkpoint(self.config, saved, self.ema, self.task.write_model)
         # Nobody moves on before the checkpoint is complete: after an interrupt a process that
         # exits first makes torchrun stop the others, the main one in the middle of writing.
         accelerator.wait_for_everyone()
@@ -126,6 +131,8 @@ class Checkpointer:
         self.states.load(self.model, self.optimizer, folder, state, lambda module: self._read_model(module, folder),
                          lambda decide: decide_on_main(self.accelerator, decide))
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load(folder)
         self._restore_random_streams(state, progress)
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])

@@ -241,6 +241,12 @@ class DataAndOutputSettings(BaseModel):
     ckpt_every_n_steps: int = setting(0, "Save a checkpoint every N optimizer steps; 0: off.", ge=0)
     save_every_n_epochs: int = setting(0, "Save a checkpoint every N epochs; 0: off.", ge=0)
     save_full_precision: bool = setting(False, "Also export checkpoints as one .safetensors file.")
+    save_ckpt_dir: str = setting("", "Also write each Stable Diffusion checkpoint (and its EMA) as one .safetensors "
+                                 "file in the A1111 layout into this folder: float16, float32 with "
+                                 "save_full_precision (EveryDream2's save_ckpt_dir).")
+    no_save_ckpt: bool = setting(False, "Write no single .safetensors files into save_ckpt_dir.")
+    no_prepend_last: bool = setting(False, "Name the final checkpoint without the 'last-' prefix.")
+    save_ckpts_from_n_epochs: int = setting(0, "save_every_n_epochs saves only from this epoch on.", ge=0)
     tracker: Literal["wandb", "none"] = setting("wandb", "Metrics tracker; 'none' turns wandb off.")
     wandb_mode: Literal["offline", "online", "disabled"] = setting(
         "offline", "wandb mode; offline needs no account. WANDB_MODE overrides it.")
@@ -365,7 +371,6 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
         if len(self.hidden_channels) != len(self.hidden_blocks):
             problems.append(f"hidden_channels {self.hidden_channels} and hidden_blocks {self.hidden_blocks} "
                             "must have the same length (one entry per U-Net level)")
-        problems.extend(_ema_not_yet(self))
         if self.task == "kolmogorov" and self.window > self.simulation.keep:
             problems.append(f"window {self.window} is longer than the trajectories (simulation.keep "
                             f"{self.simulation.keep} states); lower window or raise keep")
@@ -402,20 +407,6 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
         if not self.use_2nd_pass_settings or not self.second_pass:
             return self
         return self.model_copy(update=dict(self.second_pass))
-
-
-EMA_FIELDS = ("ema_decay_rate", "ema_strength_target", "ema_update_interval", "ema_device",
-              "ema_sample_nonema_model", "ema_sample_ema_model", "ema_resume_model")
-
-
-def _ema_not_yet(config: Config) -> list[str]:
-    """EMA is accepted into the schema but not trained yet: a non-default value must not pass quietly."""
-    changed = [name for name in EMA_FIELDS if getattr(config, name) != Config.model_fields[name].default]
-    if not changed:
-        return []
-    return [f"{', '.join(changed)}: EMA of the trained weights is not implemented yet (issue 18, "
-            "requirement 4); remove these keys or leave them at their defaults (null / false) to train "
-            "without EMA"]
 
 
 # --- derived tables --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -73,6 +73,44 @@ def ema_settings(config, total_steps: int, training_device: torch.device) -> Opt
     sample_trained = bool(config.ema_sample_nonema_model) or not sample_ema
     return EmaSettings(decay=decay, update_interval=interval, device=device, sample_ema=sample_ema,
                        sample_trained=sample_trained)
+
+
+def make_ema(config, task, *, total_steps: int, device: torch.device, sharding: str,
+             keep: bool) -> Optional["WeightAverage"]:
+    """The run's EMA of `task.model`, or None when EMA is off or `keep` is false (only the main
+    process keeps it: it samples, saves and exports). `sharding`: how the run shards the model
+    ('' for not at all), where no process holds the whole weights to average: refused.
+    `total_steps`: the run's optimizer steps (ema_strength_target's decay depends on them)."""
+    if config.ema_decay_rate is None and config.ema_strength_target is None:
+        return None
+    if sharding:
+        raise ConfigError(f"EMA (ema_decay_rate / ema_strength_target) needs the whole model on one process; "
+                          f"this run has its {sharding}. Train without sharding, or without EMA.")
+    if not keep:
+        return None
+    settings = ema_settings(config, total_steps, device)
+    average = WeightAverage(task.model, settings)
+    if config.ema_resume_model:
+        source = ema_source(config.ema_resume_model, Path(config.logdir), config.project_name)
+        average.start_from(lambda module: task.load_model(module, source))
+        say(f"EMA: the average starts from '{source}'.")
+    say(f"EMA: decay {settings.decay:.8f}, an update every {settings.update_interval} optimizer step(s), "
+        f"kept on {settings.device}.")
+    return average
+
+
+def ema_source(name: str, logdir: Path, project: str) -> Path:
+    """ema_resume_model: a model folder (an `_ema` export, EveryDream2's or ours), or 'findlast' for
+    the newest one of `project` under logdir."""
+    from difftrain.checkpoint import find_last_everydream2
+
+    found = find_last_everydream2(logdir, project, ema=True) if name == "findlast" else Path(name)
+    if found is None or not found.is_dir():
+        where = f" (no <checkpoint>_ema folder of project '{project}' under '{logdir}')" if name == "findlast" else ""
+        raise ConfigError(f"ema_resume_model '{name}': no such model folder{where}. Name a folder written as "
+                          "<checkpoint>_ema, or leave ema_resume_model empty to start the average from the "
+                          "starting weights.")
+    return found
 
 
 class WeightAverage:
@@ -146,6 +184,40 @@ class WeightAverage:
             tensors = [handle.get_tensor(name).to(self.settings.device) for name in self.names]
         self.average.shadow_params = tensors
         self.average.optimization_step = int(metadata.get("updates", "0"))
+
+    def start_from(self, load: Callable[[nn.Module], None]) -> None:
+        """Start the average from other weights (EveryDream2's ema_resume_model): `load(module)` puts
+        them into the module, they are copied, and the module's own weights come back exactly."""
+        parameters = self._parameters()
+        self.average.store(parameters)
+        try:
+            load(self.module)
+            self.average.shadow_params = [parameter.detach().to(self.settings.device, copy=True)
+                                          for parameter in self._parameters()]
+        finally:
+            self.average.restore(parameters)
+
+    def export_beside(self, checkpoint_folder: Path, write_model: Callable[[nn.Module, Path], None]) -> Path:
+        """EveryDream2's `<checkpoint>_ema` beside a checkpoint folder: `write_model(module, folder)`
+        (the task's own model files) with the averaged weights, complete or absent."""
+        import os
+        import shutil
+
+        from difftrain.checkpoint import TEMP_PREFIX
+
+        target = checkpoint_folder.with_name(checkpoint_folder.name + EXPORT_SUFFIX)
+        if target.exists():
+            return target
+        temp = target.with_name(f"{TEMP_PREFIX}{target.name}-{os.getpid()}")
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+        try:
+            with self.in_use() as averaged:
+                write_model(averaged, temp)
+            os.replace(temp, target)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+        return target
 
     @contextmanager
     def in_use(self) -> Iterator[nn.Module]:

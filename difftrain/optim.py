@@ -298,6 +298,15 @@ class TrainingLossPlateau(torch_schedulers.ReduceLROnPlateau):
         super().step(float(metrics))
 
 
+def step_schedule(scheduler: Any, loss_value: Optional[float]) -> None:
+    """One step of the learning-rate schedule. reduce_on_plateau (TrainingLossPlateau, `wants_loss`)
+    steps on the training loss, the value all processes agreed on; every other schedule on time."""
+    if isinstance(scheduler, TrainingLossPlateau) and scheduler.wants_loss:
+        scheduler.step(loss_value)
+    else:
+        scheduler.step()
+
+
 class OptimizerOwnLR(torch_schedulers.LambdaLR):
     """The schedule of an optimizer that sets its own learning rate: reports it, changes nothing.
     Adafactor's relative step is read from its state (transformers' AdafactorSchedule reads it only

@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 from safetensors import safe_open
@@ -287,6 +287,25 @@ class StagePosition:
         return self.is_reflow and self.epoch_in_stage == 0
 
 
+# Optimizer steps per reflow iteration below which reflow barely straightens the flow: measured on
+# configs/quickstart_reflow.json (README, "Rectified flow and reflow").
+FEW_REFLOW_STEPS = 16
+
+
+def reflow_effort_warning(reflow_steps: int, gen_batches: int, train_epochs: int, steps_per_iteration: int,
+                          batch_size: int) -> Optional[str]:
+    """One warning when each reflow iteration trains too few steps to straighten much (the seed's
+    defaults, --reflow_gen_batches 1 --reflow_train_epochs 1, train one), naming the flags to raise."""
+    if not reflow_steps or steps_per_iteration >= FEW_REFLOW_STEPS:
+        return None
+    return (f"warning: each reflow iteration trains {steps_per_iteration} optimizer step(s) on "
+            f"{gen_batches * batch_size} generated pairs (reflow_gen_batches {gen_batches} x batch_size "
+            f"{batch_size}, reflow_train_epochs {train_epochs}), too few to straighten the flow much. Raise "
+            "--reflow_gen_batches (more pairs) and --reflow_train_epochs (more passes over them): "
+            "configs/quickstart_reflow.json uses --reflow_gen_batches 16 --reflow_train_epochs 3 "
+            "(the README's reflow section has the measurements).")
+
+
 @dataclass(frozen=True)
 class ReflowSchedule:
     """Epoch arithmetic of rectified-flow training with ``reflow_steps`` reflow stages.
@@ -374,6 +393,7 @@ class RunLength:
     stage0_steps: int
     total_steps: int
     schedule: ReflowSchedule
+    reflow_warning: Optional[str] = None  # said once at the start (reflow_effort_warning)
 
     @property
     def max_epochs(self) -> int:
@@ -406,7 +426,9 @@ def run_length(config: Any, micro_batches_per_epoch: int, processes: int) -> Run
     # Each reflow epoch trains on reflow_gen_batches batches of generated pairs, split over processes.
     reflow_steps_per_epoch = max(1, config.reflow_gen_batches // processes // accumulation)
     total_steps = stage0_steps + config.reflow_steps * config.reflow_train_epochs * reflow_steps_per_epoch
-    return RunLength(steps_per_epoch, stage0_steps, total_steps, schedule)
+    warning = reflow_effort_warning(config.reflow_steps, config.reflow_gen_batches, config.reflow_train_epochs,
+                                    reflow_steps_per_epoch * config.reflow_train_epochs, config.batch_size)
+    return RunLength(steps_per_epoch, stage0_steps, total_steps, schedule, warning)
 
 
 class ReflowStages:

@@ -77,7 +77,7 @@ def check_output_folder(path: Union[str, Path], setting: str) -> None:
 
 def check_output_folders(config: Any) -> None:
     """check_output_folder for every folder a run of `config` writes to."""
-    for setting in ("logdir", "runs_dir", "cache_dir", "lora_dir"):
+    for setting in ("logdir", "runs_dir", "cache_dir", "lora_dir", "save_ckpt_dir"):
         value = getattr(config, setting, "")
         if value:
             check_output_folder(value, setting)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import os
 import signal
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -21,7 +22,8 @@ from difftrain.checkpointer import Checkpointer, Training
 from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.log import say
-from difftrain.optim import make_optimizer, make_scheduler
+from difftrain.ema import make_ema
+from difftrain.optim import evaluation_weights, make_optimizer, make_scheduler, step_schedule
 from difftrain.processes import (StopRequest, agree_after_step, check_process_group, decide_on_main,
                                  exit_code_of)
 from difftrain.reflow import ReflowStages, run_length
@@ -93,16 +95,20 @@ class Trainer:
         self.scheduler = make_scheduler(config, optimizer, units, task.defaults.warmup_fraction)
         self.states = model_states(accelerator, task.model, config)  # before prepare: FSDP shards in place
         self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
-        if self.states.description and self.is_main:
-            say(self.states.description)
+        self.ema = make_ema(config, task, total_steps=length.total_steps, device=accelerator.device,
+                            sharding=self.states.description, keep=self.is_main)
+        for line in (self.states.description, length.reflow_warning):
+            if line and self.is_main:
+                say(line)
         device = accelerator.device
         # Each process draws its own noise, from a stream the checkpoints keep.
         self.generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
         self.generator.manual_seed(config.seed * 1000 + rank)
         self.saver = Checkpointer(config, accelerator, self.states, task,
-                                  Training(self.model, self.optimizer, self.scheduler, self.generator),
+                                  Training(self.model, self.optimizer, self.scheduler, self.generator, self.ema),
                                   resumed=self.start.checkpoint)
         self.progress = Progress(seed=config.seed, project_name=config.project_name, task=config.task)
+        self.last_loss: Optional[float] = None  # the last optimizer step's, agreed by all processes
         if self.start.checkpoint is not None:
             self.progress = self.saver.resume(self.start.checkpoint)
 
@@ -122,7 +128,7 @@ class Trainer:
             finally:
                 self.bar.close()
                 self.outputs.tracker.close()
-        with self.states.whole_model(self.model) as whole:
+        with self._result_model() as whole:
             if whole is not None:
                 if self.outputs.run_dir is not None:
                     save_tensors_atomically(self.outputs.run_dir / "state.pth", task.run_state_dict(whole))
@@ -175,18 +181,21 @@ class Trainer:
         """Count the step, log it, and take the decisions every process takes together. Returns
         (signal to stop on or 0, whether the epoch's loop ends here)."""
         config, progress, parts = self.config, self.progress, self.parts
-        if config.scheduler_interval == "step":
-            self.scheduler.step()
         progress.global_step += 1
+        if self.ema is not None:
+            self.ema.after_optimizer_step(progress.global_step)
         agreed = agree_after_step(self.accelerator, loss, signal_number, self.nonfinite_seen,
                                   self.saver.due_by_clock())
         if agreed.nonfinite:
             self._stop_on_nonfinite(agreed.loss)
+        self.last_loss = agreed.loss
+        if config.scheduler_interval == "step":
+            step_schedule(self.scheduler, agreed.loss)  # reduce_on_plateau steps on the agreed loss
         self._log_step(agreed.loss)
         if parts.samples is not None and config.sample_steps and progress.global_step % config.sample_steps == 0:
             self._log_samples()
         if parts.exports is not None and parts.exports.exports_at(progress.global_step):
-            with self.states.whole_model(self.model) as whole:
+            with self._result_model() as whole:
                 if whole is not None:
                     parts.exports.after_step(whole, progress.global_step, self.outputs.log_folder)
         if agreed.stop_signal:
@@ -202,7 +211,7 @@ class Trainer:
         progress.epoch += 1
         progress.batch_in_epoch = 0
         if self.config.scheduler_interval == "epoch":
-            self.scheduler.step()
+            step_schedule(self.scheduler, self.last_loss)
         self._validate()
         if self.stages is not None:
             self.stages.after_epoch(progress, self.model, self.outputs.tracker)
@@ -218,12 +227,12 @@ class Trainer:
             if self.is_main:
                 say(f"stopped by {signal.Signals(stopping).name}; resume with --resume_ckpt \"{saved}\"")
             return saved
-        saved = self.saver.save(self.progress, FINAL_PREFIX)
+        saved = self.saver.save(self.progress, "" if self.config.no_prepend_last else FINAL_PREFIX)
         self.bar.close()
         if self.parts.samples is not None:
             self._log_samples()
         if self.parts.exports is not None:
-            with self.states.whole_model(self.model) as whole:
+            with self._result_model() as whole:
                 if whole is not None:
                     self.parts.exports.finish(whole, self.outputs.log_folder, self.outputs.run_dir)
         return saved
@@ -257,15 +266,41 @@ class Trainer:
         validation, progress = self.parts.validation, self.progress
         if validation is None or progress.epoch % self.config.validate_every_n_epochs:
             return
-        with self.states.evaluating(self.model) as whole:
+        with self._evaluating() as whole:
             value = validation.validation_loss(whole) if whole is not None else None
         if value is not None:
             self.outputs.tracker.log({"epoch": progress.epoch, "loss_valid": value}, step=progress.global_step)
 
     def _log_samples(self) -> None:
         # Without autocast: the samples' own pipelines choose their precision.
-        with self.states.evaluating(self.model, autocast=False) as whole:
+        with self._evaluating(autocast=False) as whole:
             if whole is None:
                 return
-            samples = self.parts.samples.samples(whole)  # images and metrics
+            samples = self._samples_as_asked(whole)  # images and metrics
         self.outputs.save_samples(samples, self.progress.global_step)
+
+    def _samples_as_asked(self, whole) -> dict[str, Any]:
+        """Images and metrics from the trained weights and, as ema_sample_* say, from the EMA
+        (keys ending in '_ema', as EveryDream2 marks its EMA samples)."""
+        draw = self.parts.samples.samples
+        if self.ema is None:
+            return draw(whole)
+        images = draw(whole) if self.ema.settings.sample_trained else {}
+        if self.ema.settings.sample_ema:
+            with self.ema.in_use():
+                images.update({f"{key}_ema": value for key, value in draw(whole).items()})
+        return images
+
+    @contextmanager
+    def _evaluating(self, autocast: bool = True) -> Iterator[Any]:
+        """states.evaluating with the weights a user gets (below)."""
+        with evaluation_weights(self.optimizer), self.states.evaluating(self.model, autocast=autocast) as whole:
+            yield whole
+
+    @contextmanager
+    def _result_model(self) -> Iterator[Any]:
+        """The whole model (None on processes other than the main one) holding the weights a user
+        gets: a schedule-free optimizer's average (difftrain.optim.evaluation_weights). Checkpoints
+        keep the training weights instead, so that a resume continues exactly."""
+        with evaluation_weights(self.optimizer), self.states.whole_model(self.model) as whole:
+            yield whole

@@ -100,10 +100,6 @@ def test_every_flag_is_accepted_at_its_default_as_flag_and_as_json_key(term, tmp
     ("disable_unet_training", True, ["text encoder alone"]),
     ("rated_dataset", True, ["multiply.txt"]),
     ("load_settings_every_epoch", True, ["findlast"]),
-    ("no_prepend_last", True, ["requirement 5"]),
-    ("save_ckpt_dir", "ckpts", ["requirement 5"]),
-    ("ema_decay_rate", 0.999, ["EMA", "requirement 4"]),
-    ("ema_strength_target", 0.5, ["EMA"]),
     ("attn_type", "flash", ["'sdp', 'xformers', 'slice'"]),
 ])
 def test_refused_values_say_why_and_what_instead(key, value, words, tmp_path):

@@ -161,8 +161,9 @@ TERMS: tuple[Term, ...] = (
     _ours("lr_scheduler", "constant", "lr_scheduler", "str", convert=_drop_none("lr_scheduler")),
     _ours("lr_warmup_steps", None, "lr_warmup_steps (null: 2% of lr_decay_steps, as in EveryDream2)", "int"),
     _ours("max_epochs", 300, "max_epochs", "int"),
-    _pending("no_prepend_last", False, "bool", "naming the final checkpoint without 'last-'"),
-    _pending("no_save_ckpt", False, "bool", "skipping the single-file .safetensors export"),
+    _ours("no_prepend_last", False, "no_prepend_last", "bool", convert=_drop_none("no_prepend_last")),
+    _ours("no_save_ckpt", False, "no_save_ckpt: no single .safetensors files in save_ckpt_dir", "bool",
+          convert=_drop_none("no_save_ckpt")),
     _ours("optimizer_config", "optimizer.json", "read and translated (see the optimizer_config table): "
           "optimizer, lr, weight_decay, optimizer_settings, text_encoder_lr, text_encoder_lr_scheduler, "
           "text_encoder_unfreeze_last_n_layers", "str", "optimizer",
@@ -183,14 +184,17 @@ TERMS: tuple[Term, ...] = (
           "not with rectified_flow)", "str",
           also=("sample_inference_steps", "num_samples")),
     _ours("sample_steps", 250, "sample_steps", "int"),
-    _pending("save_ckpt_dir", None, "str", "a separate folder for single-file checkpoints"),
+    _ours("save_ckpt_dir", None, "save_ckpt_dir: each checkpoint and its EMA as A1111 single files there "
+          "(null: none; EveryDream2 writes them into the current folder instead)", "str",
+          convert=_drop_none("save_ckpt_dir")),
     _ours("save_every_n_epochs", None, "save_every_n_epochs (null: off)", "int",
           convert=_drop_none("save_every_n_epochs")),
-    _pending("save_ckpts_from_n_epochs", 0, "int", "skipping checkpoints before epoch N"),
+    _ours("save_ckpts_from_n_epochs", 0, "save_ckpts_from_n_epochs", "int",
+          convert=_drop_none("save_ckpts_from_n_epochs")),
     _ours("save_full_precision", False, "save_full_precision: true also writes the single .safetensors "
           "file in float32", "bool", convert=_drop_none("save_full_precision")),
-    _pending("save_optimizer", False, "bool", "a separate optimizer-state file beside each checkpoint "
-             "(difftrain's checkpoints always hold it, for exact resumes),"),
+    _no_effect("save_optimizer", False, "bool", "save_optimizer: every difftrain checkpoint folder holds the "
+               "optimizer state (trainer_state.pt) anyway, for exact resumes."),
     _ours("seed", 555, "seed (-1: a random seed, recorded)", "int"),
     _ours("shuffle_tags", False, "shuffle_tags", "bool", convert=_drop_none("shuffle_tags")),
     _ours("timestep_start", 0, "min_timestep", "int", "min_timestep"),
@@ -221,8 +225,7 @@ TERMS: tuple[Term, ...] = (
                     "load_settings_every_epoch (re-reading train.json each epoch) is not implemented; "
                     "stop the run, edit the JSON, and continue with resume_ckpt 'findlast'"),
     _ours("min_snr_gamma", None, "min_snr_gamma (null: off)", "float", convert=_drop_none("min_snr_gamma")),
-    _ours("ema_decay_rate", None, "ema_decay_rate (EMA itself: issue 18 requirement 4; until then a value "
-          "is refused)", "float"),
+    _ours("ema_decay_rate", None, "ema_decay_rate (EMA of the trained weights: difftrain/ema.py)", "float"),
     _ours("ema_strength_target", None, "ema_strength_target (see ema_decay_rate)", "float"),
     _ours("ema_update_interval", 500, "ema_update_interval (see ema_decay_rate)", "int",
           convert=_drop_none("ema_update_interval")),
