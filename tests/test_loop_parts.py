@@ -103,6 +103,6 @@ def test_reflow_effort_warning_only_below_the_measured_effort():
 
     assert reflow_effort_warning(0, 1, 1, 1, 16) is None  # no reflow, nothing to say
     assert reflow_effort_warning(2, 16, 3, 48, 16) is None  # the quickstart's
-    assert reflow_effort_warning(2, 1, 1, FEW_REFLOW_STEPS, 16) is None
+    assert reflow_effort_warning(2, 4, 1, FEW_REFLOW_STEPS, 16) is None
     text = reflow_effort_warning(2, 2, 1, 2, 16)
     assert "2 optimizer step(s) on 32 generated pairs" in text
