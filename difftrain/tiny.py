@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from difftrain.errors import ConfigError, exit_on_user_error
+from difftrain.log import say
 
 
 
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with exit_on_user_error(parser.prog):
         folder = make_tiny(args.family, args.out, seed=args.seed)
-        print(f"wrote {folder}/ and {single_file_path(folder)}")
+        say(f"wrote {folder}/ and {single_file_path(folder)}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_every_window_of_every_trajectory(trajectory_file):
     path, x = trajectory_file
     dataset = TrajectoryDataset(path, window=3)
     assert len(dataset) == 3 * (5 - 3 + 1)
-    assert dataset.state_shape == (2, 4, 6)
+    assert dataset[0].shape == (3 * 2, 4, 6)  # a window's states stacked on the channels
     windows = {tuple(dataset[i][::2, 0, 0].tolist()) for i in range(len(dataset))}
     expected = {tuple(x[n, s : s + 3, 0, 0, 0].tolist()) for n in range(3) for s in range(3)}
     assert windows == expected

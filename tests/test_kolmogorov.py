@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -326,7 +327,11 @@ def test_render_vorticity_grid_and_colors():
 
 @pytest.mark.slow
 def test_quickstart_data_shows_the_four_bands():
-    params = kolmogorov.QUICKSTART_PARAMS
+    # The simulation settings the quickstart really uses (configs/quickstart.json).
+    from difftrain.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.json")
+    params = KolmogorovParams(**config.simulation.model_dump())
     x = simulate(params, 8, seed=0, device="cpu", progress=False)
     assert x.shape == (8, params.keep, 2, 32, 32)
     profile = vorticity(x).double().mean(dim=(0, 1, 2))

@@ -345,11 +345,12 @@ def test_conditioning_drives_the_unet_and_latents_round_trip(tiny, request):
     model = load_sd(request.getfixturevalue(FIXTURE_OF[tiny]))
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        latents = model.encode_images(pixels, generator=torch.Generator().manual_seed(0))
+        posterior = model.vae.encode(pixels).latent_dist
+        latents = model.scale_latents(posterior.sample(generator=torch.Generator().manual_seed(0)))
         assert latents.shape == (2, 4, 16, 16)
-        mean = model.encode_images(pixels, sample=False)
-        raw_mean = model.vae.encode(pixels).latent_dist.mean
-        assert torch.allclose(mean, raw_mean * model.vae.config.scaling_factor)
+        assert torch.allclose(model.scale_latents(posterior.mean), posterior.mean * model.vae.config.scaling_factor)
+        assert torch.allclose(model.decode_latents(model.scale_latents(posterior.mean)),
+                              model.vae.decode(posterior.mean).sample, atol=1e-5)
         assert model.decode_latents(latents).shape == (2, 3, 32, 32)
         cond = model.encode_prompts(["a cat", "a dog"])
         prediction = model.unet(latents, torch.tensor([10, 500]), **cond).sample

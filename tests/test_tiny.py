@@ -121,7 +121,7 @@ def test_command_line_writes_folder_and_single_file(tmp_path, capsys):
     assert (tmp_path / "model.safetensors").exists()
     scheduler = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "epsilon"  # plain 'sd2' is the 512 epsilon base
-    assert "model.safetensors" in capsys.readouterr().out
+    assert "model.safetensors" in capsys.readouterr().err
 
 
 def test_command_line_rejects_an_unknown_family(tmp_path):

@@ -88,8 +88,3 @@ class TrajectoryDataset(Dataset):
         steps = start[:, None] + torch.arange(self.window)
         states = self.trajectories[trajectory[:, None], steps]  # advanced indexing copies
         return states.flatten(1, 2) if self.flatten else states
-
-    @property
-    def state_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one state."""
-        return tuple(self.trajectories.shape[2:])

@@ -135,12 +135,6 @@ class KolmogorovParams:
         return dataclasses.asdict(self)
 
 
-# Measured 12 s wall (10 s CPU) for the whole CLI run on the 2 shared cores of the dev machine;
-# a 32^2 simulation would be 3x cheaper but is under-resolved at Re 1000 (pure speckle).
-QUICKSTART_PARAMS = KolmogorovParams(size=64, coarsen=2, trajectories=24, steps=64, keep=32)
-"""CPU-sized data for the quickstart: 64^2 simulation stored at 32^2, 19/2/3 trajectories of 32 states."""
-
-
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

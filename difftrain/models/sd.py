@@ -217,20 +217,9 @@ class SDModel:
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device=device, dtype=pooled.dtype)},
         }
 
-    def encode_images(self, pixels: torch.Tensor, *, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
-        """Latents of images.
-
-        Args:
-            pixels: (B, 3, H, W) in [-1, 1], H and W multiples of ``vae_scale_factor``.
-            generator: for the posterior sample (training uses a sample, not the mean).
-            sample: False returns the posterior mean (deterministic, for caching previews).
-
-        Returns:
-            (B, 4, H / f, W / f) latents multiplied by the VAE's scaling_factor.
-        """
-        pixels = pixels.to(device=self.vae.device, dtype=self.vae.dtype)
-        posterior = self.vae.encode(pixels).latent_dist
-        latents = posterior.sample(generator=generator) if sample else posterior.mode()
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, 4, h, w) -> what the UNet sees: shifted (SD3-style VAEs) and multiplied by
+        the VAE's scaling_factor, which brings SD's latents to about unit variance."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 

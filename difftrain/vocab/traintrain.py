@@ -460,7 +460,7 @@ def markdown() -> str:
 
 def main(argv: list[str]) -> int:
     if argv != ["--markdown"]:
-        print("usage: python -m difftrain.vocab.traintrain --markdown", file=sys.stderr)
+        say("usage: python -m difftrain.vocab.traintrain --markdown")
         return 2
     sys.stdout.write(markdown())
     return 0

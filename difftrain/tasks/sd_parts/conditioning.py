@@ -50,7 +50,7 @@ class Latents:
     augmentation, and the scaled latents the UNet trains on."""
 
     def __init__(self, sd: SDModel, cache: LatentCache, device: torch.device):
-        self.vae, self.cache, self.device = sd.vae, cache, device
+        self.sd, self.vae, self.cache, self.device = sd, sd.vae, cache, device
         self.fingerprint = fingerprint_module(sd.vae)
 
     def _encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -64,10 +64,8 @@ class Latents:
 
     def scaled(self, mean: torch.Tensor, std: Optional[torch.Tensor], generator=None) -> torch.Tensor:
         """Scaled latents: a posterior sample drawn from `generator`, or the mean when std is None."""
-        config = self.vae.config
         latents = mean if std is None else mean + std * randn(mean.shape, generator, device=mean.device)
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return (latents - shift) * config.scaling_factor
+        return self.sd.scale_latents(latents)
 
     def means(self, dataset: ImageBucketDataset, indices: Sequence[int], epoch: int) -> torch.Tensor:
         """Scaled posterior means (B, 4, h, w) on the device: the same latents every time, so that

@@ -18,6 +18,7 @@ from torch import nn
 
 from difftrain.config import Config
 from difftrain.errors import ConfigError
+from difftrain.log import say
 from difftrain.models import lora as lora_io
 from difftrain.models.sd import SDModel
 from difftrain.tasks.sd_parts.base_model import LoadedBase, find_lora_file
