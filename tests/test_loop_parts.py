@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from difftrain.ema import EMA_FILE
 from difftrain.engine import run
+from difftrain.errors import ConfigError
 from difftrain.tasks.kolmogorov import MODEL_FILE
 from tests.test_trainer import only_run_folder, tiny_config, tiny_field_data  # noqa: F401 (fixture)
 
@@ -106,3 +108,23 @@ def test_reflow_effort_warning_only_below_the_measured_effort():
     assert reflow_effort_warning(2, 4, 1, FEW_REFLOW_STEPS, 16) is None
     text = reflow_effort_warning(2, 2, 1, 2, 16)
     assert "2 optimizer step(s) on 32 generated pairs" in text
+
+
+def test_ema_resume_model_starts_the_average_from_an_exported_ema_folder(tmp_path, tiny_field_data):
+    assert run(tiny_config(tmp_path / "first", tiny_field_data, max_epochs=1, **EMA)) == 0
+    (exported,) = [path for path in ckpts(tmp_path / "first").iterdir() if path.name.endswith("_ema")]
+    # No update happens in the second run (interval beyond its length): its average stays the one it started from.
+    assert run(tiny_config(tmp_path / "second", tiny_field_data, max_epochs=1, ema_decay_rate=0.8,
+                           ema_update_interval=10_000, ema_resume_model=str(exported))) == 0
+    (last,) = [path for path in ckpts(tmp_path / "second").iterdir() if path.name.startswith("last-")
+               and not path.name.endswith("_ema")]
+    started = load_file(str(exported / MODEL_FILE))
+    average = load_file(str(last / EMA_FILE))
+    assert all(torch.equal(average[name], started[name]) for name in average)
+    trained = load_file(str(last / MODEL_FILE))
+    assert any(not torch.equal(average[name], trained[name]) for name in average)
+
+
+def test_ema_resume_model_findlast_without_an_ema_folder_says_so(tmp_path, tiny_field_data):
+    with pytest.raises(ConfigError, match="ema_resume_model 'findlast'"):
+        run(tiny_config(tmp_path, tiny_field_data, max_epochs=1, ema_resume_model="findlast", **EMA))
