@@ -13,8 +13,6 @@ Statuses:
     no effect   accepted; a one-line note says why it changes nothing here
     refused     the values that would need a missing feature are refused with the reason; its
                 neutral value (EveryDream2's default) is accepted
-    pending     accepted at EveryDream2's default; other values are refused until the named
-                requirement of issue 18 lands
     legacy      a key EveryDream2's own shipped configs still carry but its train.py no longer reads
     front door  handled by train.py's command line itself
 """
@@ -30,7 +28,7 @@ from difftrain.config import ALIASES, FIELD_NAMES, IGNORED_KEYS, Config, validat
 from difftrain.errors import ConfigError, did_you_mean
 from difftrain.jsonfile import read_json_object
 
-STATUSES = ("ours", "no effect", "refused", "pending", "legacy", "front door")
+STATUSES = ("ours", "no effect", "refused", "legacy", "front door")
 SOURCE = "EveryDream2trainer (victorchall), main at 5098db8"
 
 Converter = Callable[[Any], dict[str, Any]]
@@ -75,12 +73,6 @@ def _refused_unless(key: str, default: Any, kind: str, neutral: Callable[[Any], 
 
 def _legacy(key: str, note: str) -> Term:
     return Term(key, None, "legacy", note, "bool", note=note)
-
-
-def _pending(key: str, default: Any, kind: str, what: str) -> Term:
-    reason = f"{what} is not implemented yet (issue 18, requirement 5); leave {key} at {json.dumps(default)}"
-    return _refused_unless(key, default, kind, lambda value: value == default or value in (None, []),
-                           reason, status="pending")
 
 
 def _drop_none(target: str, transform: Callable[[Any], Any] = lambda v: v) -> Converter:
@@ -661,8 +653,7 @@ def render_markdown() -> str:
         "",
         "Statuses: **ours** done through our schema (the meaning column says how); **no effect** accepted, "
         "with a one-line note; **refused** the values needing a missing feature are refused with the "
-        "reason, the neutral value is accepted; **pending** accepted at EveryDream2's default, other values "
-        "refused until issue 18's named requirement lands; **legacy** a key EveryDream2's shipped configs "
+        "reason, the neutral value is accepted; **legacy** a key EveryDream2's shipped configs "
         "still carry, accepted with a note; **front door** handled by train.py's command line.",
         "",
         "Defaults: a key left out takes difftrain's default (`python train.py --help`). Where that is not "
