@@ -388,6 +388,9 @@ def read_sample_plan(path: str | Path, default_seed: int, resolution: int) -> Sa
 
 def resolve_side_file(name: str, key: str, config_dir: Optional[Path]) -> Path:
     """A side file as EveryDream2 finds it (relative to the working folder), else beside the config."""
+    if not isinstance(name, str) or "\0" in name:
+        raise ConfigError(f"{key} must be the path of a file, as a string; got {json.dumps(name)}. "
+                          f"Write it like \"{key}\": \"my_{key.split('_')[0]}.json\", or remove {key}.")
     path = Path(name).expanduser()
     if path.is_absolute() or path.is_file() or config_dir is None:
         return path
