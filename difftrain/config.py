@@ -434,8 +434,9 @@ SecondPass = create_model(  # type: ignore[call-overload]
     **{name: (Optional[_type_with_bounds(name)], None) for name in PER_PASS_NAMES},
 )
 
-# Keys the reference trainers write that carry no meaning here; accepted so presets load unchanged.
-IGNORED_KEYS = frozenset({"$schema", "mode_specific", "neg_prompt", "original_prompt_weight"})
+# "$schema" points an editor at configs/schema.json; it is not a setting. (Other programs' keys are
+# never dropped here: their vocabularies in difftrain/vocab/ implement, note or refuse each one.)
+IGNORED_KEYS = frozenset({"$schema"})
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -540,7 +541,7 @@ def export_json_schema() -> dict[str, Any]:
         alias_schema["description"] = f"Alias of '{name}'. {properties[name].get('description', '')}"
         properties[alias] = alias_schema
     for ignored in sorted(IGNORED_KEYS):
-        properties[ignored] = {"description": "Accepted for TrainTrain compatibility; unused."}
+        properties[ignored] = {"description": "Where an editor finds this schema; not a setting."}
     properties["second_pass"]["description"] = Config.model_fields["second_pass"].description
     properties["second_pass"].pop("anyOf", None)
     properties["second_pass"]["type"] = "object"

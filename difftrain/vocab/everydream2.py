@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 from difftrain.config import ALIASES, FIELD_NAMES, IGNORED_KEYS, Config, validate_config_dict
 from difftrain.errors import ConfigError, did_you_mean
 from difftrain.jsonfile import read_json_object
+from difftrain.vocab.table import merge_settings
 
 STATUSES = ("ours", "no effect", "refused", "legacy", "front door")
 SOURCE = "EveryDream2trainer (victorchall), main at 5098db8"
@@ -545,12 +546,7 @@ def translate(data: dict[str, Any], source: str, *, config_dir: Optional[Path] =
     notes: list[str] = []
 
     def put(values: dict[str, Any], key: str) -> None:
-        for name, value in values.items():
-            if name in set_by and set_by[name] != key:
-                raise ConfigError(f"{source}: '{key}' and '{set_by[name]}' set the same setting '{name}'; "
-                                  "keep one of them.")
-            result[name] = value
-            set_by[name] = key
+        merge_settings(result, set_by, values, key, source)
 
     for key, value in data.items():
         term = TABLE.get(key)

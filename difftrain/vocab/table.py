@@ -110,6 +110,19 @@ TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 FALSE_WORDS = frozenset({"false", "no", "off", "0"})
 
 
+def merge_settings(settings: dict[str, Any], given_by: dict[str, str], new: dict[str, Any], key: str,
+                   where: str) -> None:
+    """Add what the user's `key` translates to (`new`) to `settings`, refusing a setting that another of
+    their keys already gave: two spellings of one setting in one file is a mistake to point at, not a
+    silent last-one-wins. `given_by` remembers which key gave each setting."""
+    for name, value in new.items():
+        if name in settings and given_by[name] != key:
+            raise ConfigError(f"{where}: '{key}' and '{given_by[name]}' set the same setting '{name}'; keep one "
+                              "of them.")
+        settings[name] = value
+        given_by[name] = key
+
+
 def as_int(value: Any, where: str) -> int:
     """A whole number from an int, an integral float, or a string of either ("16", "16.0")."""
     if isinstance(value, bool):

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from difftrain.errors import ConfigError
 from difftrain.log import say
-from difftrain.vocab.table import Row, Translation, Vocabulary, as_bool, as_float, as_int, as_text
+from difftrain.vocab.table import (Row, Translation, Vocabulary, as_bool, as_float, as_int, as_text,
+                                   merge_settings)
 
 if TYPE_CHECKING:
     from difftrain.config import Config
@@ -301,15 +302,6 @@ def _not_set(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def _merge(settings: dict[str, Any], given_by: dict[str, str], new: dict[str, Any], key: str, where: str) -> None:
-    for name, value in new.items():
-        if name in settings and given_by[name] != key:
-            raise ConfigError(f"{where}: '{key}' and '{given_by[name]}' set the same setting '{name}'; keep one "
-                              "of them.")
-        settings[name] = value
-        given_by[name] = key
-
-
 def translate(data: Any, where: str, schema_keys: frozenset[str] = frozenset()) -> Translation:
     """Our settings from a TrainTrain JSON object.
 
@@ -331,12 +323,12 @@ def translate(data: Any, where: str, schema_keys: frozenset[str] = frozenset()) 
                 continue
             if key == SECOND_PASS:
                 section, inner = _second_pass(value, f"{where}: '{SECOND_PASS}'", notes)
-                _merge(settings, given_by, section, key, where)
+                merge_settings(settings, given_by, section, key, where)
                 written_as.update({f"second_pass.{name}": f"{SECOND_PASS}.{their}" for name, their in inner.items()})
                 continue
-            _merge(settings, given_by, TABLE.apply(key, value, where, notes), key, where)
+            merge_settings(settings, given_by, TABLE.apply(key, value, where, notes), key, where)
         elif key in schema_keys:
-            _merge(settings, given_by, {key: value}, key, where)
+            merge_settings(settings, given_by, {key: value}, key, where)
         else:
             raise TABLE.unknown_key(key, where, schema_keys)
     _mode_rules(data, settings, where, notes)
@@ -367,7 +359,7 @@ def _second_pass(section: Any, where: str, notes: list[str]) -> tuple[dict[str, 
         if key not in PER_PASS or key in _FIRST_PASS_ONLY_IN_SECTION:
             first_pass_only.append(key)
             continue
-        _merge(ours, given_by, TABLE.apply(key, value, where, notes), key, where)
+        merge_settings(ours, given_by, TABLE.apply(key, value, where, notes), key, where)
     switch = section.get("use_2nd_pass_settings")
     if _not_set(switch) or not as_bool(switch, f"{where}: 'use_2nd_pass_settings'"):
         notes.append(f"note: {where}: the section's own use_2nd_pass_settings is not true, so the second pass "
