@@ -13,7 +13,6 @@ from difftrain.data.images import (
     ImageBucketDataset,
     ImageItem,
     Tag,
-    collate_image_batch,
     repeat_by_multiply,
     scan_image_folder,
     shuffled_caption,
@@ -262,7 +261,7 @@ def test_dataloader_with_bucket_sampler_and_workers_matches_main_process(tmp_pat
 
     def load(num_workers):
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate_image_batch, num_workers=num_workers
+            dataset, batch_sampler=sampler, num_workers=num_workers  # torch's default collate
         )
         return list(loader)
 
@@ -270,17 +269,8 @@ def test_dataloader_with_bucket_sampler_and_workers_matches_main_process(tmp_pat
     assert len(in_process) == len(with_workers) == 3
     for one, two in zip(in_process, with_workers):
         assert torch.equal(one["pixel_values"], two["pixel_values"])
-        assert one["captions"] == two["captions"] and torch.equal(one["flipped"], two["flipped"])
-        assert one["pixel_values"].shape[0] == len(one["captions"]) == one["indices"].shape[0]
-
-
-def test_collate_refuses_mixed_shapes():
-    samples = [
-        {"pixel_values": torch.zeros(3, 64, 64), "caption": "", "index": 0, "flipped": False},
-        {"pixel_values": torch.zeros(3, 64, 128), "caption": "", "index": 1, "flipped": False},
-    ]
-    with pytest.raises(ValueError, match="BucketBatchSampler"):
-        collate_image_batch(samples)
+        assert one["caption"] == two["caption"] and torch.equal(one["flipped"], two["flipped"])
+        assert one["pixel_values"].shape[0] == len(one["caption"]) == one["index"].shape[0]
 
 
 def test_image_removed_after_scan_is_a_config_error_naming_it(tmp_path):

@@ -19,11 +19,21 @@ from difftrain.data.kolmogorov import (
     forcing_pattern,
     generate_dataset,
     render_vorticity,
-    simulate,
+    simulate_batches,
     split_sizes,
     vorticity,
 )
 from difftrain.errors import ConfigError
+
+
+def simulate(params, num_trajectories, *, seed, device="cpu", progress=False, batch_size=64, first_index=0):
+    """All kept states of trajectories first_index.. in memory: (N, keep, 2, H, W), the batches
+    generate_dataset streams to disk, joined."""
+    indices = list(range(first_index, first_index + num_trajectories))
+    batches = simulate_batches(params, indices, seed=seed, device=torch.device(device), batch_size=batch_size,
+                               progress_bar=None)
+    return torch.cat([part for _, part in batches])
+
 
 TURBULENT = KolmogorovParams(size=64, coarsen=1, steps=100, keep=100)
 
@@ -217,7 +227,7 @@ def test_failed_generation_leaves_no_files(tmp_path, monkeypatch):
         raise RuntimeError("solver failed")
         yield  # a generator, like the real one
 
-    monkeypatch.setattr(kolmogorov, "_simulate_batches", exploding_batches)
+    monkeypatch.setattr(kolmogorov, "simulate_batches", exploding_batches)
     with pytest.raises(RuntimeError):
         generate_dataset(tmp_path, SMALL, progress=False)
     assert not list(tmp_path.iterdir())

@@ -711,27 +711,6 @@ class ImageBucketDataset(torch.utils.data.Dataset):
         }
 
 
-def collate_image_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``ImageBucketDataset`` samples of one bucket.
-
-    Returns:
-        ``{"pixel_values": (B, 3, H, W), "captions": list[str], "indices": (B,) long,
-        "flipped": (B,) bool}``.
-    """
-    shapes = {tuple(sample["pixel_values"].shape) for sample in samples}
-    if len(shapes) != 1:
-        raise ValueError(
-            f"a batch mixes image shapes {sorted(shapes)}; batch with BucketBatchSampler so "
-            "every batch comes from one bucket"
-        )
-    return {
-        "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),
-        "captions": [sample["caption"] for sample in samples],
-        "indices": torch.tensor([sample["index"] for sample in samples], dtype=torch.long),
-        "flipped": torch.tensor([sample["flipped"] for sample in samples], dtype=torch.bool),
-    }
-
-
 def _load_upright_rgb(path: Path, bucket: Bucket) -> Image.Image:
     with Image.open(path) as image:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)

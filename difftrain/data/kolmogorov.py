@@ -267,7 +267,7 @@ def _trajectory_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
-def _simulate_batches(
+def simulate_batches(
     params: KolmogorovParams,
     indices: Sequence[int],
     *,
@@ -338,41 +338,6 @@ def _make_progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="kolmogorov steps", unit="step", dynamic_ncols=True)
-
-
-def simulate(
-    params: KolmogorovParams,
-    num_trajectories: int,
-    *,
-    seed: int,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    batch_size: int = 64,
-    first_index: int = 0,
-) -> torch.Tensor:
-    """Simulate ``num_trajectories`` Kolmogorov flows and return their kept velocity fields.
-
-    Trajectory i (counted from ``first_index``) depends only on (params, seed, i), so any
-    batch size or device split of the same indices gives the same trajectories (up to
-    floating-point differences between devices).
-
-    Returns:
-        (num_trajectories, params.keep, 2, params.output_size, params.output_size) float32 on CPU;
-        channel 0 is u, channel 1 is v (layout in the module docstring).
-    """
-    if num_trajectories < 1:
-        raise ConfigError(f"num_trajectories={num_trajectories}: need at least one trajectory.")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size}: must be a positive integer.")
-    device = torch.device(device) if device is not None else default_device()
-    indices = list(range(first_index, first_index + num_trajectories))
-    bar = _make_progress_bar(math.ceil(num_trajectories / batch_size) * params.steps, progress)
-    try:
-        parts = [part for _, part in _simulate_batches(params, indices, seed=seed, device=device, batch_size=batch_size, progress_bar=bar)]
-    finally:
-        if bar is not None:
-            bar.close()
-    return torch.cat(parts)
 
 
 def vorticity(x: torch.Tensor, *, method: str = "centred") -> torch.Tensor:
@@ -567,7 +532,7 @@ def generate_dataset(
             handle.create_dataset("x", shape=shape, dtype="float32", chunks=(1, *shape[1:]))
             handle.attrs.update({**attributes, "split": split, "first_trajectory": split_starts[split], "layout": _LAYOUT_NOTE})
         indices = list(range(params.trajectories))
-        for offset, batch in _simulate_batches(params, indices, seed=seed, device=device, batch_size=batch_size, progress_bar=bar):
+        for offset, batch in simulate_batches(params, indices, seed=seed, device=device, batch_size=batch_size, progress_bar=bar):
             _write_batch(files, split_starts, sizes, offset, batch.numpy())
         for handle in files.values():
             handle.close()
