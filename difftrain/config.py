@@ -236,6 +236,8 @@ class DataAndOutputSettings(BaseModel):
     sample_prompts: str = setting("", "File of sample prompts, one per line; empty: training captions.")
     num_samples: int = setting(2, "Samples drawn each time.", ge=1)
     validate_every_n_epochs: int = setting(1, "loss_valid every N epochs.", ge=1)
+    validations_per_epoch: int = setting(1, "loss_valid this many times per epoch, evenly spaced "
+                                         "(EveryDream2's fractional every_n_epochs); 1: at its end.", ge=1)
     ckpt_every_n_minutes: float = setting(0.0, "Save a checkpoint every N minutes; 0 with no "
                                           "save_every_n_epochs means every 20 minutes.", ge=0)
     ckpt_every_n_steps: int = setting(0, "Save a checkpoint every N optimizer steps; 0: off.", ge=0)

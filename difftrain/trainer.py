@@ -30,6 +30,7 @@ from difftrain.reflow import ReflowStages, run_length
 from difftrain.sharding import model_states, models_load_whole
 from difftrain.tasks.base import StartPoint, TaskFactory
 from difftrain.tracking import open_run_outputs
+from difftrain.validation_points import validation_due
 
 
 class TrainingStopped(Exception):
@@ -194,6 +195,7 @@ class Trainer:
         self._log_step(agreed.loss)
         if parts.samples is not None and config.sample_steps and progress.global_step % config.sample_steps == 0:
             self._log_samples()
+        self._validate(mid_epoch=True)
         if parts.exports is not None and parts.exports.exports_at(progress.global_step):
             with self._result_model() as whole:
                 if whole is not None:
@@ -262,9 +264,9 @@ class Trainer:
         return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                     disable=not self.is_main, desc=self.config.project_name)
 
-    def _validate(self) -> None:
+    def _validate(self, mid_epoch: bool = False) -> None:
         validation, progress = self.parts.validation, self.progress
-        if validation is None or progress.epoch % self.config.validate_every_n_epochs:
+        if not validation_due(validation, self.config, progress, self.length.steps_per_epoch, mid_epoch):
             return
         with self._evaluating() as whole:
             value = validation.validation_loss(whole) if whole is not None else None
@@ -299,8 +301,7 @@ class Trainer:
 
     @contextmanager
     def _result_model(self) -> Iterator[Any]:
-        """The whole model (None on processes other than the main one) holding the weights a user
-        gets: a schedule-free optimizer's average (difftrain.optim.evaluation_weights). Checkpoints
-        keep the training weights instead, so that a resume continues exactly."""
+        """The whole model (None off the main process) with the weights a user gets: a schedule-free
+        optimizer's average (optim.evaluation_weights); checkpoints keep the training weights (exact resume)."""
         with evaluation_weights(self.optimizer), self.states.whole_model(self.model) as whole:
             yield whole

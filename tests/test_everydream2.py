@@ -211,8 +211,11 @@ def test_validation_manual_split_and_refusals(tmp_path):
     assert with_validation(val_split_mode="manual", manual_data_root="held").validation_root == "held"
     assert with_validation(validate_training=False).validation_fraction == 0
     assert with_validation(every_n_epochs=3).validate_every_n_epochs == 3
-    with pytest.raises(ConfigError, match="several times per epoch"):
-        with_validation(every_n_epochs=0.5)
+    assert with_validation(every_n_epochs=0.5).validations_per_epoch == 2
+    third = with_validation(every_n_epochs=0.33)
+    assert (third.validations_per_epoch, third.validate_every_n_epochs) == (4, 1)  # ceil(1 / 0.33)
+    with pytest.raises(ConfigError, match="every_n_epochs 1.5"):
+        with_validation(every_n_epochs=1.5)
     with pytest.raises(ConfigError, match="stabilize_training_loss"):
         with_validation(stabilize_training_loss=True)
     with pytest.raises(ConfigError, match="extra_manual_datasets"):

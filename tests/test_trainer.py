@@ -66,6 +66,13 @@ def test_a_run_writes_its_run_folder_and_log_folder(tmp_path, tiny_field_data):
     assert (log_folder / "settings.json").is_file()
 
 
+def test_validations_per_epoch_spreads_loss_valid_over_the_epoch(tmp_path, tiny_field_data):
+    # 10 optimizer steps per epoch in three parts: after steps 4 and 7, and at the epoch's end.
+    assert run(tiny_config(tmp_path, tiny_field_data, max_epochs=2, validations_per_epoch=3)) == 0
+    events = [json.loads(line) for line in (only_run_folder(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert [event["step"] for event in events if "loss_valid" in event] == [4, 7, 10, 14, 17, 20]
+
+
 def test_the_saved_config_reproduces_the_run_bitwise(tmp_path, tiny_field_data):
     assert run(tiny_config(tmp_path / "a", tiny_field_data)) == 0
     first = only_run_folder(tmp_path / "a")
@@ -222,3 +229,10 @@ def test_the_loop_uses_only_the_parts_a_task_declares(tmp_path, tiny_field_data)
     folder = only_run_folder(tmp_path)
     assert not (folder / "samples").exists()
     assert not any("loss_valid" in line for line in (folder / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("steps, parts, expected", [(10, 3, {4, 7}), (100, 2, {50}), (2, 5, {1}), (10, 1, set())])
+def test_mid_epoch_validation_points_split_the_epoch_evenly(steps, parts, expected):
+    from difftrain.validation_points import mid_epoch_points
+
+    assert mid_epoch_points(steps, parts) == expected

@@ -20,6 +20,7 @@ Statuses:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -295,7 +296,8 @@ VALIDATION_KEYS: tuple[tuple[str, str, str], ...] = (
     ("extra_manual_datasets", "refused", "{} accepted; extra named validation sets are not implemented"),
     ("stabilize_training_loss", "refused", "false accepted; the stabilized train-loss curve is not implemented"),
     ("stabilize_split_proportion", "no effect", "only used by stabilize_training_loss"),
-    ("every_n_epochs", "ours", "validate_every_n_epochs (whole numbers; fractions below 1 are refused)"),
+    ("every_n_epochs", "ours", "validate_every_n_epochs for whole numbers; below 1, validations_per_epoch = "
+     "ceil(1 / every_n_epochs) evenly spaced (0.5: twice per epoch); 1.5 and the like are refused"),
     ("seed", "no effect", "the split follows seed; validation noise comes from difftrain's own fixed seed"),
     ("use_relative_loss", "refused", "false accepted; relative validation loss is not implemented"),
 )
@@ -513,10 +515,14 @@ def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: val_split_mode {mode!r} is neither 'automatic' nor 'manual'.")
     every = data.get("every_n_epochs", 1)
     if every is not None:
-        if float(every) < 1 or float(every) != int(float(every)):
-            raise ConfigError(f"{where}: every_n_epochs {every}: validating several times per epoch is not "
-                              "implemented; use a whole number of epochs (1, 2, ...).")
-        result["validate_every_n_epochs"] = int(float(every))
+        every = float(every)
+        if every <= 0 or (every > 1 and every != int(every)):
+            raise ConfigError(f"{where}: every_n_epochs {every}: use a whole number of epochs (1, 2, ...) or "
+                              "a fraction below 1 (0.5: twice per epoch).")
+        if every < 1:
+            result["validations_per_epoch"] = math.ceil(1 / every)
+        else:
+            result["validate_every_n_epochs"] = int(every)
     return result
 
 

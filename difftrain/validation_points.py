@@ -1,0 +1,32 @@
+"""When the trainer measures loss_valid: every N epochs, or several times per epoch.
+
+EveryDream2's validation every_n_epochs below 1 (0.5: twice per epoch) splits each epoch into
+ceil(1 / every_n_epochs) equal parts (at most one per optimizer step) and validates after each;
+the last part ends with the epoch, where the epoch-end validation already runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def mid_epoch_points(steps_per_epoch: int, validations_per_epoch: int) -> set[int]:
+    """Optimizer steps into an epoch after which to validate, the epoch's end left out."""
+    parts = min(steps_per_epoch, validations_per_epoch)
+    return {math.ceil((part + 1) * steps_per_epoch / parts) for part in range(parts - 1)}
+
+
+def validation_due(validation: Any, config: Any, progress: Any, steps_per_epoch: int, mid_epoch: bool) -> bool:
+    """Whether to validate now: at an epoch's end (`progress.epoch` already counts it) or after an
+    optimizer step inside an epoch (`progress.batch_in_epoch` counts its micro-batches)."""
+    if validation is None:
+        return False
+    if not mid_epoch:
+        return progress.epoch % config.validate_every_n_epochs == 0
+    if config.validations_per_epoch <= 1:
+        return False
+    steps_in = progress.batch_in_epoch // config.gradient_accumulation_steps
+    return steps_in in mid_epoch_points(steps_per_epoch, config.validations_per_epoch)
+
+
+__all__ = ["mid_epoch_points", "validation_due"]
