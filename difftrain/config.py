@@ -102,6 +102,9 @@ class ModelSettings(BaseModel):
     validation_root: str = setting("", "Folder of held-out images for loss_valid; empty: use "
                                    "validation_fraction of data_root.")
     validation_fraction: float = setting(0.0, "Fraction of data_root held out for loss_valid.", ge=0, lt=1)
+    validation_extra_roots: dict[str, str] = setting({}, "Named extra folders of held-out images, each "
+                                                     "logged as loss_valid_<name> (EveryDream2's "
+                                                     "extra_manual_datasets).")
     logdir: str = setting("logs", "Where logs/<project_name><timestamp>/ folders (settings, samples, "
                           "ckpts) are written.")
     runs_dir: str = setting("runs", "Where runs/<name>_<id>/ folders (config.json, state.pth, "

@@ -30,7 +30,7 @@ from difftrain.reflow import ReflowStages, run_length
 from difftrain.sharding import model_states, models_load_whole
 from difftrain.tasks.base import StartPoint, TaskFactory
 from difftrain.tracking import open_run_outputs
-from difftrain.validation_points import validation_due
+from difftrain.validation_points import validation_due, validation_metrics
 
 
 class TrainingStopped(Exception):
@@ -271,7 +271,7 @@ class Trainer:
         with self._evaluating() as whole:
             value = validation.validation_loss(whole) if whole is not None else None
         if value is not None:
-            self.outputs.tracker.log({"epoch": progress.epoch, "loss_valid": value}, step=progress.global_step)
+            self.outputs.tracker.log({"epoch": progress.epoch, **validation_metrics(value)}, step=progress.global_step)
 
     def _log_samples(self) -> None:
         # Without autocast: the samples' own pipelines choose their precision.

@@ -1,4 +1,4 @@
-"""When the trainer measures loss_valid: every N epochs, or several times per epoch.
+"""When the trainer measures loss_valid (every N epochs, or several times per epoch), and its metrics.
 
 EveryDream2's validation every_n_epochs below 1 (0.5: twice per epoch) splits each epoch into
 ceil(1 / every_n_epochs) equal parts (at most one per optimizer step) and validates after each;
@@ -29,4 +29,10 @@ def validation_due(validation: Any, config: Any, progress: Any, steps_per_epoch:
     return steps_in in mid_epoch_points(steps_per_epoch, config.validations_per_epoch)
 
 
-__all__ = ["mid_epoch_points", "validation_due"]
+def validation_metrics(value: Any) -> dict[str, float]:
+    """A task's validation_loss as metrics: a number is loss_valid; a dict (several validation
+    sets, e.g. EveryDream2's extra_manual_datasets) names its own."""
+    return dict(value) if isinstance(value, dict) else {"loss_valid": value}
+
+
+__all__ = ["mid_epoch_points", "validation_due", "validation_metrics"]

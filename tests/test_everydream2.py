@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -218,8 +219,9 @@ def test_validation_manual_split_and_refusals(tmp_path):
         with_validation(every_n_epochs=1.5)
     with pytest.raises(ConfigError, match="stabilize_training_loss"):
         with_validation(stabilize_training_loss=True)
-    with pytest.raises(ConfigError, match="extra_manual_datasets"):
-        with_validation(extra_manual_datasets={"santa": "x"})
+    assert with_validation(extra_manual_datasets={"santa": "x"}).validation_extra_roots == {"santa": "x"}
+    with pytest.raises(ConfigError, match="extra_manual_datasets must be an object"):
+        with_validation(extra_manual_datasets=["x"])
 
 
 def test_sample_prompts_json_reads_into_a_plan(shipped):
@@ -435,3 +437,26 @@ def test_clip_skip_conditions_on_the_earlier_layer_in_training_and_samples(tiny_
     assert skipped.stack.text.fingerprint != plain.stack.text.fingerprint  # cached embeddings of one layer never serve the other
     assert np.abs(np.asarray(skipped.parts.samples.samples(skipped.model)["samples"], float)
                   - np.asarray(plain.parts.samples.samples(plain.model)["samples"], float)).max() > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_extra_manual_datasets_each_log_their_own_loss(tmp_path, tiny_sd15, monkeypatch):
+    from difftrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data, santa = _images(tmp_path / "data"), _images(tmp_path / "santa", count=2)
+    dark = _images(tmp_path / "dark", count=2)
+    for path in dark.glob("*.png"):  # other pixels than santa's: a different loss
+        Image.fromarray(np.zeros((72, 64, 3), np.uint8)).save(path)
+    validation = {"validate_training": True, "val_split_mode": "automatic", "auto_split_proportion": 0.25,
+                  "extra_manual_datasets": {"santa": str(santa), "dark": str(dark)}, "every_n_epochs": 1}
+    (tmp_path / "val.json").write_text(json.dumps(validation))
+    assert main(["--resume_ckpt", str(tiny_sd15), "--data_root", str(data), "--validation_config", "val.json",
+                 "--resolution", "64", "--max_epochs", "2", "--batch_size", "1", "--logdir", "logs",
+                 "--tracker", "none", "--sample_steps", "0"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [line for line in lines if "loss_valid" in line]
+    assert len(valid) == 2 and all({"loss_valid_santa", "loss_valid_dark"} <= set(line) for line in valid)
+    assert all(math.isfinite(line["loss_valid_dark"]) for line in valid)
+    assert valid[0]["loss_valid_santa"] != valid[0]["loss_valid_dark"]

@@ -48,7 +48,8 @@ class Samples(Protocol):
 class Validation(Protocol):
     """A held-out loss, or None when there is no held-out data (main process, eval mode)."""
 
-    def validation_loss(self, model: nn.Module) -> Optional[float]: ...
+    def validation_loss(self, model: nn.Module) -> Optional[float | dict[str, float]]:
+        """loss_valid, or {metric name: loss} when there are several validation sets."""
 
 
 class Exports(Protocol):

@@ -23,7 +23,8 @@ from difftrain.errors import ConfigError
 from difftrain.registry import modes_of
 from difftrain.tasks.base import StartPoint, TaskDefaults, TaskParts
 from difftrain.data.images import repeat_by_multiply
-from difftrain.tasks.sd_parts.data import ImageEpochBatches, bucketed, buckets_for, scan_captioned_images
+from difftrain.tasks.sd_parts.data import (ImageEpochBatches, bucketed, buckets_for, extra_validation_sets,
+                                          scan_captioned_images)
 from difftrain.tasks.sd_parts.outputs import LoraExports
 from difftrain.tasks.sd_parts.reflow import SDReflow
 from difftrain.tasks.sd_parts.samples import SDSamples, SDValidation
@@ -64,8 +65,9 @@ class SDTask(SDStackTask):
                                stack.latents, stack.text, config.batch_size, config.seed)
         self.parts = TaskParts(
             samples=SDSamples(config, stack.view, stack.objective, stack.device, [i.caption for i in train_items]),
-            validation=SDValidation(self.valid_set, config.batch_size, stack.latents, stack.text, stack.objective)
-            if self.valid_set is not None else None,
+            validation=SDValidation(self.valid_set, config.batch_size, stack.latents, stack.text, stack.objective,
+                                    extra_validation_sets(config, buckets))
+            if self.valid_set is not None or config.validation_extra_roots else None,
             exports=LoraExports(config, stack.trainable, start.resumes) if lora else None,
             flow=self.reflow if config.rectified_flow else None)
 

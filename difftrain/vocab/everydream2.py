@@ -293,7 +293,8 @@ VALIDATION_KEYS: tuple[tuple[str, str, str], ...] = (
     ("val_split_mode 'manual'", "ours", "validation_root = manual_data_root"),
     ("auto_split_proportion", "ours", "validation_fraction"),
     ("manual_data_root", "ours", "validation_root"),
-    ("extra_manual_datasets", "refused", "{} accepted; extra named validation sets are not implemented"),
+    ("extra_manual_datasets", "ours", "validation_extra_roots ({name: folder}), each folder's loss logged as "
+     "loss_valid_<name> whenever loss_valid is"),
     ("stabilize_training_loss", "refused", "false accepted; the stabilized train-loss curve is not implemented"),
     ("stabilize_split_proportion", "no effect", "only used by stabilize_training_loss"),
     ("every_n_epochs", "ours", "validate_every_n_epochs for whole numbers; below 1, validations_per_epoch = "
@@ -494,15 +495,19 @@ def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides
 def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
     """Our keys from an EveryDream2 validation JSON (validation_default.json's keys)."""
     _check_keys(data, {key.split(" ")[0] for key, _, _ in VALIDATION_KEYS}, where)
-    refused = {"extra_manual_datasets": {}, "stabilize_training_loss": False, "use_relative_loss": False}
+    refused = {"stabilize_training_loss": False, "use_relative_loss": False}
     for key, neutral in refused.items():
         if data.get(key) not in (None, neutral):
             meaning = next(text for name, _, text in VALIDATION_KEYS if name == key)
             raise ConfigError(f"{where}: {key} {data[key]!r}: {meaning.split('; ', 1)[1]}; set it to "
                               f"{json.dumps(neutral)}.")
+    extra = data.get("extra_manual_datasets") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{where}: extra_manual_datasets must be an object of name: folder pairs, e.g. "
+                          '{"santa_suit": "/path/to/santa_suit_images"}.')
     if not data.get("validate_training", True):
         return {"validation_fraction": 0.0}
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"validation_extra_roots": extra} if extra else {}
     mode = data.get("val_split_mode", "automatic")
     if mode == "automatic":
         result["validation_fraction"] = data.get("auto_split_proportion", 0.15)

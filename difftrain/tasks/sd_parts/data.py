@@ -73,6 +73,20 @@ def scan_captioned_images(config: Config) -> tuple[list[ImageItem], list[ImageIt
     return train * config.image_num_multiply, valid[:MAX_VALIDATION_ITEMS]
 
 
+def extra_validation_sets(config: Config, buckets: Sequence[Bucket]) -> dict[str, ImageBucketDataset]:
+    """validation_extra_roots' folders (EveryDream2's extra_manual_datasets), each bucketed by name."""
+    from_filename = config.mode == "Full" or config.image_use_filename_as_tag
+    sets = {}
+    for name, folder in config.validation_extra_roots.items():
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"validation_extra_roots: the name {name!r} becomes the metric loss_valid_<name>; "
+                              "use letters, digits, '_' or '-'.")
+        items = scan_image_folder(folder, trigger_word=config.lora_trigger_word, caption_from_filename=from_filename,
+                                  setting_name=f"validation_extra_roots.{name}")
+        sets[name] = bucketed(items[:MAX_VALIDATION_ITEMS], buckets, config.seed)
+    return sets
+
+
 def image_item(path_text: str, setting: str, caption: str) -> ImageItem:
     """The image a config key names (e.g. "original image"), as an ImageItem with `caption`.
 
@@ -160,5 +174,5 @@ def repeated(index: int, batch_size: int) -> list[list[int]]:
     return [[index] * batch_size]
 
 
-__all__ = ["EpochBatches", "ImageEpochBatches", "MAX_VALIDATION_ITEMS", "bucketed", "buckets_for", "check_bucket_sizes", "image_item",
-           "paired", "repeated", "scan_captioned_images", "split_validation"]
+__all__ = ["EpochBatches", "ImageEpochBatches", "MAX_VALIDATION_ITEMS", "bucketed", "buckets_for", "check_bucket_sizes",
+           "extra_validation_sets", "image_item", "paired", "repeated", "scan_captioned_images", "split_validation"]

@@ -156,24 +156,33 @@ class SDValidation:
     """Loss on held-out images with the posterior mean and seeded noise / timesteps, so two
     evaluations differ only by the weights."""
 
-    def __init__(self, dataset: ImageBucketDataset, batch_size: int, latents: Latents, text: TextConditioning,
-                 objective: Any):
+    def __init__(self, dataset: Optional[ImageBucketDataset], batch_size: int, latents: Latents,
+                 text: TextConditioning, objective: Any, extra: Optional[dict[str, ImageBucketDataset]] = None):
         self.dataset, self.batch_size, self.latents, self.text, self.objective = \
             dataset, batch_size, latents, text, objective
+        self.extra = extra or {}  # EveryDream2's extra_manual_datasets: name -> images, each its own loss
 
-    def validation_loss(self, model: nn.Module) -> Optional[float]:
+    def validation_loss(self, model: nn.Module) -> Optional[float | dict[str, float]]:
+        """loss_valid, or with extra sets {"loss_valid": ..., "loss_valid_<name>": ...}."""
+        if not self.extra:
+            return self._mean_loss(model, self.dataset)
+        losses = {} if self.dataset is None else {"loss_valid": self._mean_loss(model, self.dataset)}
+        losses.update({f"loss_valid_{name}": self._mean_loss(model, data) for name, data in self.extra.items()})
+        return losses
+
+    def _mean_loss(self, model: nn.Module, dataset: ImageBucketDataset) -> float:
         groups: dict[tuple[int, int], list[int]] = {}
-        for index, bucket in enumerate(self.dataset.buckets):
+        for index, bucket in enumerate(dataset.buckets):
             groups.setdefault(bucket, []).append(index)
         total, seen, number = 0.0, 0, 0
         for bucket in sorted(groups):
             members = groups[bucket]
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
-                latents = self.latents.means(self.dataset, chunk, 0)
+                latents = self.latents.means(dataset, chunk, 0)
                 draws = self.objective.fixed_validation_draws(tuple(latents.shape), VALIDATION_SEED + number,
                                                               latents.device)
-                cond = self.text.of_items(self.dataset, chunk)
+                cond = self.text.of_items(dataset, chunk)
                 total += self.objective.loss(model, latents, **draws, **cond)[0].item() * len(chunk)
                 seen += len(chunk)
                 number += 1
