@@ -90,6 +90,19 @@ def start_two_processes(*script_and_args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+# Known, not understood: now and then (about 1 launch in 30 on the 2-core CI machine) a gloo worker
+# aborts in C++ teardown *after* the run has finished -- the main process has printed its summary,
+# which comes after the last checkpoint and state.pth, and every process has passed the final
+# barrier -- with this line from the C++ runtime. Such a launch is accepted (the test's own checks of
+# the files still run); any other non-zero exit fails. See the README's Scaling out section.
+EXIT_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def aborted_only_in_teardown(stderr: str) -> bool:
+    return EXIT_TEARDOWN_ABORT in stderr and "\ndone.\n" in stderr and "Traceback" not in stderr.split(
+        EXIT_TEARDOWN_ABORT)[0]
+
+
 def finish(process: subprocess.Popen) -> str:
     """Wait for a launch; returns its stderr, failing the test on a non-zero exit."""
     try:
@@ -97,6 +110,9 @@ def finish(process: subprocess.Popen) -> str:
     finally:
         if process.poll() is None:
             process.kill()
+    if process.returncode != 0 and aborted_only_in_teardown(stderr):
+        print(f"note: a worker aborted in teardown after the run finished ({EXIT_TEARDOWN_ABORT!r})")
+        return stderr
     assert process.returncode == 0, stderr[-4000:]
     return stderr
 
