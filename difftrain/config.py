@@ -102,6 +102,10 @@ class ModelSettings(BaseModel):
     validation_root: str = setting("", "Folder of held-out images for loss_valid; empty: use "
                                    "validation_fraction of data_root.")
     validation_fraction: float = setting(0.0, "Fraction of data_root held out for loss_valid.", ge=0, lt=1)
+    validation_stabilize_fraction: float = setting(0.0, "Fraction of the training images (kept in training) "
+                                                   "whose fixed-noise loss is logged as loss_train_stabilized "
+                                                   "with loss_valid (EveryDream2's stabilize_training_loss); "
+                                                   "0: off.", ge=0, le=1)
     validation_extra_roots: dict[str, str] = setting({}, "Named extra folders of held-out images, each "
                                                      "logged as loss_valid_<name> (EveryDream2's "
                                                      "extra_manual_datasets).")

@@ -217,8 +217,13 @@ def test_validation_manual_split_and_refusals(tmp_path):
     assert (third.validations_per_epoch, third.validate_every_n_epochs) == (4, 1)  # ceil(1 / 0.33)
     with pytest.raises(ConfigError, match="every_n_epochs 1.5"):
         with_validation(every_n_epochs=1.5)
-    with pytest.raises(ConfigError, match="stabilize_training_loss"):
-        with_validation(stabilize_training_loss=True)
+    assert with_validation(stabilize_training_loss=True).validation_stabilize_fraction == 0.15
+    assert with_validation(stabilize_training_loss=False).validation_stabilize_fraction == 0
+    stabilized_only = with_validation(validate_training=False, stabilize_training_loss=True,
+                                      stabilize_split_proportion=0.5)
+    assert (stabilized_only.validation_fraction, stabilized_only.validation_stabilize_fraction) == (0, 0.5)
+    with pytest.raises(ConfigError, match="use_relative_loss"):
+        with_validation(use_relative_loss=True)
     assert with_validation(extra_manual_datasets={"santa": "x"}).validation_extra_roots == {"santa": "x"}
     with pytest.raises(ConfigError, match="extra_manual_datasets must be an object"):
         with_validation(extra_manual_datasets=["x"])
@@ -440,7 +445,7 @@ def test_clip_skip_conditions_on_the_earlier_layer_in_training_and_samples(tiny_
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_extra_manual_datasets_each_log_their_own_loss(tmp_path, tiny_sd15, monkeypatch):
+def test_extra_manual_datasets_and_the_stabilized_train_loss_each_log_their_own(tmp_path, tiny_sd15, monkeypatch):
     from difftrain.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -449,7 +454,8 @@ def test_extra_manual_datasets_each_log_their_own_loss(tmp_path, tiny_sd15, monk
     for path in dark.glob("*.png"):  # other pixels than santa's: a different loss
         Image.fromarray(np.zeros((72, 64, 3), np.uint8)).save(path)
     validation = {"validate_training": True, "val_split_mode": "automatic", "auto_split_proportion": 0.25,
-                  "extra_manual_datasets": {"santa": str(santa), "dark": str(dark)}, "every_n_epochs": 1}
+                  "extra_manual_datasets": {"santa": str(santa), "dark": str(dark)}, "every_n_epochs": 1,
+                  "stabilize_training_loss": True, "stabilize_split_proportion": 0.5}
     (tmp_path / "val.json").write_text(json.dumps(validation))
     assert main(["--resume_ckpt", str(tiny_sd15), "--data_root", str(data), "--validation_config", "val.json",
                  "--resolution", "64", "--max_epochs", "2", "--batch_size", "1", "--logdir", "logs",
@@ -457,6 +463,28 @@ def test_extra_manual_datasets_each_log_their_own_loss(tmp_path, tiny_sd15, monk
     (run,) = (tmp_path / "runs").iterdir()
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     valid = [line for line in lines if "loss_valid" in line]
-    assert len(valid) == 2 and all({"loss_valid_santa", "loss_valid_dark"} <= set(line) for line in valid)
-    assert all(math.isfinite(line["loss_valid_dark"]) for line in valid)
+    metrics = {"loss_valid_santa", "loss_valid_dark", "loss_train_stabilized"}
+    assert len(valid) == 2 and all(metrics <= set(line) for line in valid)
+    assert all(math.isfinite(line[metric]) for line in valid for metric in metrics)
     assert valid[0]["loss_valid_santa"] != valid[0]["loss_valid_dark"]
+
+
+def test_the_stabilized_set_is_a_seeded_share_of_the_distinct_training_images(tmp_path):
+    from difftrain.config import validate_config_dict
+    from difftrain.data.images import scan_image_folder
+    from difftrain.tasks.sd_parts.data import extra_validation_sets
+
+    items = scan_image_folder(str(_images(tmp_path / "data", count=4)), trigger_word="",
+                              caption_from_filename=True, setting_name="data_root") * 3  # image_num_multiply 3
+
+    def chosen(**settings):
+        config = validate_config_dict({"data_root": str(tmp_path / "data"), **settings})
+        sets = extra_validation_sets(config, [(64, 64)], items)
+        return sorted(item.path.name for item in sets["loss_train_stabilized"].items)
+
+    half = chosen(validation_stabilize_fraction=0.5, seed=1)
+    assert len(half) == len(set(half)) == 2 and set(half) <= {item.path.name for item in items}
+    assert half == chosen(validation_stabilize_fraction=0.5, seed=1)
+    assert len(chosen(validation_stabilize_fraction=0.1, seed=1)) == 1  # at least one image
+    assert "loss_train_stabilized" not in extra_validation_sets(
+        validate_config_dict({"data_root": "x"}), [(64, 64)], items)

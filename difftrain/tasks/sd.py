@@ -63,11 +63,12 @@ class SDTask(SDStackTask):
         self.batches = ImageEpochBatches(self.train_set, chances, config.batch_size, config.seed)
         self.reflow = SDReflow(stack.model, stack.objective, self.train_set, self.valid_set or self.train_set,
                                stack.latents, stack.text, config.batch_size, config.seed)
+        extra_sets = extra_validation_sets(config, buckets, train_items)
         self.parts = TaskParts(
             samples=SDSamples(config, stack.view, stack.objective, stack.device, [i.caption for i in train_items]),
             validation=SDValidation(self.valid_set, config.batch_size, stack.latents, stack.text, stack.objective,
-                                    extra_validation_sets(config, buckets))
-            if self.valid_set is not None or config.validation_extra_roots else None,
+                                    extra_sets)
+            if self.valid_set is not None or extra_sets else None,
             exports=LoraExports(config, stack.trainable, start.resumes) if lora else None,
             flow=self.reflow if config.rectified_flow else None)
 

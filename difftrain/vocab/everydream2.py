@@ -295,8 +295,9 @@ VALIDATION_KEYS: tuple[tuple[str, str, str], ...] = (
     ("manual_data_root", "ours", "validation_root"),
     ("extra_manual_datasets", "ours", "validation_extra_roots ({name: folder}), each folder's loss logged as "
      "loss_valid_<name> whenever loss_valid is"),
-    ("stabilize_training_loss", "refused", "false accepted; the stabilized train-loss curve is not implemented"),
-    ("stabilize_split_proportion", "no effect", "only used by stabilize_training_loss"),
+    ("stabilize_training_loss", "ours", "true: validation_stabilize_fraction = stabilize_split_proportion; that "
+     "share of the training images (still trained on) logged with fixed noise as loss_train_stabilized"),
+    ("stabilize_split_proportion", "ours", "validation_stabilize_fraction, when stabilize_training_loss is true"),
     ("every_n_epochs", "ours", "validate_every_n_epochs for whole numbers; below 1, validations_per_epoch = "
      "ceil(1 / every_n_epochs) evenly spaced (0.5: twice per epoch); 1.5 and the like are refused"),
     ("seed", "no effect", "the split follows seed; validation noise comes from difftrain's own fixed seed"),
@@ -495,7 +496,7 @@ def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides
 def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
     """Our keys from an EveryDream2 validation JSON (validation_default.json's keys)."""
     _check_keys(data, {key.split(" ")[0] for key, _, _ in VALIDATION_KEYS}, where)
-    refused = {"stabilize_training_loss": False, "use_relative_loss": False}
+    refused = {"use_relative_loss": False}
     for key, neutral in refused.items():
         if data.get(key) not in (None, neutral):
             meaning = next(text for name, _, text in VALIDATION_KEYS if name == key)
@@ -505,9 +506,12 @@ def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(extra, dict):
         raise ConfigError(f"{where}: extra_manual_datasets must be an object of name: folder pairs, e.g. "
                           '{"santa_suit": "/path/to/santa_suit_images"}.')
+    # EveryDream2 stabilizes the train loss whether or not it validates.
+    stabilized = {"validation_stabilize_fraction": data.get("stabilize_split_proportion") or 0.15} \
+        if data.get("stabilize_training_loss") else {}
     if not data.get("validate_training", True):
-        return {"validation_fraction": 0.0}
-    result: dict[str, Any] = {"validation_extra_roots": extra} if extra else {}
+        return {"validation_fraction": 0.0, **stabilized}
+    result: dict[str, Any] = {**stabilized, **({"validation_extra_roots": extra} if extra else {})}
     mode = data.get("val_split_mode", "automatic")
     if mode == "automatic":
         result["validation_fraction"] = data.get("auto_split_proportion", 0.15)

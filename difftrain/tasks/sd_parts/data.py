@@ -6,6 +6,7 @@ Everything here runs before any model is loaded, so a wrong folder or image cost
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -73,8 +74,10 @@ def scan_captioned_images(config: Config) -> tuple[list[ImageItem], list[ImageIt
     return train * config.image_num_multiply, valid[:MAX_VALIDATION_ITEMS]
 
 
-def extra_validation_sets(config: Config, buckets: Sequence[Bucket]) -> dict[str, ImageBucketDataset]:
-    """validation_extra_roots' folders (EveryDream2's extra_manual_datasets), each bucketed by name."""
+def extra_validation_sets(config: Config, buckets: Sequence[Bucket],
+                          train_items: Sequence[ImageItem]) -> dict[str, ImageBucketDataset]:
+    """Metric name -> images: validation_extra_roots' folders (EveryDream2's extra_manual_datasets) as
+    loss_valid_<name>, and validation_stabilize_fraction of the training images as loss_train_stabilized."""
     from_filename = config.mode == "Full" or config.image_use_filename_as_tag
     sets = {}
     for name, folder in config.validation_extra_roots.items():
@@ -83,7 +86,13 @@ def extra_validation_sets(config: Config, buckets: Sequence[Bucket]) -> dict[str
                               "use letters, digits, '_' or '-'.")
         items = scan_image_folder(folder, trigger_word=config.lora_trigger_word, caption_from_filename=from_filename,
                                   setting_name=f"validation_extra_roots.{name}")
-        sets[name] = bucketed(items[:MAX_VALIDATION_ITEMS], buckets, config.seed)
+        sets[f"loss_valid_{name}"] = bucketed(items[:MAX_VALIDATION_ITEMS], buckets, config.seed)
+    if config.validation_stabilize_fraction > 0:
+        unique = list({item.path: item for item in train_items}.values())  # image_num_multiply repeats once
+        count = min(len(unique), max(1, math.ceil(len(unique) * config.validation_stabilize_fraction)))
+        order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        chosen = [unique[i] for i in sorted(order[:count])][:MAX_VALIDATION_ITEMS]
+        sets["loss_train_stabilized"] = bucketed(chosen, buckets, config.seed)  # unflipped, undropped captions
     return sets
 
 

@@ -160,14 +160,14 @@ class SDValidation:
                  text: TextConditioning, objective: Any, extra: Optional[dict[str, ImageBucketDataset]] = None):
         self.dataset, self.batch_size, self.latents, self.text, self.objective = \
             dataset, batch_size, latents, text, objective
-        self.extra = extra or {}  # EveryDream2's extra_manual_datasets: name -> images, each its own loss
+        self.extra = extra or {}  # metric name -> images, each its own loss (EveryDream2's extra sets)
 
     def validation_loss(self, model: nn.Module) -> Optional[float | dict[str, float]]:
-        """loss_valid, or with extra sets {"loss_valid": ..., "loss_valid_<name>": ...}."""
+        """loss_valid, or with extra sets {"loss_valid": ..., <metric>: ...}."""
         if not self.extra:
             return self._mean_loss(model, self.dataset)
         losses = {} if self.dataset is None else {"loss_valid": self._mean_loss(model, self.dataset)}
-        losses.update({f"loss_valid_{name}": self._mean_loss(model, data) for name, data in self.extra.items()})
+        losses.update({metric: self._mean_loss(model, data) for metric, data in self.extra.items()})
         return losses
 
     def _mean_loss(self, model: nn.Module, dataset: ImageBucketDataset) -> float:
