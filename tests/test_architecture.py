@@ -40,3 +40,15 @@ def test_a_lower_layer_importing_a_higher_one_breaks_the_contract(tmp_path):
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "difftrain.config is not allowed to import difftrain.trainer" in result.stdout
+
+
+def test_every_module_has_a_layer():
+    # import-linter leaves a module out of the layering when no layer names it: a new module must
+    # be placed, or it could import anything.
+    layers = (REPO / ".importlinter").read_text(encoding="utf-8").split("layers =", 1)[1].split("\n\n", 1)[0]
+    placed = {name.strip().removeprefix("difftrain.") for line in layers.splitlines()
+              for name in line.replace("|", ":").split(":") if name.strip()}
+    package = REPO / "difftrain"
+    modules = {path.stem for path in package.glob("*.py") if path.stem not in ("__init__", "tiny")}
+    modules |= {path.name for path in package.iterdir() if (path / "__init__.py").is_file()}
+    assert modules - placed == set(), "place these in .importlinter's layers"
