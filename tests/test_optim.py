@@ -333,14 +333,20 @@ def test_the_fifteen_traintrain_schedulers_are_ours():
     assert sorted([*CURVES, "reduce_on_plateau"]) == sorted(TRAINTRAIN_SCHEDULERS)
 
 
-@pytest.mark.parametrize("name", sorted(CURVES))
-def test_schedule_follows_its_definition(name):
-    settings, rules, expected = CURVES[name]
+def scheduled(name):
+    """(config, optimizer, scheduler, loss) of schedule `name` as CURVES sets it up, on the quadratic."""
+    settings, rules, _ = CURVES[name]
     config = Config(lr=LR, lr_scheduler=name, lr_scheduler_settings=settings, lr_step_rules=rules,
                     lr_warmup_steps=WARMUP)
     params, loss = quadratic()
     optimizer = make_optimizer(config, [{"params": params}])
-    scheduler = make_scheduler(config, optimizer, TOTAL)
+    return config, optimizer, make_scheduler(config, optimizer, TOTAL), loss
+
+
+@pytest.mark.parametrize("name", sorted(CURVES))
+def test_schedule_follows_its_definition(name):
+    expected = CURVES[name][2]
+    config, optimizer, scheduler, loss = scheduled(name)
     seen = [scheduler.get_last_lr()[0]]
     for _ in range(TOTAL - 1):
         run_steps(optimizer, scheduler, loss, 1)
@@ -350,15 +356,10 @@ def test_schedule_follows_its_definition(name):
 
 @pytest.mark.parametrize("name", sorted(CURVES))
 def test_a_resumed_schedule_continues_where_it_stopped(name):
-    settings, rules, _ = CURVES[name]
-    config = Config(lr=LR, lr_scheduler=name, lr_scheduler_settings=settings, lr_step_rules=rules,
-                    lr_warmup_steps=WARMUP)
-    params, loss = quadratic()
-    optimizer = make_optimizer(config, [{"params": params}])
-    scheduler = make_scheduler(config, optimizer, TOTAL)
+    config, optimizer, scheduler, loss = scheduled(name)
     run_steps(optimizer, scheduler, loss, 4)
     saved = (optimizer.state_dict(), scheduler.state_dict())  # what a checkpoint keeps
-    resumed_optimizer = make_optimizer(config, [{"params": params}])
+    resumed_optimizer = make_optimizer(config, [{"params": optimizer.param_groups[0]["params"]}])
     resumed = make_scheduler(config, resumed_optimizer, TOTAL)
     resumed_optimizer.load_state_dict(saved[0])
     resumed.load_state_dict(saved[1])
