@@ -213,8 +213,8 @@ class RunOutputs:
     main_log_folder: Path
 
     def save_samples(self, samples: dict[str, Any], step: int) -> None:
-        """A task's samples at `step`: images into samples/ of both folders, then images and numbers
-        to the tracker."""
+        """A task's samples at `step`: each picture as samples/<key>-gs<step>.png in both folders and
+        under its key in the tracker, with the numbers."""
         from PIL import Image
 
         pictures = {key: value for key, value in samples.items() if isinstance(value, Image.Image)}
@@ -224,7 +224,8 @@ class RunOutputs:
             for key, image in pictures.items():
                 image.save(folder / "samples" / f"{key}-gs{step:05d}.png")
         if pictures or numbers:
-            self.tracker.log(numbers, step=step, images={"samples": list(pictures.values())} if pictures else None)
+            # Each picture under its own key (samples, spectrum, samples_ema...): wandb shows one panel per kind.
+            self.tracker.log(numbers, step=step, images=pictures or None)
 
     def summary(self, checkpoint_folder: Optional[Path]) -> str:
         """The lines printed when a run ends: where everything went."""
