@@ -172,7 +172,16 @@ class TrainingSettings(BaseModel):
         "text_encoder_overrides).")
     text_encoder_unfreeze_last_n_layers: Optional[int] = setting(
         None, "Train only the last N layers and the final layer norm of the text encoder(s) (their "
-        "embeddings stay frozen); empty: all of it (EveryDream2's unfreeze_last_n_layers).", ge=1)
+        "embeddings stay frozen unless text_encoder_freeze_embeddings is false); empty: all of it "
+        "(EveryDream2's unfreeze_last_n_layers).", ge=1)
+    text_encoder_freeze_front_n_layers: Optional[int] = setting(
+        None, "Freeze the first N layers of the text encoder(s), or with a negative N all but the last -N; "
+        "text_encoder_unfreeze_last_n_layers wins when both are set (EveryDream2's freeze_front_n_layers).")
+    text_encoder_freeze_embeddings: Optional[bool] = setting(
+        None, "Freeze the text encoder's token and position embeddings; empty: frozen exactly when only some "
+        "of its layers train (EveryDream2's freeze_embeddings).")
+    text_encoder_freeze_final_layer_norm: bool = setting(
+        False, "Freeze the text encoder's final layer norm (EveryDream2's freeze_final_layer_norm).")
 
     # ---- objective ----------------------------------------------------------------------------
     loss_function: Literal["MSE", "L1", "Smooth-L1", "MSE-Huber", "Huber-MSE"] = setting(

@@ -160,7 +160,7 @@ TERMS: tuple[Term, ...] = (
           convert=_drop_none("no_save_ckpt")),
     _ours("optimizer_config", "optimizer.json", "read and translated (see the optimizer_config table): "
           "optimizer, lr, weight_decay, optimizer_settings, text_encoder_lr, text_encoder_lr_scheduler, "
-          "text_encoder_unfreeze_last_n_layers", "str", "optimizer",
+          "text_encoder_unfreeze_last_n_layers and the other text_encoder_freeze_* settings", "str", "optimizer",
           also=("lr", "optimizer_settings", "weight_decay", "text_encoder_lr")),
     _refused_unless("plugins", None, "list", lambda value: not value,
                     "plugins run EveryDream2's own Python plugin classes, which difftrain does not load; "
@@ -281,9 +281,14 @@ OPTIMIZER_KEYS: tuple[tuple[str, str, str], ...] = (
      "optimizer, betas, epsilon, weight_decay, warmup or decay for the text encoder is refused (one "
      "optimizer trains both here)"),
     ("text_encoder_lr_scale", "ours", "with no text_encoder_overrides.lr: text_encoder_lr = lr x scale"),
-    ("text_encoder_freezing.unfreeze_last_n_layers", "ours", "text_encoder_unfreeze_last_n_layers"),
-    ("text_encoder_freezing (other keys)", "refused", "freeze_front_n_layers, freeze_embeddings and "
-     "freeze_final_layer_norm are refused unless null; use unfreeze_last_n_layers"),
+    ("text_encoder_freezing.unfreeze_last_n_layers", "ours", "text_encoder_unfreeze_last_n_layers (null: all "
+     "layers); the key's presence, even null, makes freeze_front_n_layers have no effect, as in EveryDream2"),
+    ("text_encoder_freezing.freeze_front_n_layers", "ours", "text_encoder_freeze_front_n_layers: the first N "
+     "layers freeze, or with N < 0 all but the last -N"),
+    ("text_encoder_freezing.freeze_embeddings", "ours", "text_encoder_freeze_embeddings (left out: frozen "
+     "exactly when only some layers train; null counts as false, as in EveryDream2)"),
+    ("text_encoder_freezing.freeze_final_layer_norm", "ours", "text_encoder_freeze_final_layer_norm (left out "
+     "or null: it trains)"),
     ("apply_grad_scaler_step_tweaks", "no effect", "accelerate's gradient scaler is used as it is"),
 )
 VALIDATION_KEYS: tuple[tuple[str, str, str], ...] = (
@@ -461,12 +466,12 @@ def optimizer_settings(data: dict[str, Any], where: str, main: dict[str, Any],
         extras.append(f"{_SETTING_NAMES.get(key, key)}={text}")
     if extras:
         result["optimizer_settings"] = ";".join(extras)
-    result.update(_text_encoder_settings(data, base, overrides, where, main.get("lr", result.get("lr"))))
+    result.update(_text_encoder_settings(data, base, overrides, where, main.get("lr", result.get("lr")), notes))
     return result
 
 
 def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any], where: str,
-                           lr: Optional[float]) -> dict[str, Any]:
+                           lr: Optional[float], notes: Optional[list[str]] = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in overrides.items():
         if key in ("lr", "lr_scheduler") or value is None or value == base.get(key):
@@ -484,12 +489,31 @@ def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides
     freezing = data.get("text_encoder_freezing") or {}
     _check_keys(freezing, {"unfreeze_last_n_layers", "freeze_front_n_layers", "freeze_embeddings",
                            "freeze_final_layer_norm"}, f"{where}: text_encoder_freezing")
-    for key in ("freeze_front_n_layers", "freeze_embeddings", "freeze_final_layer_norm"):
-        if freezing.get(key) is not None:
-            raise ConfigError(f"{where}: text_encoder_freezing.{key} is not implemented; use "
-                              "unfreeze_last_n_layers (the last N layers and the final layer norm train).")
-    if freezing.get("unfreeze_last_n_layers") is not None:
-        result["text_encoder_unfreeze_last_n_layers"] = freezing["unfreeze_last_n_layers"]
+    result.update(_freezing_settings(freezing, where, notes))
+    return result
+
+
+def _freezing_settings(freezing: dict[str, Any], where: str, notes: Optional[list[str]]) -> dict[str, Any]:
+    """text_encoder_freezing as EveryDream2 reads it: by presence of a key, not by its value, so an
+    unfreeze_last_n_layers key (even null, meaning all layers) overrides freeze_front_n_layers, and
+    freeze_embeddings null means false (the embeddings train)."""
+    result: dict[str, Any] = {}
+    at = f"{where}: text_encoder_freezing"
+    if "unfreeze_last_n_layers" in freezing:
+        if freezing["unfreeze_last_n_layers"] is not None:
+            result["text_encoder_unfreeze_last_n_layers"] = freezing["unfreeze_last_n_layers"]
+        if freezing.get("freeze_front_n_layers") is not None and notes is not None:
+            notes.append(f"note: {at}.freeze_front_n_layers has no effect: unfreeze_last_n_layers is also "
+                         "there and wins (as in EveryDream2); remove one of them.")
+    elif freezing.get("freeze_front_n_layers") is not None:
+        result["text_encoder_freeze_front_n_layers"] = freezing["freeze_front_n_layers"]
+    if "freeze_embeddings" in freezing:
+        result["text_encoder_freeze_embeddings"] = bool(freezing["freeze_embeddings"])
+        if freezing["freeze_embeddings"] is None and notes is not None:
+            notes.append(f"note: {at}.freeze_embeddings null is read as false, as EveryDream2 reads it: the "
+                         "text encoder's embeddings train.")
+    if "freeze_final_layer_norm" in freezing:
+        result["text_encoder_freeze_final_layer_norm"] = bool(freezing["freeze_final_layer_norm"])
     return result
 
 

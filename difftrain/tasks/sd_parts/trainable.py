@@ -6,6 +6,7 @@ into and read back from a checkpoint folder.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import random
 import time
@@ -86,17 +87,51 @@ class SDTrainable(nn.Module):
                          return_dict=False)[0]
 
 
-def unfreeze_last_layers(encoder: nn.Module, count: int) -> None:
-    """Train only a CLIP text encoder's last `count` layers and its final layer norm (EveryDream2's
-    unfreeze_last_n_layers; the embeddings freeze too when fewer than all layers train)."""
+@dataclass(frozen=True)
+class TextEncoderFreezing:
+    """Which parts of a CLIP text encoder train (EveryDream2's text_encoder_freezing, resolved)."""
+
+    trained_layers: int  # the last this many of its layers
+    embeddings: bool
+    final_layer_norm: bool
+
+
+def text_encoder_freezing(config: Config, layer_count: int) -> TextEncoderFreezing:
+    """EveryDream2's rule (optimizer/optimizers.py, _apply_text_encoder_freeze): unfreeze_last_n_layers
+    wins over freeze_front_n_layers (negative: all but the last -N); when fewer than all layers
+    train the embeddings freeze too, unless freeze_embeddings says otherwise; the final layer norm
+    trains unless freeze_final_layer_norm."""
+    trained = config.text_encoder_unfreeze_last_n_layers
+    front = config.text_encoder_freeze_front_n_layers
+    if trained is None and front is not None:
+        trained = -front if front < 0 else layer_count - front
+        if trained <= 0:
+            raise ConfigError(f"text_encoder_freeze_front_n_layers {front} leaves none of the text encoder's "
+                              f"{layer_count} layers to train; use a number below {layer_count}, or "
+                              "disable_textenc_training to train no text encoder at all.")
+    trained = layer_count if trained is None else min(trained, layer_count)
+    embeddings = trained == layer_count if config.text_encoder_freeze_embeddings is None \
+        else not config.text_encoder_freeze_embeddings
+    return TextEncoderFreezing(trained, embeddings, not config.text_encoder_freeze_final_layer_norm)
+
+
+def freeze_text_encoder_parts(encoder: nn.Module, config: Config) -> None:
+    """Freeze what `text_encoder_freezing` says of a CLIP text encoder whose weights all train now.
+    When any part freezes, an SDXL encoder's text projection (outside EveryDream2's rule, which
+    knows SD1/SD2 encoders only) freezes with it."""
     text_model = getattr(encoder, "text_model", encoder)  # transformers 5 flattened CLIPTextModel
     layers = text_model.encoder.layers
-    if count >= len(layers):
+    parts = text_encoder_freezing(config, len(layers))
+    if parts == TextEncoderFreezing(len(layers), True, True):
         return
     encoder.requires_grad_(False)
-    for layer in layers[len(layers) - count:]:
-        layer.requires_grad_(True)
-    text_model.final_layer_norm.requires_grad_(True)
+    text_model.embeddings.requires_grad_(parts.embeddings)
+    layers[len(layers) - parts.trained_layers:].requires_grad_(True)
+    text_model.final_layer_norm.requires_grad_(parts.final_layer_norm)
+    frozen = [f"layers 1-{len(layers) - parts.trained_layers}"] if parts.trained_layers < len(layers) else []
+    frozen += [name for name, trains in (("embeddings", parts.embeddings),
+                                         ("final layer norm", parts.final_layer_norm)) if not trains]
+    say(f"text encoder ({len(layers)} layers): {', '.join(frozen)} frozen.")
 
 
 def model_view(sd: SDModel, model: SDTrainable, zero_terminal_snr: bool) -> SDModel:
@@ -139,8 +174,7 @@ class FullTrainable:
         for encoder in sd.text_encoders:
             if train_text_encoders:
                 place(encoder, device, torch.float32).requires_grad_(True).train()
-                if config.text_encoder_unfreeze_last_n_layers is not None:
-                    unfreeze_last_layers(encoder, config.text_encoder_unfreeze_last_n_layers)
+                freeze_text_encoder_parts(encoder, config)
             else:
                 place(encoder, device, frozen_dtype).requires_grad_(False).eval()
         self.model = SDTrainable(sd, train_text_encoders)
@@ -321,4 +355,4 @@ class LoraTrainable:
 
 __all__ = ["DTYPES", "FullTrainable", "LORA_FILE", "LoraTrainable", "SDTrainable", "conv_rank_alpha",
            "enable_gradient_checkpointing", "model_view", "parameter_groups", "place", "trains_text_encoders",
-           "unfreeze_last_layers"]
+           "freeze_text_encoder_parts", "text_encoder_freezing"]
