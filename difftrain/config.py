@@ -182,6 +182,9 @@ class TrainingSettings(BaseModel):
         "of its layers train (EveryDream2's freeze_embeddings).")
     text_encoder_freeze_final_layer_norm: bool = setting(
         False, "Freeze the text encoder's final layer norm (EveryDream2's freeze_final_layer_norm).")
+    train_unet: bool = setting(
+        True, "Train the UNet; false trains the text encoder(s) alone, in mode Full with "
+        "network_train_text_encoder (EveryDream2's disable_unet_training).")
 
     # ---- objective ----------------------------------------------------------------------------
     loss_function: Literal["MSE", "L1", "Smooth-L1", "MSE-Huber", "Huber-MSE"] = setting(
@@ -392,6 +395,10 @@ class Config(DataAndOutputSettings, TrainingSettings, ModelSettings):
         if self.task == "kolmogorov" and self.window > self.simulation.keep:
             problems.append(f"window {self.window} is longer than the trajectories (simulation.keep "
                             f"{self.simulation.keep} states); lower window or raise keep")
+        if not self.train_unet and self.task == "sd" and (self.mode != "Full" or not self.network_train_text_encoder):
+            problems.append("train_unet is false (disable_unet_training) but nothing else trains: it trains the "
+                            "text encoder alone, so it needs mode 'Full' with network_train_text_encoder true "
+                            "(disable_textenc_training false); train one of them")
         second = self.for_second_pass()
         if second is not self and second.min_timestep >= second.max_timestep:
             problems.append(f"in 'second_pass', min_timestep ({second.min_timestep}) must be below "

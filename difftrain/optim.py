@@ -370,7 +370,7 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_units
     if warmup and name not in _USES_WARMUP:
         logger.info("lr_warmup_steps has no effect: lr_scheduler '%s' has no warm-up.", name)
     text_schedule = config.text_encoder_lr_scheduler
-    if text_schedule and text_schedule != name and len(optimizer.param_groups) > 1:
+    if text_schedule and set(_group_schedules(config, optimizer)) != {name}:
         if name in TORCH_SCHEDULERS:
             raise ConfigError(f"text_encoder_lr_scheduler '{text_schedule}' needs lr_scheduler to be one of "
                               f"diffusers' schedules too, not '{name}'; change one of them.")
@@ -390,8 +390,17 @@ def _per_group_schedule(config: Config, optimizer: torch.optim.Optimizer, settin
                                         warmup, decay)
         return schedule.lr_lambdas[0]
 
-    names = [config.lr_scheduler] + [config.text_encoder_lr_scheduler] * (len(optimizer.param_groups) - 1)
-    return torch_schedulers.LambdaLR(optimizer, [multiplier(name) for name in names])
+    return torch_schedulers.LambdaLR(optimizer, [multiplier(name) for name in _group_schedules(config, optimizer)])
+
+
+def _group_schedules(config: Config, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Each parameter group's schedule name: text_encoder_lr_scheduler for the text encoders' groups
+    (named by their "module" entry; unnamed, every group after the first), lr_scheduler for the rest."""
+    groups = optimizer.param_groups
+    text = [group.get("module") == "text_encoder" if any("module" in g for g in groups) else index > 0
+            for index, group in enumerate(groups)]
+    return [config.text_encoder_lr_scheduler if is_text and config.text_encoder_lr_scheduler else config.lr_scheduler
+            for is_text in text]
 
 
 def _torch_scheduler(config: Config, optimizer: torch.optim.Optimizer, settings: dict[str, Any], run: int):

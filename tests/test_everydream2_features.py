@@ -97,3 +97,53 @@ def test_freezing_reaches_the_optimizer_of_a_full_run_on_the_tiny_stand_in(tiny_
     optimized = {id(p) for group in task.parameter_groups() for p in group["params"]}
     assert all((id(p) in optimized) == p.requires_grad for p in encoder.parameters())
     assert all(id(p) in optimized for p in task.model.unet.parameters())
+
+
+# ---- b) disable_unet_training ---------------------------------------------------------------------
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (file,) = folder.glob("*.safetensors")
+    return load_file(str(file))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_disable_unet_training_trains_the_text_encoder_alone(tiny_sd15, tmp_path, monkeypatch):
+    from difftrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = _images(tmp_path / "data", count=2)
+    assert main(["--resume_ckpt", str(tiny_sd15), "--data_root", str(data), "--resolution", "64",
+                 "--max_epochs", "1", "--batch_size", "2", "--lr", "1e-3", "--sample_steps", "0",
+                 "--tracker", "none", "--disable_unet_training", "true", "--disable_textenc_training", "false"]) == 0
+    (final,) = (tmp_path / "logs").glob("*/ckpts/last-*")
+    for module, changes in (("unet", False), ("text_encoder", True)):
+        before, after = _weights(tiny_sd15 / module), _weights(final / module)
+        changed = [name for name in before if not torch.equal(before[name], after[name].to(before[name].dtype))]
+        assert bool(changed) == changes, module
+    used = json.loads(next((tmp_path / "runs").glob("*/config.json")).read_text())
+    assert used["train_unet"] is False
+
+
+def test_disabling_both_the_unet_and_the_text_encoder_is_a_clear_error(tiny_sd15, tmp_path, capsys):
+    from difftrain.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--resume_ckpt", str(tiny_sd15), "--data_root", str(_images(tmp_path / "data", count=1)),
+              "--disable_unet_training", "true", "--disable_textenc_training", "true"])
+    assert exited.value.code == 2
+    assert "nothing else trains" in capsys.readouterr().err
+
+
+def test_a_frozen_unet_leaves_the_text_encoder_its_own_schedule():
+    from difftrain.optim import make_scheduler
+
+    config = Config(lr_scheduler="constant", text_encoder_lr_scheduler="linear", lr_warmup_steps=0)
+    text = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [text], "module": "text_encoder"}], lr=1e-6)
+    scheduler = make_scheduler(config, optimizer, 100)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-7)

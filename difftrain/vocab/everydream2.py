@@ -130,9 +130,9 @@ TERMS: tuple[Term, ...] = (
     _ours("disable_textenc_training", False, "network_train_text_encoder = not disable_textenc_training",
           "bool", "network_train_text_encoder",
           convert=_drop_none("network_train_text_encoder", lambda value: not value)),
-    _refused_unless("disable_unet_training", False, "bool", lambda value: not value,
-                    "disable_unet_training (training the text encoder alone) is not implemented; "
-                    "leave it false"),
+    _ours("disable_unet_training", False, "train_unet = not disable_unet_training: true trains the text "
+          "encoder alone (the UNet stays as loaded; with disable_textenc_training too there is nothing to "
+          "train, an error)", "bool", "train_unet", convert=_drop_none("train_unet", lambda value: not value)),
     _ours("embedding_perturbation", 0.0, "embedding_perturbation", "float",
           convert=_drop_none("embedding_perturbation")),
     _ours("flip_p", 0.0, "flip_p (a folder's flip_p.txt or yaml wins for its images)", "float",

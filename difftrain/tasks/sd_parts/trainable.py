@@ -145,11 +145,13 @@ def model_view(sd: SDModel, model: SDTrainable, zero_terminal_snr: bool) -> SDMo
 
 
 def parameter_groups(model: SDTrainable, text_encoder_lr: float) -> list[dict[str, Any]]:
-    """The UNet's trainable parameters, and the text encoders' (at text_encoder_lr when set)."""
-    groups: list[dict[str, Any]] = [{"params": [p for p in model.unet.parameters() if p.requires_grad]}]
+    """The UNet's trainable parameters, and the text encoders' (at text_encoder_lr when set); a
+    group without parameters (a frozen UNet) is left out. "module" names each group's owner."""
+    unet = [p for p in model.unet.parameters() if p.requires_grad]
     text = [p for p in model.text_encoders.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": unet, "module": "unet"}] if unet else []
     if text:
-        groups.append({"params": text, **({"lr": text_encoder_lr} if text_encoder_lr else {})})
+        groups.append({"params": text, "module": "text_encoder", **({"lr": text_encoder_lr} if text_encoder_lr else {})})
     return groups
 
 
@@ -170,7 +172,10 @@ class FullTrainable:
                  train_text_encoders: bool):
         sd = base.sd
         self.config = config
-        place(sd.unet, device, torch.float32).requires_grad_(True).train()
+        place(sd.unet, device, torch.float32).requires_grad_(config.train_unet)
+        # A frozen UNet still carries the text encoders' gradients; EveryDream2 keeps it in training
+        # mode only when gradient checkpointing needs it.
+        sd.unet.train(config.train_unet or config.gradient_checkpointing)
         for encoder in sd.text_encoders:
             if train_text_encoders:
                 place(encoder, device, torch.float32).requires_grad_(True).train()
