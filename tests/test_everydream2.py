@@ -400,6 +400,62 @@ def test_the_doc_lists_the_defaults_that_differ_and_giving_the_key_gets_everydre
             assert getattr(config, name) == theirs != ours == getattr(Config(), name)
 
 
+EVERYDREAM2_DEFAULTS = {"caption_dropout": 0.04, "noise_offset": 0.02, "loss_function": "MSE-Huber",
+                        "network_train_text_encoder": True, "tracker": "none", "resume_ckpt": "sd_v1-5_vae.ckpt"}
+
+
+def settings_of(config: Config, names=tuple(EVERYDREAM2_DEFAULTS)) -> dict:
+    return {name: getattr(config, name) for name in names}
+
+
+def test_a_train_json_without_those_keys_takes_everydream2s_defaults(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"batch_size": 4, "data_root": "d"}))
+    assert settings_of(translated(str(path))) == EVERYDREAM2_DEFAULTS
+    assert settings_of(translated()) == EVERYDREAM2_DEFAULTS  # no file at all
+    # train_j.py's door (and the schema) keep their own defaults.
+    from difftrain.vocab.traintrain import DEFAULTS as TRAINTRAIN_DEFAULTS
+    train_j = config_from_argv([str(path)], "train_j")
+    expected = {name: TRAINTRAIN_DEFAULTS.get(name, Config.model_fields[name].default) for name in EVERYDREAM2_DEFAULTS}
+    assert settings_of(train_j) == expected != EVERYDREAM2_DEFAULTS
+    assert settings_of(Config()) != EVERYDREAM2_DEFAULTS
+
+
+@pytest.mark.parametrize("source", ["json", "flags"])
+def test_a_key_given_in_either_vocabulary_wins_over_everydream2s_default(source, tmp_path):
+    given = {"cond_dropout": 0.0, "noise_offset": 0.1, "loss_type": "mse", "disable_textenc_training": True,
+             "tracker": "wandb", "resume_ckpt": "mine"}
+    if source == "json":
+        (tmp_path / "train.json").write_text(json.dumps(given))
+        config = translated(str(tmp_path / "train.json"))
+    else:
+        config = translated(*[text for key, value in given.items() for text in (f"--{key}", str(value))])
+    assert settings_of(config) == {"caption_dropout": 0.0, "noise_offset": 0.1, "loss_function": "MSE",
+                                   "network_train_text_encoder": False, "tracker": "wandb", "resume_ckpt": "mine"}
+
+
+@pytest.mark.parametrize("settings", [{"task": "kolmogorov"}, {"mode": "LoRA"}, {"rectified_flow": True}])
+def test_runs_everydream2_cannot_train_keep_difftrains_defaults(settings, tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(settings))
+    config = translated(str(path))
+    for name in EVERYDREAM2_DEFAULTS:
+        assert getattr(config, name) == Config.model_fields[name].default, name
+
+
+def test_the_default_model_missing_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    from difftrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "input").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "input" / "a.png")
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "model 'sd_v1-5_vae.ckpt' not found" in error and "Traceback" not in error
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_clip_skip_conditions_on_the_earlier_layer_in_training_and_samples(tiny_sd15, tmp_path):
     from types import SimpleNamespace

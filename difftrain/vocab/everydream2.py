@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from pydantic import TypeAdapter, ValidationError
+
 from difftrain.config import ALIASES, FIELD_NAMES, IGNORED_KEYS, Config, validate_config_dict
 from difftrain.errors import ConfigError, did_you_mean
 from difftrain.jsonfile import read_json_object
@@ -634,7 +636,8 @@ def load(path: Optional[str], flags: Optional[dict[str, Any]] = None) -> Config:
     from_flags, flag_notes = translate(flags, "command line", config_dir=config_dir, main=raw)
     for note in dict.fromkeys(notes + flag_notes):
         say(note)
-    return validate_config_dict({**from_json, **from_flags}, source)
+    settings = {**from_json, **from_flags}
+    return validate_config_dict(settings, source, defaults=everydream2_defaults(settings))
 
 
 # ---- the generated document -------------------------------------------------------------------------
@@ -667,6 +670,28 @@ def default_differences() -> dict[str, dict[str, tuple[Any, Any]]]:
     return result
 
 
+def trains_like_everydream2(settings: dict[str, Any]) -> bool:
+    """Whether `settings` (our keys) describe what EveryDream2 trains: a full fine-tune of a Stable
+    Diffusion model's noise (or v) prediction. Other runs through train.py (Kolmogorov, TrainTrain's
+    LoRA modes, rectified flow) are difftrain's own and keep its defaults."""
+    fields = Config.model_fields
+    try:
+        rectified_flow = TypeAdapter(bool).validate_python(settings.get("rectified_flow", False))
+    except ValidationError:
+        rectified_flow = False  # the schema's validation reports it
+    return (settings.get("task", fields["task"].default) == "sd"
+            and settings.get("mode", fields["mode"].default) == "Full" and not rectified_flow)
+
+
+def everydream2_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """Our keys at EveryDream2's defaults where our schema's differ, for train.py to fill in under
+    the JSON and the flags (so anything given, in either vocabulary, wins). Empty unless the run is
+    one EveryDream2 could train (trains_like_everydream2)."""
+    if not trains_like_everydream2(settings):
+        return {}
+    return {name: theirs for differ in default_differences().values() for name, (theirs, _) in differ.items()}
+
+
 def status_counts() -> dict[str, int]:
     """How many of EveryDream2's train.py flags (legacy keys apart) have each status."""
     counts = {status: 0 for status in STATUSES}
@@ -694,14 +719,18 @@ def render_markdown() -> str:
         "reason, the neutral value is accepted; **legacy** a key EveryDream2's shipped configs "
         "still carry, accepted with a note; **front door** handled by train.py's command line.",
         "",
-        "Defaults: a key left out takes difftrain's default (`python train.py --help`). Where that is not "
-        "what EveryDream2 does without the key, the list below says so (computed from this table and the "
-        "schema); give the key to get EveryDream2's behaviour. The side files are read only when named: "
+        "Defaults: a key left out takes EveryDream2's default, as it would there. Where difftrain's own "
+        "default (`python train.py --help`, and what train_j.py uses) differs, train.py fills in "
+        "EveryDream2's, listed below (computed from this table and the schema); a key given in the JSON "
+        "or on the command line, in either vocabulary, wins. This holds for what EveryDream2 trains, a full "
+        "fine-tune (task 'sd', mode 'Full', no rectified_flow); other runs through train.py keep "
+        "difftrain's defaults. The side files are read only when named: "
         "without `optimizer_config` difftrain does not look for ./optimizer.json, without "
         "`sample_prompts` it samples training captions, and without `validation_config` it does not validate.",
         "",
-        *[f"- `{key}`: EveryDream2 {', '.join(f'`{name}` {json.dumps(theirs)}' for name, (theirs, _) in diff.items())}"
-          f"; difftrain {', '.join(f'`{name}` {json.dumps(ours)}' for name, (_, ours) in diff.items())}"
+        *[f"- `{key}` left out: {', '.join(f'`{name}` {json.dumps(theirs)}' for name, (theirs, _) in diff.items())}"
+          f", as in EveryDream2 (difftrain's own default: "
+          f"{', '.join(f'`{name}` {json.dumps(ours)}' for name, (_, ours) in diff.items())})"
           for key, diff in default_differences().items()],
         "",
         "## train.py flags and train.json keys",
