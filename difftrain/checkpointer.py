@@ -56,15 +56,18 @@ class Checkpointer:
         self.scheduler, self.generator, self.ema = training.scheduler, training.generator, training.ema
         self.ckpts_dir: Optional[Path] = None  # set by `write_into`; stays None where nothing is written
         self.main_log_folder: Optional[Path] = None
+        self.outputs: Optional[Any] = None  # difftrain.tracking.RunOutputs, set by `write_into`
         self.last_checkpoint: Optional[Path] = resumed
         no_interval = not (config.save_every_n_epochs or config.ckpt_every_n_steps)
         self.minutes = config.ckpt_every_n_minutes or (DEFAULT_MINUTES_WITHOUT_INTERVAL if no_interval else 0.0)
         self.last_save = time.monotonic()
 
-    def write_into(self, log_folder: Optional[Path], main_log_folder: Path) -> None:
-        """Checkpoints go to <log folder>/ckpts (the main process's; None on the others)."""
-        self.ckpts_dir = log_folder / "ckpts" if log_folder else None
-        self.main_log_folder = main_log_folder
+    def write_into(self, outputs: Any) -> None:
+        """Checkpoints go to <log folder>/ckpts (the main process's; None on the others), and each
+        one redraws the run's curves (`outputs`: difftrain.tracking.RunOutputs)."""
+        self.outputs = outputs
+        self.ckpts_dir = outputs.log_folder / "ckpts" if outputs.log_folder else None
+        self.main_log_folder = outputs.main_log_folder
         self.last_save = time.monotonic()  # the interval counts from the start of training
 
     def due_by_clock(self) -> bool:
@@ -110,6 +113,10 @@ class Checkpointer:
         # Nobody moves on before the checkpoint is complete: after an interrupt a process that
         # exits first makes torchrun stop the others, the main one in the middle of writing.
         accelerator.wait_for_everyone()
+        # After the barrier: the checkpoint is whole whatever drawing does. A run's last checkpoint
+        # (last-, interrupted-) leaves the drawing to RunOutputs.close, which follows it.
+        if saved is not None and self.outputs is not None and not prefix:
+            self.outputs.draw_curves()
         return saved
 
     def _loop_state(self, streams: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:

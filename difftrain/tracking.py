@@ -227,12 +227,29 @@ class RunOutputs:
             # Each picture under its own key (samples, spectrum, samples_ema...): wandb shows one panel per kind.
             self.tracker.log(numbers, step=step, images=pictures or None)
 
+    def draw_curves(self) -> None:
+        """curves.png in the run folder and the log folder, redrawn from metrics.jsonl (main process;
+        at checkpoints and at the end of a run, never on the step path). A failure is one warning."""
+        from difftrain.curves import draw_run_folder
+        from difftrain.figures import drawing
+
+        if self.run_dir is not None:
+            with drawing(f"the curves of {self.run_dir.name}"):
+                draw_run_folder(self.run_dir, also_into=[self.log_folder])
+
+    def close(self) -> None:
+        """At the end of a run, finished, stopped or failed: the last curves, then the tracker."""
+        try:
+            self.draw_curves()
+        finally:
+            self.tracker.close()
+
     def summary(self, checkpoint_folder: Optional[Path]) -> str:
         """The lines printed when a run ends: where everything went."""
         lines = ["", "done."]
         if self.run_dir is not None:
             lines.append(f"run folder: {self.run_dir}")
-            lines.append("  config.json, state.pth, metrics.jsonl, samples/")
+            lines.append("  config.json, state.pth, metrics.jsonl, curves.png, samples/")
         if self.log_folder is not None:
             lines.append(f"log folder: {self.log_folder}")
         if checkpoint_folder is not None:

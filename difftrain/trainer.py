@@ -114,7 +114,7 @@ class Trainer:
             self.progress = self.saver.resume(self.start.checkpoint)
 
         self.outputs = open_run_outputs(config, self.is_main, lambda decide: decide_on_main(accelerator, decide))
-        self.saver.write_into(self.outputs.log_folder, self.outputs.main_log_folder)
+        self.saver.write_into(self.outputs)
         self.stages = None if parts.flow is None else \
             ReflowStages(parts.flow, length.schedule, config, accelerator, self.states)
         # Noted on every micro-batch, not raised at once: every process must stop at the same step
@@ -128,7 +128,7 @@ class Trainer:
                 saved = self._finish(stopping)
             finally:
                 self.bar.close()
-                self.outputs.tracker.close()
+                self.outputs.close()  # the last curves.png, then the tracker
         with self._result_model() as whole:
             if whole is not None:
                 if self.outputs.run_dir is not None:
