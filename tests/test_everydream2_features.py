@@ -147,3 +147,36 @@ def test_a_frozen_unet_leaves_the_text_encoder_its_own_schedule():
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-7)
+
+
+# ---- d) save_ckpt_dir null ------------------------------------------------------------------------
+
+def test_save_ckpt_dir_null_means_the_working_folder(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"save_ckpt_dir": None}))
+    assert translated(str(path)).save_ckpt_dir == "."
+    assert translated("--save_ckpt_dir", "out").save_ckpt_dir == "out"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_without_save_ckpt_dir_the_single_file_lands_in_the_working_folder_and_is_never_overwritten(
+        tiny_sd15, tmp_path, monkeypatch):
+    from difftrain.cli import main
+    from difftrain.exports import write_single_file
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "train.json").write_text(json.dumps({"save_ckpt_dir": None, "project_name": "cat"}))
+    assert main(["--config", "train.json", "--resume_ckpt", str(tiny_sd15), "--data_root",
+                 str(_images(tmp_path / "data", count=2)), "--resolution", "64", "--max_epochs", "1",
+                 "--batch_size", "2", "--sample_steps", "0", "--tracker", "none"]) == 0
+    (final,) = (work / "logs").glob("*/ckpts/last-cat-*")
+    single = work / f"{final.name}.safetensors"
+    assert sorted(path.name for path in work.glob("*.safetensors")) == [single.name]
+    from safetensors.torch import load_file
+
+    assert any(key.startswith("model.diffusion_model.") for key in load_file(str(single)))  # A1111 layout
+    single.write_bytes(b"the user's own file")
+    assert write_single_file(final, single, full_precision=False) is False
+    assert single.read_bytes() == b"the user's own file"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -180,9 +181,10 @@ TERMS: tuple[Term, ...] = (
           "not with rectified_flow)", "str",
           also=("sample_inference_steps", "num_samples")),
     _ours("sample_steps", 250, "sample_steps", "int"),
-    _ours("save_ckpt_dir", None, "save_ckpt_dir: each checkpoint and its EMA as A1111 single files there "
-          "(null: none; EveryDream2 writes them into the current folder instead)", "str",
-          convert=_drop_none("save_ckpt_dir")),
+    _ours("save_ckpt_dir", None, "save_ckpt_dir: each checkpoint and its EMA as A1111 single files "
+          "<checkpoint name>.safetensors there; null: the current working folder ('.'), as in EveryDream2 "
+          "(an existing file of that name is never overwritten; no_save_ckpt writes none)", "str",
+          convert=lambda value: {"save_ckpt_dir": os.curdir if value is None else value}),
     _ours("save_every_n_epochs", None, "save_every_n_epochs (null: off)", "int",
           convert=_drop_none("save_every_n_epochs")),
     _ours("save_ckpts_from_n_epochs", 0, "save_ckpts_from_n_epochs", "int",
