@@ -182,8 +182,11 @@ TERMS: tuple[Term, ...] = (
           also=("sample_inference_steps", "num_samples")),
     _ours("sample_steps", 250, "sample_steps", "int"),
     _ours("save_ckpt_dir", None, "save_ckpt_dir: each checkpoint and its EMA as A1111 single files "
-          "<checkpoint name>.safetensors there; null: the current working folder ('.'), as in EveryDream2 "
-          "(an existing file of that name is never overwritten; no_save_ckpt writes none)", "str",
+          "<checkpoint name>.safetensors there; null (as EveryDream2's shipped configs give it): the current "
+          "working folder ('.'), as in EveryDream2. Left out entirely: none, unlike EveryDream2, so that runs "
+          "not started from an EveryDream2 config (tests, scripts, TrainTrain users) never write into the "
+          "folder they were started from. An existing file is never overwritten; no_save_ckpt writes none",
+          "str",
           convert=lambda value: {"save_ckpt_dir": os.curdir if value is None else value}),
     _ours("save_every_n_epochs", None, "save_every_n_epochs (null: off)", "int",
           convert=_drop_none("save_every_n_epochs")),
