@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from difftrain.errors import ConfigError
+from difftrain.figures import drawing
 from difftrain.log import say
 from difftrain.sampling import Cond, euler_flow_path
 
@@ -31,6 +32,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "difftrain.reflow_pairs"
 MANIFEST_VERSION = 1
 _COND_PREFIX = "cond/"
+BEFORE_SAMPLES_NAME = "probe_before_stage.safetensors"  # in a stage's pairs folder: its "before" samples
 
 
 def _shard_name(index: int) -> str:
@@ -251,6 +253,28 @@ def straightness(
 
 
 @torch.no_grad()
+def one_and_n_step_samples(
+    velocity_fn: Callable[..., torch.Tensor],
+    z_noise: torch.Tensor,
+    steps: int,
+    *,
+    cfg_scale: float = 1.0,
+    cond: Cond | None = None,
+    uncond: Cond | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1-step and the ``steps``-step Euler samples (each like ``z_noise``, (B, ...)) from the same noise."""
+    guided = dict(cfg_scale=cfg_scale, cond=cond, uncond=uncond)
+    one_step = euler_flow_path(velocity_fn, z_noise, 1, **guided)[0][-1]
+    many_steps = euler_flow_path(velocity_fn, z_noise, steps, **guided)[0][-1]
+    return one_step, many_steps
+
+
+def sample_distance(one_step: torch.Tensor, many_steps: torch.Tensor) -> float:
+    """Mean squared distance over batch and elements."""
+    return float(((one_step.float() - many_steps.float()) ** 2).mean())
+
+
+@torch.no_grad()
 def one_step_vs_n_step_distance(
     velocity_fn: Callable[..., torch.Tensor],
     z_noise: torch.Tensor,
@@ -262,10 +286,8 @@ def one_step_vs_n_step_distance(
 ) -> float:
     """Mean squared distance (over batch and elements) between the 1-step and the ``steps``-step
     Euler samples from the same ``z_noise`` (B, ...): how much reflow has bought one-step sampling."""
-    guided = dict(cfg_scale=cfg_scale, cond=cond, uncond=uncond)
-    one_step = euler_flow_path(velocity_fn, z_noise, 1, **guided)[0][-1]
-    many_steps = euler_flow_path(velocity_fn, z_noise, steps, **guided)[0][-1]
-    return float(((one_step.float() - many_steps.float()) ** 2).mean())
+    return sample_distance(*one_and_n_step_samples(velocity_fn, z_noise, steps, cfg_scale=cfg_scale, cond=cond,
+                                                   uncond=uncond))
 
 
 @dataclass(frozen=True)
@@ -438,11 +460,16 @@ class ReflowStages:
     epoch of each stage, measure how straight the flow has become.
 
     `states`: difftrain.sharding's model states (`evaluating` hands the main process the whole model).
+
+    Each reflow stage also leaves a picture, samples/reflow_stage<k>-gs<step>.png: the flow probe's
+    noise sampled in 1 step and in sample_inference_steps steps, by the model before the stage (drawn
+    when the stage starts, kept beside its pairs so a resumed run still has it) and after it.
     """
 
     def __init__(self, flow: Any, schedule: ReflowSchedule, config: Any, accelerator: Any, states: Any) -> None:
         self.flow, self.schedule, self.config = flow, schedule, config
         self.accelerator, self.states = accelerator, states
+        self.outputs: Any = None  # the run's outputs, from enter_epoch: after_epoch saves each stage's picture there
 
     def enter_epoch(self, progress: Any, model: torch.nn.Module, outputs: Any) -> None:
         """Set progress.stage / epoch_in_stage and the training data of epoch `progress.epoch`.
@@ -450,6 +477,7 @@ class ReflowStages:
         Pairs live under the log folder of the run that generated them; the path travels in the
         checkpoint, so a resumed run trains on the very same pairs instead of regenerating them.
         """
+        self.outputs = outputs
         position = self.schedule.position(progress.epoch)
         progress.stage, progress.epoch_in_stage = position.stage, position.epoch_in_stage
         if position.stage == 0:
@@ -465,6 +493,7 @@ class ReflowStages:
                     say(f"reflow {position.stage}/{self.schedule.reflow_steps}: generating "
                         f"{self.schedule.samples_per_iteration} pairs with {self.schedule.simulation_steps} Euler steps")
                     velocity = self.flow.flow_velocity_fn(whole)
+                    self._keep_before_samples(velocity, pairs_dir)
                     noise, cond = self.flow.reflow_inputs(position.stage, self.config.reflow_gen_batches)
                     generate_reflow_pairs(velocity, noise, self.schedule.simulation_steps, cond, pairs_dir)
             self.accelerator.wait_for_everyone()
@@ -472,7 +501,7 @@ class ReflowStages:
 
     def after_epoch(self, progress: Any, model: torch.nn.Module, tracker: Any) -> None:
         """At the end of each stage (progress.epoch just counted the finished epoch): straightness and
-        1-step vs N-step distance on fixed noise."""
+        1-step vs N-step distance on fixed noise, and (reflow stages) the before/after picture."""
         epoch = progress.epoch
         if not (epoch == self.schedule.total_epochs or self.schedule.position(epoch).epoch_in_stage == 0):
             return
@@ -482,12 +511,55 @@ class ReflowStages:
             velocity = self.flow.flow_velocity_fn(whole)
             noise, cond = self.flow.flow_probe()
             steps = self.config.sample_inference_steps
+            after = one_and_n_step_samples(velocity, noise, steps, cond=cond)
             metrics = {"straightness": straightness(velocity, noise, steps, cond=cond),
-                       "one_vs_n_step_distance": one_step_vs_n_step_distance(velocity, noise, steps, cond=cond),
+                       "one_vs_n_step_distance": sample_distance(*after),
                        "reflow_stage": progress.stage}
         tracker.log(metrics, step=progress.global_step)
         say(f"after stage {progress.stage}: straightness {metrics['straightness']:.4f}, "
             f"1-step vs {steps}-step distance {metrics['one_vs_n_step_distance']:.4f}")
+        if progress.stage > 0 and self.outputs is not None:
+            with drawing(f"the picture of reflow stage {progress.stage}"), torch.no_grad():
+                picture = self._stage_picture(progress, after)
+                self.outputs.save_samples({f"reflow_stage{progress.stage}": picture}, progress.global_step)
+
+    # ---- the picture of each stage: 1 step beside N steps, before the stage above after it -------------
+    def _keep_before_samples(self, velocity: Callable[..., torch.Tensor], pairs_dir: Path) -> None:
+        """The probe sampled by the model the stage starts from, kept in the stage's folder."""
+        with drawing(f"the samples before {pairs_dir.name}"):
+            noise, cond = self.flow.flow_probe()
+            steps = self.config.sample_inference_steps
+            one_step, many_steps = one_and_n_step_samples(velocity, noise, steps, cond=cond)
+            pairs_dir.mkdir(parents=True, exist_ok=True)
+            path = pairs_dir / BEFORE_SAMPLES_NAME
+            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tensors = {"one_step": one_step, "many_steps": many_steps}
+            save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(temporary),
+                      metadata={"steps": str(steps)})
+            os.replace(temporary, path)
+
+    def _stage_picture(self, progress: Any, after: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        from difftrain.sheets import labelled_sheet
+
+        stage = progress.stage
+        root = progress.extra.get("reflow_root")
+        before = _read_samples(ReflowSchedule.pairs_dir(root, stage) / BEFORE_SAMPLES_NAME,
+                               self.config.sample_inference_steps) if root else None
+        batches = [*(before or ()), *after]
+        pictures = self.flow.render_flow_states(batches)
+        rows = [pictures[start:start + 2] for start in range(0, len(pictures), 2)]
+        labels = ([f"before stage {stage}"] if before else []) + [f"after stage {stage}"]
+        return labelled_sheet(rows, labels, ["1 step", f"{self.config.sample_inference_steps} steps"])
+
+
+
+def _read_samples(path: Path, steps: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as stored:
+        if stored.metadata().get("steps") != str(steps):
+            return None
+        return stored.get_tensor("one_step"), stored.get_tensor("many_steps")
 
 
 __all__ = [
@@ -498,6 +570,7 @@ __all__ = [
     "RunLength",
     "StagePosition",
     "generate_reflow_pairs",
+    "one_and_n_step_samples",
     "one_step_vs_n_step_distance",
     "run_length",
     "straightness",

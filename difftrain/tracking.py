@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from difftrain.errors import ConfigError
+from difftrain.figures import drawing
 
 ADJECTIVES = (
     "amber", "ancient", "autumn", "bold", "brisk", "calm", "clever", "cosmic", "crimson", "curious",
@@ -201,6 +203,58 @@ class NullTracker:
         pass
 
 
+SAMPLES_PAGE = "samples.html"
+SAMPLE_FILE = re.compile(r"(?P<key>.+)-gs(?P<step>\d+)\.png")
+
+
+def sample_events(samples_folder: Path) -> list[tuple[int, list[str]]]:
+    """(step, file names) of every picture in `samples_folder` named <key>-gs<step>.png, steps in
+    order; within a step the keys sorted, each EMA picture (<key>_ema) right after its twin."""
+    events: dict[int, list[tuple[str, bool, str]]] = {}
+    for path in samples_folder.glob("*-gs*.png"):
+        match = SAMPLE_FILE.fullmatch(path.name)
+        if match:
+            key = match["key"]
+            order = (key.removesuffix("_ema"), key.endswith("_ema"), path.name)
+            events.setdefault(int(match["step"]), []).append(order)
+    return [(step, [name for *_, name in sorted(events[step])]) for step in sorted(events)]
+
+
+def samples_page(events: list[tuple[int, list[str]]], title: str) -> str:
+    """HTML showing each event's pictures under a heading with its step, oldest first."""
+    from html import escape
+    from urllib.parse import quote
+
+    sections = []
+    for step, names in events:
+        figures = "\n".join(
+            f'<figure><a href="samples/{quote(name)}"><img src="samples/{quote(name)}" alt="{escape(name)}"></a>'
+            f"<figcaption>{escape(name)}</figcaption></figure>" for name in names)
+        sections.append(f'<section id="step-{step}"><h2>step {step}</h2>\n<div class="event">\n{figures}\n</div></section>')
+    body = "\n".join(sections) or "<p>no samples yet</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+.event {{ display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }}
+figure {{ margin: 0; }} img {{ max-width: 100%; height: auto; }}
+figcaption {{ font-size: small; color: #555; }}
+</style></head>
+<body><h1>{escape(title)}</h1>
+{body}
+</body></html>
+"""
+
+
+def write_samples_page(folder: Path) -> Path:
+    """Rewrite folder/samples.html (atomically: a browser never sees half a page) over every picture
+    in folder/samples, so the user can open it mid-run and scroll through training."""
+    from difftrain.checkpoint import write_file_atomically
+
+    page = samples_page(sample_events(folder / "samples"), f"samples of {folder.name}")
+    return write_file_atomically(folder / SAMPLES_PAGE, lambda temp: temp.write_text(page, encoding="utf-8"))
+
+
 @dataclass(frozen=True)
 class RunOutputs:
     """What a run writes to. The main process has them all; the others have (None, NullTracker(),
@@ -214,7 +268,7 @@ class RunOutputs:
 
     def save_samples(self, samples: dict[str, Any], step: int) -> None:
         """A task's samples at `step`: each picture as samples/<key>-gs<step>.png in both folders and
-        under its key in the tracker, with the numbers."""
+        under its key in the tracker, with the numbers; samples.html in both folders shows them all."""
         from PIL import Image
 
         pictures = {key: value for key, value in samples.items() if isinstance(value, Image.Image)}
@@ -223,6 +277,9 @@ class RunOutputs:
             (folder / "samples").mkdir(exist_ok=True)
             for key, image in pictures.items():
                 image.save(folder / "samples" / f"{key}-gs{step:05d}.png")
+            if pictures:
+                with drawing(f"{folder / SAMPLES_PAGE}"):
+                    write_samples_page(folder)
         if pictures or numbers:
             # Each picture under its own key (samples, spectrum, samples_ema...): wandb shows one panel per kind.
             self.tracker.log(numbers, step=step, images=pictures or None)

@@ -73,6 +73,7 @@ class Flow(Protocol):
     def flow_probe(self) -> tuple[torch.Tensor, Optional[dict[str, Any]]]: ...  # fixed noise, cond
     def reflow_inputs(self, stage: int, batches: int) -> tuple[list[torch.Tensor], Optional[list[Any]]]: ...
     def use_reflow_pairs(self, pairs: Optional[Any]) -> None: ...  # None: train on the data again
+    def render_flow_states(self, batches: Sequence[torch.Tensor]) -> list[Any]: ...  # one PIL image per batch
 
 
 @dataclass(frozen=True)

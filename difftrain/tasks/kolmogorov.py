@@ -166,6 +166,13 @@ class KolmogorovTask:
     def use_reflow_pairs(self, pairs: Optional[Any]) -> None:
         self.pairs = pairs
 
+    def render_flow_states(self, batches: Sequence[torch.Tensor]) -> list[Any]:
+        """Flow states (B, window * 2, H, W) as vorticity pictures, the first 4 of each batch one row
+        each, all on one colour scale so that 1-step and N-step samples compare at a glance."""
+        fields = [vorticity(x[:4].float().cpu().unflatten(1, (self.config.window, 2))) for x in batches]
+        vmax = float(torch.cat([f.flatten() for f in fields]).abs().quantile(0.99)) or None
+        return [render_vorticity(f, vmax=vmax, min_cell_pixels=96) for f in fields]
+
     # ---- persistence ------------------------------------------------------------------------------
     def write_model(self, model: nn.Module, folder: Path) -> None:
         from safetensors.torch import save_file

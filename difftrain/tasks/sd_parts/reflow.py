@@ -11,7 +11,7 @@ from torch import nn
 from difftrain.data.images import ImageBucketDataset
 from difftrain.tasks.sd_parts.conditioning import Latents, TextConditioning, to_device
 from difftrain.tasks.sd_parts.data import EpochBatches
-from difftrain.tasks.sd_parts.samples import VALIDATION_SEED
+from difftrain.tasks.sd_parts.samples import VALIDATION_SEED, latents_to_images
 
 FLOW_PROBE_ITEMS = 4
 
@@ -48,6 +48,13 @@ class SDReflow:
         bucket = dataset.buckets[0]
         indices = [i for i, b in enumerate(dataset.buckets) if b == bucket][:FLOW_PROBE_ITEMS]
         return self._noise_and_cond(dataset, indices, VALIDATION_SEED)
+
+    def render_flow_states(self, batches: Sequence[torch.Tensor]) -> list[Any]:
+        """Latent flow states (B, 4, h, w) decoded by the VAE, each batch one row of pictures."""
+        from difftrain.sheets import stack
+
+        with torch.no_grad():
+            return [stack(latents_to_images(self.latents.sd, x), vertical=False) for x in batches]
 
     def reflow_inputs(self, stage: int, batches: int) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         """`batches` batches of the data set (captions and bucket shapes) with noise seeded by

@@ -19,32 +19,26 @@ SAMPLE_GUIDANCE_SCALE = 7.5  # diffusers' default for these pipelines
 VALIDATION_SEED = 12345  # fixed noise and timesteps, so loss_valid is comparable between evaluations
 
 
-def image_grid(images: list[Any]):
-    """PIL images of one size in a near-square grid."""
+def latents_to_images(sd: SDModel, latents: torch.Tensor) -> list[Any]:
+    """PIL images of scaled latents (B, 4, h, w), decoded by the model's VAE."""
     from PIL import Image
 
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height))
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
+    pixels = sd.decode_latents(latents.float()).float().clamp(-1, 1)
+    return [Image.fromarray(((image.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()) for image in pixels]
 
 
-def contact_sheet(rows: list[list[Any]]):
-    """PIL images in rows (each row left to right, rows top to bottom), on one image."""
-    from PIL import Image
+def prompt_caption(prompt: str) -> str:
+    return prompt if prompt.strip() else "(empty prompt)"
 
-    sheet = Image.new("RGB", (max(sum(i.width for i in row) for row in rows), sum(row[0].height for row in rows)))
-    top = 0
-    for row in rows:
-        left = 0
-        for image in row:
-            sheet.paste(image, (left, top))
-            left += image.width
-        top += row[0].height
-    return sheet
+
+def prompt_columns(images: list[Any], prompts: list[str]) -> Any:
+    """Image i (drawn from prompt i % len(prompts)) in column i % columns, one column per prompt
+    used, with the prompt written under its column."""
+    from difftrain.sheets import captioned_columns
+
+    columns = min(len(prompts), len(images))
+    rows = [images[start:start + columns] for start in range(0, len(images), columns)]
+    return captioned_columns(rows, [prompt_caption(prompt) for prompt in prompts[:columns]])
 
 
 def sample_prompts(config: Config, defaults: Sequence[str]) -> list[str]:
@@ -75,7 +69,7 @@ class SDSamples:
         return sample_prompts(self.config, self.default_prompts)
 
     def samples(self, model: nn.Module) -> dict[str, Any]:
-        """{"samples": a grid of num_samples images}."""
+        """{"samples": num_samples images, one column per prompt with the prompt under it}."""
         prompts = self.prompts()
         chosen = [prompts[i % len(prompts)] for i in range(self.config.num_samples)]
         view = self.view(model)
@@ -88,11 +82,9 @@ class SDSamples:
                 return {"samples": self.planned_samples(view)}
             else:
                 images = self._pipeline_images(view, chosen)
-        return {"samples": image_grid(images)}
+        return {"samples": prompt_columns(images, prompts)}
 
     def _flow_image(self, model: nn.Module, view: SDModel, prompt: str, index: int):
-        from PIL import Image
-
         from difftrain.sampling import sample_flow_euler
 
         side = self.config.resolution // view.vae_scale_factor
@@ -101,8 +93,7 @@ class SDSamples:
         latents = sample_flow_euler(self.objective.velocity_fn(model), noise, self.config.sample_inference_steps,
                                     cfg_scale=SAMPLE_GUIDANCE_SCALE, cond=view.encode_prompts([prompt]),
                                     uncond=view.encode_prompts([""]))
-        pixels = view.decode_latents(latents.float()).float().clamp(-1, 1)
-        return Image.fromarray(((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy())
+        return latents_to_images(view, latents)[0]
 
     def prompt_arguments(self, view: SDModel, prompt: str, negative: str = "") -> dict[str, Any]:
         """The pipeline's prompt arguments; with clip_skip, embeddings from our encoder (the layer the
@@ -114,9 +105,10 @@ class SDSamples:
 
     def planned_samples(self, view: SDModel):
         """EveryDream2's sample_prompts.json: each sample at each of its guidance scales, one row per
-        sample (difftrain.vocab.everydream2.read_sample_plan)."""
+        sample with its prompt and scale under each picture (difftrain.vocab.everydream2.read_sample_plan)."""
         import diffusers
 
+        from difftrain.sheets import captioned_columns, stack
         from difftrain.vocab.everydream2 import SCHEDULERS, read_sample_plan
 
         config = self.config
@@ -133,11 +125,12 @@ class SDSamples:
             if prompt is None:  # a random training caption
                 prompt = captions[torch.randint(len(captions), (1,), generator=torch.Generator().manual_seed(seed))]
             width, height = request.size
-            rows.append([pipeline(**self.prompt_arguments(view, prompt, request.negative_prompt), width=width,
-                                  height=height, num_inference_steps=plan.num_inference_steps, guidance_scale=cfg,
-                                  generator=torch.Generator(device=self.device).manual_seed(seed)).images[0]
-                         for cfg in request.cfgs])
-        return contact_sheet(rows)
+            row = [pipeline(**self.prompt_arguments(view, prompt, request.negative_prompt), width=width,
+                            height=height, num_inference_steps=plan.num_inference_steps, guidance_scale=cfg,
+                            generator=torch.Generator(device=self.device).manual_seed(seed)).images[0]
+                   for cfg in request.cfgs]
+            rows.append(captioned_columns([row], [f"{prompt_caption(prompt)} (cfg {cfg:g})" for cfg in request.cfgs]))
+        return stack(rows)
 
     def _pipeline_images(self, view: SDModel, prompts: list[str]) -> list[Any]:
         pipeline = view.to_pipeline()
@@ -189,5 +182,5 @@ class SDValidation:
         return total / seen
 
 
-__all__ = ["SAMPLE_GUIDANCE_SCALE", "SDSamples", "SDValidation", "VALIDATION_SEED", "contact_sheet", "image_grid",
-           "sample_prompts"]
+__all__ = ["SAMPLE_GUIDANCE_SCALE", "SDSamples", "SDValidation", "VALIDATION_SEED", "latents_to_images",
+           "prompt_columns", "sample_prompts"]
