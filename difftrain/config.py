@@ -241,6 +241,13 @@ class DataAndOutputSettings(BaseModel):
     shuffle_tags: bool = setting(False, "Shuffle the comma-separated tags after a caption's first part "
                                  "each epoch (a folder's shuffle_tags.txt turns it on for that folder).")
     keep_tags: int = setting(0, "With shuffle_tags: keep this many tags after the first part in place.", ge=0)
+    rated_dataset: bool = setting(
+        False, "Train low-rated images less and less over the epochs: from the third epoch on, each epoch trains "
+        "a shrinking share of the images, picked with chances in proportion to their yaml 'rating' "
+        "(EveryDream2's rated_dataset).")
+    rated_dataset_target_dropout_percent: float = setting(
+        50, "With rated_dataset: the share of the images (percent) the schedule heads for by the last epoch.",
+        ge=0, le=100)
     image_buckets_step: int = setting(256, "TrainTrain bucket step.", ge=8)
     image_num_multiply: int = setting(1, "TrainTrain: repeat each image this many times.", ge=1)
     image_min_length: int = setting(512, "TrainTrain: shortest bucket side.", ge=64)

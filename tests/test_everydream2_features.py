@@ -180,3 +180,86 @@ def test_without_save_ckpt_dir_the_single_file_lands_in_the_working_folder_and_i
     single.write_bytes(b"the user's own file")
     assert write_single_file(final, single, full_precision=False) is False
     assert single.read_bytes() == b"the user's own file"
+
+
+# ---- c) rated_dataset ------------------------------------------------------------------------------
+
+def test_the_rated_share_follows_everydream2s_schedule():
+    from difftrain.data.images import rated_dataset_fraction
+
+    # target 50%: drop 0.5; epoch n >= 1 trains (max_epochs - (n - 1) x 0.5) / max_epochs
+    assert [rated_dataset_fraction(epoch, 4, 50) for epoch in range(4)] == [1.0, 1.0, 0.875, 0.75]
+    assert [rated_dataset_fraction(epoch, 4, 100) for epoch in range(4)] == [1.0] * 4
+    assert rated_dataset_fraction(3, 4, -5) == rated_dataset_fraction(3, 4, 0) == 0.5
+
+
+def test_the_rated_draw_favours_high_ratings_and_is_fixed_per_seed_and_epoch():
+    from difftrain.data.images import rated_subset
+
+    ratings = [20.0] + [1.0] * 7
+    picks = [rated_subset(ratings, 1 / 8, seed, epoch=3) for seed in range(200)]
+    assert all(len(pick) == 1 for pick in picks)
+    assert sum(pick == [0] for pick in picks) > 0.6 * 200  # 20/27 of the draws, about 148
+    assert rated_subset(ratings, 0.5, 1, 5) == rated_subset(ratings, 0.5, 1, 5)
+    four = [rated_subset(ratings, 0.5, 1, epoch) for epoch in range(2, 12)]
+    assert all(len(set(pick)) == 4 for pick in four) and len({tuple(pick) for pick in four}) > 1
+    assert rated_subset(ratings, 0.99, 1, 5) == list(range(8))  # ceil(7.92) = every image
+
+
+def _rated_folder(folder: Path) -> Path:
+    _images(folder, count=4)
+    for index in range(4):  # the first image rated 9, the others 1 (the yaml beats the .txt)
+        (folder / f"thing{index}_{index}.yaml").write_text(
+            f"main_prompt: thing{index}\nrating: {9 if index == 0 else 0}\n")
+    (folder / "multiply.txt").write_text("2")
+    return folder
+
+
+def test_rated_epochs_train_a_shrinking_share_of_distinct_images_by_rating(tmp_path):
+    from difftrain.data.images import rated_dataset_fraction, repeat_by_multiply, scan_image_folder
+    from difftrain.tasks.sd_parts.data import ImageEpochBatches, bucketed
+
+    items = scan_image_folder(str(_rated_folder(tmp_path / "data")))
+    assert sorted(item.rating for item in items) == [1.0, 1.0, 1.0, 9.0]  # rating 0 reads as 1, as in EveryDream2
+    copies, chances = repeat_by_multiply(items)
+    dataset = bucketed(copies, [(64, 64)], seed=3)
+    batches = ImageEpochBatches(dataset, chances, batch_size=1, seed=3,
+                                rated_fraction=lambda epoch: rated_dataset_fraction(epoch, 6, 25))
+
+    def names(epoch):
+        return sorted(dataset.items[i].path.name for batch in batches(epoch) for i in batch)
+
+    assert len(names(0)) == len(names(1)) == 8  # every image, twice (multiply.txt)
+    # drop 0.75 over 6 epochs: epoch 2 -> 0.875 (ceil 3.5 = 4 of the 4 images), 3 -> 0.75 (3),
+    # 4 -> 0.625 (ceil 2.5 = 3), 5 -> 0.5 (2); each image once, multiply.txt aside
+    assert [len(names(epoch)) for epoch in range(2, 6)] == [4, 3, 3, 2]
+    assert all(len(set(names(epoch))) == len(names(epoch)) for epoch in range(2, 6))
+    assert names(5) == names(5)  # a resumed run draws the same images
+    high = "thing0_0.png"
+    shown = [high in {dataset.items[i].path.name for i in
+                      ImageEpochBatches(dataset, chances, 1, seed, lambda epoch: 0.25).trained(4)}
+             for seed in range(40)]
+    assert sum(shown) > 25  # rated 9 of 12: picked about 3 times in 4
+
+
+def test_rated_dataset_translates_and_a_negative_rating_is_refused(tmp_path):
+    from difftrain.data.images import scan_image_folder
+
+    config = translated("--rated_dataset", "true", "--rated_dataset_target_dropout_percent", "140")
+    assert config.rated_dataset and config.rated_dataset_target_dropout_percent == 100
+    folder = _images(tmp_path / "data", count=1)
+    (folder / "thing0_0.yaml").write_text("rating: -1\n")
+    with pytest.raises(ConfigError, match="rating: expected a number of 0 or more"):
+        scan_image_folder(str(folder))
+
+
+def test_a_rated_run_on_the_tiny_stand_in_shrinks_its_epochs(tiny_sd15, tmp_path):
+    from difftrain.tasks.base import StartPoint
+    from difftrain.tasks.sd import SDTask
+
+    config = translated("--resume_ckpt", str(tiny_sd15), "--data_root", str(_rated_folder(tmp_path / "data")),
+                        "--resolution", "64", "--batch_size", "1", "--max_epochs", "4", "--rated_dataset", "true",
+                        "--rated_dataset_target_dropout_percent", "0")
+    task = SDTask(config, CPU, StartPoint(base=str(tiny_sd15)))
+    # drop 1 over 4 epochs: 8 copies, 8, then 3 of the 4 images (ceil 4 x 0.75), then 2
+    assert [len(task.epoch_batches(epoch, 0, 1)) for epoch in range(4)] == [8, 8, 3, 2]

@@ -85,6 +85,7 @@ class ImageItem:
     loss_scale: float = 1.0
     batch_id: str = ""
     shuffle_tags: bool = False
+    rating: float = 1.0
 
 
 def scan_image_folder(
@@ -195,7 +196,8 @@ def _item(path: Path, width: int, height: int, settings: "ItemSettings", caption
         multiply=1.0 if settings.multiply is None else settings.multiply,
         flip_p=settings.flip_p, cond_dropout=settings.cond_dropout,
         loss_scale=1.0 if settings.loss_scale is None else settings.loss_scale,
-        batch_id=settings.batch_id or "", shuffle_tags=bool(settings.shuffle_tags))
+        batch_id=settings.batch_id or "", shuffle_tags=bool(settings.shuffle_tags),
+        rating=settings.rating or 1.0)  # EveryDream2 reads a rating of 0 as 1 too ("rating or 1.0")
 
 
 def caption_for_image(image_path: Path, *, caption_from_filename: bool = True) -> str:
@@ -281,6 +283,7 @@ class ItemSettings:
     loss_scale: float | None = None
     batch_id: str | None = None
     shuffle_tags: bool | None = None
+    rating: float | None = None
 
     def over(self, lower: "ItemSettings") -> "ItemSettings":
         """These settings where set, else ``lower``'s; tags add up (these first, no repeats)."""
@@ -337,6 +340,8 @@ def _settings_from_mapping(data: Any, where: str) -> ItemSettings:
     for key in ("multiply", "flip_p", "cond_dropout", "loss_scale"):
         if data.get(key) is not None:
             values[key] = _number(data[key], f"{where}: {key}")
+    if data.get("rating") is not None:
+        values["rating"] = _number(data["rating"], f"{where}: rating")
     if data.get("max_caption_length") is not None:
         values["max_caption_length"] = int(_number(data["max_caption_length"], f"{where}: max_caption_length"))
     if data.get("batch_id") is not None:
@@ -564,6 +569,34 @@ def trained_in_epoch(chances: Sequence[float], seed: int, epoch: int) -> list[in
     draws = torch.rand(len(chances), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 0x6D75)),
                        dtype=torch.float64).tolist()
     return [index for index, (chance, draw) in enumerate(zip(chances, draws)) if chance >= 1.0 or draw < chance]
+
+
+def rated_dataset_fraction(epoch: int, max_epochs: int, target_percent: float) -> float:
+    """The share of the distinct images trained in `epoch` (0-based) under EveryDream2's rated_dataset.
+
+    EveryDream2 (data/every_dream.py) draws each next epoch's images when an epoch ends, from the
+    ending epoch's number n: (max_epochs - n x drop) / max_epochs with drop = 1 - target/100 (the
+    target clamped to 0..100). So epochs 0 and 1 train everything, and the share then falls by
+    drop / max_epochs an epoch, reaching the target only past the last epoch.
+    """
+    drop = 1.0 - min(max(target_percent, 0.0), 100.0) / 100.0
+    if epoch < 1:
+        return 1.0
+    return (max_epochs - (epoch - 1) * drop) / max_epochs
+
+
+def rated_subset(ratings: Sequence[float], fraction: float, seed: int, epoch: int) -> list[int]:
+    """Indices (sorted) of the images a rated epoch trains: ceil(fraction x count) of them, drawn
+    without replacement with chances in proportion to their ratings (EveryDream2's rule: double the
+    rating, double the chance; its running sums go stale after each pick, a slip not copied here).
+    A pure function of (seed, epoch), so a resumed run trains the same images."""
+    count = min(len(ratings), math.ceil(len(ratings) * fraction))
+    if count >= len(ratings):
+        return list(range(len(ratings)))
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch, 0x7261))
+    picked = torch.multinomial(torch.tensor(ratings, dtype=torch.float64), count, replacement=False,
+                               generator=generator)
+    return sorted(picked.tolist())
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.registry import modes_of
 from difftrain.tasks.base import StartPoint, TaskDefaults, TaskParts
-from difftrain.data.images import repeat_by_multiply
+from difftrain.data.images import rated_dataset_fraction, repeat_by_multiply
 from difftrain.tasks.sd_parts.data import (ImageEpochBatches, bucketed, buckets_for, extra_validation_sets,
                                           scan_captioned_images)
 from difftrain.tasks.sd_parts.outputs import LoraExports
@@ -60,7 +60,10 @@ class SDTask(SDStackTask):
                                   flip_p=max(config.flip_p, 0.5 if config.image_mirroring else 0.0),
                                   shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags)
         self.valid_set = bucketed(valid_items, buckets, config.seed) if valid_items else None
-        self.batches = ImageEpochBatches(self.train_set, chances, config.batch_size, config.seed)
+        rated = (lambda epoch: rated_dataset_fraction(epoch, config.max_epochs,
+                                                      config.rated_dataset_target_dropout_percent)) \
+            if config.rated_dataset else None
+        self.batches = ImageEpochBatches(self.train_set, chances, config.batch_size, config.seed, rated)
         self.reflow = SDReflow(stack.model, stack.objective, self.train_set, self.valid_set or self.train_set,
                                stack.latents, stack.text, config.batch_size, config.seed)
         extra_sets = extra_validation_sets(config, buckets, train_items)

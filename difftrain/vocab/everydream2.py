@@ -101,6 +101,15 @@ def _attn_type(value: Any) -> str:
     return f"attn_type {value!r} is not one of EveryDream2's: 'sdp', 'xformers', 'slice'"
 
 
+def _clamp_percent(value: Any) -> Any:
+    """EveryDream2 clamps rated_dataset_target_dropout_percent into 0..100; a value that is no number
+    is left for the schema to report."""
+    try:
+        return min(max(float(value), 0.0), 100.0)
+    except (TypeError, ValueError):
+        return value
+
+
 def _wandb(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -213,11 +222,14 @@ TERMS: tuple[Term, ...] = (
           "validation_fraction", also=("validation_root", "validate_every_n_epochs")),
     _no_effect("write_schedule", False, "bool", "write_schedule: difftrain writes no per-epoch batch "
                "schedule file; the order is reproducible from seed instead."),
-    _refused_unless("rated_dataset", False, "bool", lambda value: not value,
-                    "rated_dataset (dropping low-rated images over the epochs) is not implemented; "
-                    "leave it false and weight folders with multiply.txt instead"),
-    _no_effect("rated_dataset_target_dropout_percent", 50, "int", "rated_dataset_target_dropout_percent "
-               "only matters with rated_dataset, which is off."),
+    _ours("rated_dataset", False, "rated_dataset: each image's yaml 'rating' (default 1; 0 counts as 1, as "
+          "there) weights it; epochs 0 and 1 train every image, epoch n >= 2 trains ceil(count x (max_epochs - "
+          "(n - 1) x (1 - target/100)) / max_epochs) distinct images drawn by rating without replacement "
+          "(multiply does not apply to those epochs), EveryDream2's schedule; the draw is seeded per epoch",
+          "bool", convert=_drop_none("rated_dataset")),
+    _ours("rated_dataset_target_dropout_percent", 50, "rated_dataset_target_dropout_percent (clamped to 0..100, "
+          "as in EveryDream2)", "int",
+          convert=_drop_none("rated_dataset_target_dropout_percent", _clamp_percent)),
     _ours("zero_frequency_noise_ratio", 0.02, "noise_offset (the same noise + ratio x randn(B, C, 1, 1))",
           "float", "noise_offset", convert=_drop_none("noise_offset", lambda value: max(0.0, value))),
     _ours("enable_zero_terminal_snr", None, "zero_terminal_snr", "bool", "zero_terminal_snr",

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from difftrain.config import Config
 from difftrain.data.buckets import (RESOLUTION_CLASSES, BucketBatchSampler, assign_buckets, make_buckets,
                                     make_buckets_traintrain, nearest_bucket)
-from difftrain.data.images import (IMAGE_EXTENSIONS, ImageBucketDataset, ImageItem, scan_image_folder,
-                                   trained_in_epoch)
+from difftrain.data.images import (IMAGE_EXTENSIONS, ImageBucketDataset, ImageItem, rated_subset,
+                                   scan_image_folder, trained_in_epoch)
 from difftrain.errors import ConfigError
 
 MAX_VALIDATION_ITEMS = 256
@@ -162,18 +162,37 @@ class EpochBatches:
 class ImageEpochBatches:
     """The batches of each epoch over an image data set: items batch together when they share a
     bucket, and a batch_id (EveryDream2's batch_id.txt) if they have one. Copies with a chance
-    below 1 (the last copy of a fractional multiply) are drawn anew each epoch."""
+    below 1 (the last copy of a fractional multiply) are drawn anew each epoch. With
+    `rated_fraction` (EveryDream2's rated_dataset: epoch -> share of the images), an epoch whose
+    share is below 1 trains that share of the distinct images, picked by rating, each once (as
+    there, multiply does not apply to such an epoch)."""
 
-    def __init__(self, dataset: ImageBucketDataset, chances: Sequence[float], batch_size: int, seed: int):
+    def __init__(self, dataset: ImageBucketDataset, chances: Sequence[float], batch_size: int, seed: int,
+                 rated_fraction: Optional[Callable[[int], float]] = None):
         self.keys = [(item.batch_id, bucket) if item.batch_id else bucket
                      for item, bucket in zip(dataset.items, dataset.buckets)]
         self.chances, self.batch_size, self.seed = list(chances), batch_size, seed
         self.every_item = EpochBatches(self.keys, batch_size, seed)
+        self.rated_fraction = rated_fraction
+        first_copy: dict[Path, int] = {}
+        for index, item in enumerate(dataset.items):
+            first_copy.setdefault(item.path, index)
+        self.distinct = list(first_copy.values())
+        self.ratings = [dataset.items[index].rating for index in self.distinct]
+
+    def trained(self, epoch: int) -> Optional[list[int]]:
+        """The items `epoch` trains, or None for every one of them."""
+        fraction = self.rated_fraction(epoch) if self.rated_fraction is not None else 1.0
+        if fraction < 1.0:
+            return [self.distinct[i] for i in rated_subset(self.ratings, fraction, self.seed, epoch)]
+        if all(chance >= 1.0 for chance in self.chances):
+            return None
+        return trained_in_epoch(self.chances, self.seed, epoch)
 
     def __call__(self, epoch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-        if all(chance >= 1.0 for chance in self.chances):
+        trained = self.trained(epoch)
+        if trained is None:
             return self.every_item(epoch, rank, world_size)
-        trained = trained_in_epoch(self.chances, self.seed, epoch)
         batches = EpochBatches([self.keys[i] for i in trained], self.batch_size, self.seed)(epoch, rank, world_size)
         return [[trained[position] for position in batch] for batch in batches]
 
