@@ -235,8 +235,13 @@ TERMS: tuple[Term, ...] = (
     _ours("enable_zero_terminal_snr", None, "zero_terminal_snr", "bool", "zero_terminal_snr",
           convert=_drop_none("zero_terminal_snr")),
     _refused_unless("load_settings_every_epoch", None, "bool", lambda value: not value,
-                    "load_settings_every_epoch (re-reading train.json each epoch) is not implemented; "
-                    "stop the run, edit the JSON, and continue with resume_ckpt 'findlast'"),
+                    "load_settings_every_epoch (re-reading train.json at each epoch's start) is not "
+                    "implemented: difftrain fixes a run's settings when it starts, so that a resumed run "
+                    "repeats it exactly. In EveryDream2 only the keys its loop reads afresh change anything "
+                    "(loss_type, min_snr_gamma, pyramid_noise_discount, timestep_start/end, "
+                    "zero_frequency_noise_ratio, embedding_perturbation, clip_skip, ema_* and the saving keys; "
+                    "not lr, batch_size, flip_p or cond_dropout); to change those, stop the run, edit the JSON, "
+                    "and continue it with resume_ckpt 'findlast'"),
     _ours("min_snr_gamma", None, "min_snr_gamma (null: off)", "float", convert=_drop_none("min_snr_gamma")),
     _ours("ema_decay_rate", None, "ema_decay_rate (EMA of the trained weights: difftrain/ema.py)", "float"),
     _ours("ema_strength_target", None, "ema_strength_target (see ema_decay_rate)", "float"),
