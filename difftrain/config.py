@@ -170,6 +170,20 @@ class TrainingSettings(BaseModel):
                                        "constant_with_warmup"] = setting(
         "", "Learning-rate schedule of the text encoder(s); empty: lr_scheduler (EveryDream2's "
         "text_encoder_overrides).")
+    text_encoder_lr_warmup_steps: Optional[int] = setting(
+        None, "Warm-up steps of the text encoder(s)' schedule; empty: lr_warmup_steps (EveryDream2's "
+        "text_encoder_overrides).", ge=0)
+    text_encoder_lr_decay_steps: Optional[int] = setting(
+        None, "Decay steps of the text encoder(s)' schedule; empty: lr_decay_steps (EveryDream2's "
+        "text_encoder_overrides).", ge=1)
+    text_encoder_optimizer: str = setting(
+        "", "Optimizer of the text encoder(s), named as for optimizer; empty: optimizer. With another "
+        "optimizer, settings or weight decay than the UNet's, the text encoder(s) get an optimizer of "
+        "their own (EveryDream2's text_encoder_overrides).")
+    text_encoder_optimizer_settings: Optional[str] = setting(
+        None, "optimizer_settings of the text encoder(s)' optimizer; empty: optimizer_settings.")
+    text_encoder_weight_decay: Optional[float] = setting(
+        None, "Weight decay of the text encoder(s); empty: weight_decay.", ge=0)
     text_encoder_unfreeze_last_n_layers: Optional[int] = setting(
         None, "Train only the last N layers and the final layer norm of the text encoder(s) (their "
         "embeddings stay frozen unless text_encoder_freeze_embeddings is false); empty: all of it "

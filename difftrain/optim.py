@@ -197,7 +197,109 @@ def _optimizer_settings(config: Config, spec: OptimizerSpec, optimizer_class: ty
 
 
 def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """The optimizer config.optimizer names, over parameter groups [{"params": [...], "lr"?: ...}]."""
+    """The optimizer config.optimizer names, over parameter groups [{"params": [...], "lr"?: ...}].
+
+    The text encoders' groups (`is_text_encoder_group`) are built from `text_encoder_config`: when
+    that asks for another optimizer, settings or weight decay than the UNet's, they get an optimizer
+    of their own and both step as one OptimizerPair (as EveryDream2 builds one for each model).
+    """
+    text_config = text_encoder_config(config)
+    roles = is_text_encoder_group(groups)
+    unet_groups = [group for group, is_text in zip(groups, roles) if not is_text]
+    text_groups = [group for group, is_text in zip(groups, roles) if is_text]
+    if not unet_groups:  # the text encoder trains alone
+        return _make_one(text_config, groups)
+    if not text_groups or _same_optimizer(config, text_config):
+        return _make_one(config, groups)
+    pair = OptimizerPair(_make_one(config, unet_groups), _make_one(text_config, text_groups))
+    for optimizer, settings in zip(pair.optimizers, (config, text_config)):
+        if is_schedule_free(optimizer) or optimizer.param_groups[0].get("relative_step"):
+            raise ConfigError(f"optimizer '{settings.optimizer}' sets its own learning rate over time, so it "
+                              "cannot run beside a second optimizer under one schedule; give the text encoder "
+                              "the same optimizer, settings and weight decay as the UNet, or choose another.")
+    return pair
+
+
+def is_text_encoder_group(groups: list[dict[str, Any]]) -> list[bool]:
+    """For each parameter group, whether it holds text-encoder parameters: named by its "module" entry
+    (SD tasks); in groups without names, every group after the first."""
+    if any("module" in group for group in groups):
+        return [group.get("module") == "text_encoder" for group in groups]
+    return [index > 0 for index in range(len(groups))]
+
+
+def text_encoder_config(config: Config) -> Config:
+    """The settings the text encoders' optimizer is built from: the UNet's, with text_encoder_* over them."""
+    update: dict[str, Any] = {"optimizer": config.text_encoder_optimizer or config.optimizer}
+    if config.text_encoder_optimizer_settings is not None:
+        update["optimizer_settings"] = config.text_encoder_optimizer_settings
+    if config.text_encoder_weight_decay is not None:
+        update["weight_decay"] = config.text_encoder_weight_decay
+    return config.model_copy(update=update)
+
+
+def _same_optimizer(config: Config, other: Config) -> bool:
+    return (find_optimizer(config.optimizer).name == find_optimizer(other.optimizer).name
+            and parse_key_values(config.optimizer_settings, "optimizer_settings")
+            == parse_key_values(other.optimizer_settings, "text_encoder_optimizer_settings")
+            and config.weight_decay == other.weight_decay)
+
+
+class OptimizerPair(torch.optim.Optimizer):
+    """The UNet's optimizer and the text encoders', stepped as one optimizer.
+
+    Its param_groups are the two optimizers' own group dicts (UNet's first), so one LR schedule with
+    a multiplier per group, accelerate and the gradient scaler reach every parameter through it. Its
+    state dict holds each optimizer's own state dict, so a resume restores both exactly. Sharded
+    states (FSDP, DeepSpeed) are not supported: `check_unsharded`.
+    """
+
+    KEYS = ("unet", "text_encoders")
+
+    def __init__(self, unet: torch.optim.Optimizer, text_encoders: torch.optim.Optimizer) -> None:
+        self.optimizers = (unet, text_encoders)
+        super().__init__([*unet.param_groups, *text_encoders.param_groups], defaults={})
+        self._share_groups()
+
+    def _share_groups(self) -> None:
+        # load_state_dict gives each optimizer new group dicts; the pair must hold those very dicts,
+        # or the schedule would set learning rates the optimizers never read.
+        self.param_groups = [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {key: optimizer.state_dict() for key, optimizer in zip(self.KEYS, self.optimizers)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if set(state_dict) != set(self.KEYS):
+            raise ValueError("the saved optimizer state is one optimizer's, and this run trains the text "
+                             "encoder with an optimizer of its own (text_encoder_optimizer and the like)")
+        for key, optimizer in zip(self.KEYS, self.optimizers):
+            optimizer.load_state_dict(state_dict[key])
+        self._share_groups()
+
+    @staticmethod
+    def check_unsharded(optimizer: Any, sharding: str) -> None:
+        """A ConfigError when `optimizer` is a pair and the run shards its state (`sharding` not empty)."""
+        if isinstance(optimizer, OptimizerPair) and sharding:
+            raise ConfigError(f"the text encoder's own optimizer (text_encoder_optimizer, ..._settings, "
+                              f"..._weight_decay) cannot be used with {sharding}; give the text encoder the "
+                              "UNet's optimizer settings, or train without sharding.")
+
+
+def _make_one(config: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     spec = find_optimizer(config.optimizer)
     optimizer_class = _optimizer_class(spec)
     settings = _optimizer_settings(config, spec, optimizer_class)
@@ -369,38 +471,33 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_units
         logger.info("lr_step_rules has no effect: only lr_scheduler 'piecewise_constant' reads it.")
     if warmup and name not in _USES_WARMUP:
         logger.info("lr_warmup_steps has no effect: lr_scheduler '%s' has no warm-up.", name)
-    text_schedule = config.text_encoder_lr_scheduler
-    if text_schedule and set(_group_schedules(config, optimizer)) != {name}:
+    unet = (name, warmup, decay)
+    text = (config.text_encoder_lr_scheduler or name,
+            warmup if config.text_encoder_lr_warmup_steps is None else config.text_encoder_lr_warmup_steps,
+            config.text_encoder_lr_decay_steps or decay)
+    schedules = [text if is_text else unet for is_text in is_text_encoder_group(optimizer.param_groups)]
+    if set(schedules) != {unet}:
         if name in TORCH_SCHEDULERS:
-            raise ConfigError(f"text_encoder_lr_scheduler '{text_schedule}' needs lr_scheduler to be one of "
-                              f"diffusers' schedules too, not '{name}'; change one of them.")
-        return _per_group_schedule(config, optimizer, settings, warmup, decay)
+            raise ConfigError(f"the text encoder's own schedule ('{text[0]}', {text[1]} warm-up steps, decay over "
+                              f"{text[2]}) needs lr_scheduler to be one of diffusers' schedules too, not "
+                              f"'{name}'; change one of them.")
+        return _per_group_schedule(config, optimizer, settings, schedules)
     if name in TORCH_SCHEDULERS:
         return _torch_scheduler(config, optimizer, settings, decay)
     return _diffusers_scheduler(config, optimizer, settings, warmup, decay)
 
 
 def _per_group_schedule(config: Config, optimizer: torch.optim.Optimizer, settings: dict[str, Any],
-                        warmup: int, decay: int) -> torch_schedulers.LambdaLR:
-    """EveryDream2's text-encoder schedule: the UNet's group (the first) follows lr_scheduler, the
-    text encoders' groups text_encoder_lr_scheduler; one LambdaLR holds a multiplier per group."""
-    def multiplier(name: str):
+                        schedules: list[tuple[str, int, int]]) -> torch_schedulers.LambdaLR:
+    """EveryDream2's text-encoder schedule: each group follows its (schedule name, warm-up, decay),
+    the UNet's or the text encoders'; one LambdaLR holds a multiplier per group."""
+    def multiplier(name: str, warmup: int, decay: int):
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         schedule = _diffusers_scheduler(config.model_copy(update={"lr_scheduler": name}), probe, settings,
                                         warmup, decay)
         return schedule.lr_lambdas[0]
 
-    return torch_schedulers.LambdaLR(optimizer, [multiplier(name) for name in _group_schedules(config, optimizer)])
-
-
-def _group_schedules(config: Config, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Each parameter group's schedule name: text_encoder_lr_scheduler for the text encoders' groups
-    (named by their "module" entry; unnamed, every group after the first), lr_scheduler for the rest."""
-    groups = optimizer.param_groups
-    text = [group.get("module") == "text_encoder" if any("module" in g for g in groups) else index > 0
-            for index, group in enumerate(groups)]
-    return [config.text_encoder_lr_scheduler if is_text and config.text_encoder_lr_scheduler else config.lr_scheduler
-            for is_text in text]
+    return torch_schedulers.LambdaLR(optimizer, [multiplier(*schedule) for schedule in schedules])
 
 
 def _torch_scheduler(config: Config, optimizer: torch.optim.Optimizer, settings: dict[str, Any], run: int):

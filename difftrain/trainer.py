@@ -23,7 +23,7 @@ from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.log import say
 from difftrain.ema import make_ema
-from difftrain.optim import evaluation_weights, make_optimizer, make_scheduler, step_schedule
+from difftrain.optim import OptimizerPair, evaluation_weights, make_optimizer, make_scheduler, step_schedule
 from difftrain.processes import (StopRequest, agree_after_step, check_process_group, decide_on_main,
                                  exit_code_of)
 from difftrain.reflow import ReflowStages, run_length
@@ -95,6 +95,7 @@ class Trainer:
         units = length.max_epochs if config.scheduler_interval == "epoch" else length.total_steps
         self.scheduler = make_scheduler(config, optimizer, units, task.defaults.warmup_fraction)
         self.states = model_states(accelerator, task.model, config)  # before prepare: FSDP shards in place
+        OptimizerPair.check_unsharded(optimizer, self.states.description)
         self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
         self.ema = make_ema(config, task, total_steps=length.total_steps, device=accelerator.device,
                             sharding=self.states.description, keep=self.is_main)

@@ -528,3 +528,67 @@ def test_the_stabilized_set_is_a_seeded_share_of_the_distinct_training_images(tm
     assert len(chosen(validation_stabilize_fraction=0.1, seed=1)) == 1  # at least one image
     assert "loss_train_stabilized" not in extra_validation_sets(
         validate_config_dict({"data_root": "x"}), [(64, 64)], items)
+
+
+# ---- text_encoder_overrides: the text encoder's own optimizer -------------------------------------
+OWN_TEXT_ENCODER_OPTIMIZER = {
+    "base": {"optimizer": "adamw", "lr": 1e-3, "lr_scheduler": "constant", "betas": [0.9, 0.999],
+             "epsilon": 1e-8, "weight_decay": 0.01},
+    "text_encoder_overrides": {"optimizer": "lion", "lr": 1e-4, "lr_scheduler": "linear", "lr_warmup_steps": 2,
+                               "lr_decay_steps": 5, "betas": [0.8, 0.95], "epsilon": None, "weight_decay": 0.1},
+}
+
+
+def test_shipped_optimizer_files_keep_one_optimizer_when_the_overrides_equal_base(shipped):
+    for name in ("optimizer.json", "optimizerSD21.json", "optimizer_dadapt.json"):
+        config = translated("--optimizer_config", name)
+        assert (config.text_encoder_optimizer, config.text_encoder_optimizer_settings) == ("", None), name
+        assert (config.text_encoder_weight_decay, config.text_encoder_lr_warmup_steps) == (None, None), name
+
+
+def test_overrides_that_differ_become_the_text_encoders_own_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "opt.json").write_text(json.dumps(OWN_TEXT_ENCODER_OPTIMIZER))
+    config = translated("--optimizer_config", "opt.json")
+    assert (config.optimizer, config.optimizer_settings) == ("AdamW", "betas=(0.9, 0.999);eps=1e-08")
+    assert (config.text_encoder_optimizer, config.text_encoder_optimizer_settings) == ("Lion", "betas=(0.8, 0.95)")
+    assert (config.text_encoder_weight_decay, config.text_encoder_lr) == (0.1, 1e-4)
+    assert (config.text_encoder_lr_scheduler, config.text_encoder_lr_warmup_steps,
+            config.text_encoder_lr_decay_steps) == ("linear", 2, 5)
+    # base's epsilon falls to the text encoder's Lion, which EveryDream2 does not give it either
+    assert "text_encoder_overrides.epsilon has no effect with lion" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_text_encoder_with_its_own_optimizer_trains_and_resumes_bit_for_bit(tmp_path, tiny_sd15, monkeypatch):
+    from difftrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = _images(tmp_path / "data", count=3)
+    (tmp_path / "opt.json").write_text(json.dumps(OWN_TEXT_ENCODER_OPTIMIZER))
+    common = ["--optimizer_config", "opt.json", "--data_root", str(data), "--resolution", "64",
+              "--max_epochs", "2", "--batch_size", "1", "--sample_steps", "0", "--seed", "7",
+              "--ckpt_every_n_minutes", "0"]
+    assert main([*common, "--resume_ckpt", str(tiny_sd15), "--logdir", "full", "--runs_dir", "full_runs",
+                 "--ckpt_every_n_steps", "2"]) == 0
+    (middle,) = Path("full").glob("*/ckpts/*-gs00002")
+    saved = torch.load(middle / "trainer_state.pt", weights_only=True)["optimizer"]
+    assert set(saved) == {"unet", "text_encoders"}
+    assert saved["text_encoders"]["param_groups"][0]["betas"] == (0.8, 0.95)
+    assert main([*common, "--resume_ckpt", str(middle), "--logdir", "resumed", "--runs_dir", "resumed_runs"]) == 0
+    (straight,), (resumed,) = Path("full_runs").iterdir(), Path("resumed_runs").iterdir()
+    a = torch.load(straight / "state.pth", weights_only=True)
+    b = torch.load(resumed / "state.pth", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # The text encoder (not in state.pth, which is the UNet's) trained, and resumed exactly too.
+    from safetensors.torch import load_file
+
+    def text_encoder(folder: Path) -> dict:
+        (path,) = folder.glob("text_encoder/*.safetensors")
+        return load_file(path)
+
+    base = text_encoder(tiny_sd15)
+    (last_full,), (last_resumed,) = Path("full").glob("*/ckpts/last-*"), Path("resumed").glob("*/ckpts/last-*")
+    c, d = text_encoder(last_full), text_encoder(last_resumed)
+    assert all(torch.equal(c[key], d[key]) for key in c)
+    assert any(not torch.equal(c[key], base[key]) for key in base)

@@ -444,3 +444,95 @@ def test_traintrain_step_rules_reach_the_schedule():
     assert scheduler.get_last_lr()[0] == pytest.approx(LR * 0.1)
     with pytest.raises(ConfigError, match="cosine_annealing"):
         validate_config_dict({"lr_scheduler": "cosine_anealing"})
+
+
+# ---- the text encoder's own optimizer (EveryDream2's text_encoder_overrides) ------------------------
+PAIRED = dict(optimizer="AdamW", lr=0.01, text_encoder_lr=0.002, text_encoder_optimizer="Lion",
+              text_encoder_optimizer_settings="betas=(0.8, 0.9)", text_encoder_weight_decay=0.3,
+              lr_scheduler="cosine", lr_warmup_steps=1, text_encoder_lr_scheduler="linear",
+              text_encoder_lr_warmup_steps=3, text_encoder_lr_decay_steps=8)
+
+
+def unet_cosine(step: int) -> float:
+    """PAIRED's UNet rate: diffusers' cosine, 1 warm-up step, over 10 steps."""
+    return 0.0 if step == 0 else 0.01 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 9))
+
+
+def paired_run(steps: int, saved=None):
+    """UNet-like and text-encoder-like tensors under PAIRED; `saved`: (optimizer, schedule) states to
+    continue from. Returns the tensors, the pair, its schedule and each step's learning rates."""
+    config = Config(**PAIRED)
+    (unet, text), loss = quadratic(5)
+    if saved is not None:
+        with torch.no_grad():
+            unet.copy_(saved[2]), text.copy_(saved[3])
+    optimizer = make_optimizer(config, [{"params": [unet]}, {"params": [text], "lr": config.text_encoder_lr}])
+    scheduler = make_scheduler(config, optimizer, 10)
+    if saved is not None:
+        optimizer.load_state_dict(saved[0])
+        scheduler.load_state_dict(saved[1])
+    rates = []
+    for _ in range(steps):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        run_steps(optimizer, scheduler, loss, 1)
+    return (unet, text), optimizer, scheduler, rates
+
+
+def test_the_text_encoder_gets_its_own_optimizer_settings_and_schedule():
+    (unet, text), optimizer, _, rates = paired_run(6)
+    assert [type(inner).__name__ for inner in optimizer.optimizers] == ["AdamW", "Lion"]
+    text_group = optimizer.optimizers[1].param_groups[0]
+    assert (text_group["betas"], text_group["weight_decay"]) == ((0.8, 0.9), 0.3)
+    assert optimizer.optimizers[0].param_groups[0]["weight_decay"] == 0.01  # AdamW's own default
+    # UNet: cosine, 1 warm-up step over the run's 10; text encoder: linear, 3 warm-up steps, decay over 8.
+    unet_expected = [unet_cosine(step) for step in range(6)]
+    text_expected = [0.002 * (step / 3 if step < 3 else (8 - step) / 5) for step in range(6)]
+    assert [r[0] for r in rates] == pytest.approx(unet_expected) and [r[1] for r in rates] == pytest.approx(text_expected)
+    # The pair's groups are the optimizers' own: what the schedule set is what they used.
+    assert optimizer.param_groups[1] is text_group
+
+
+def test_the_pair_steps_as_two_separate_optimizers_would():
+    (unet, text), _, _, _ = paired_run(4)
+    (unet2, text2), loss = quadratic(5)
+    first = torch.optim.AdamW([unet2], lr=0.01)
+    from pytorch_optimizer import Lion
+    second = Lion([text2], lr=0.002, betas=(0.8, 0.9), weight_decay=0.3)
+    for step in range(4):
+        first.param_groups[0]["lr"], second.param_groups[0]["lr"] = unet_cosine(step), 0.002 * step / 3
+        loss().backward()
+        first.step(), second.step()
+        first.zero_grad(), second.zero_grad()
+    assert torch.allclose(unet, unet2, rtol=0, atol=1e-7) and torch.allclose(text, text2, rtol=0, atol=1e-7)
+
+
+def test_the_pair_resumes_bit_for_bit_from_its_saved_state(tmp_path):
+    (unet, text), _, _, _ = paired_run(7)
+    (middle_unet, middle_text), optimizer, scheduler, _ = paired_run(3)
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": scheduler.state_dict()}, tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    (resumed_unet, resumed_text), _, _, _ = paired_run(4, (saved["optimizer"], saved["schedule"],
+                                                           middle_unet.detach(), middle_text.detach()))
+    assert torch.equal(unet, resumed_unet) and torch.equal(text, resumed_text)
+
+
+def test_text_encoder_settings_equal_to_the_unets_keep_one_optimizer():
+    config = Config(optimizer="AdamW", optimizer_settings="betas=(0.9,0.99)", weight_decay=0.1,
+                    text_encoder_optimizer="adamw", text_encoder_optimizer_settings="betas=(0.9, 0.99)",
+                    text_encoder_weight_decay=0.1)
+    (unet, text), _ = quadratic()
+    assert isinstance(make_optimizer(config, [{"params": [unet]}, {"params": [text]}]), torch.optim.AdamW)
+
+
+def test_a_pair_refuses_what_it_cannot_do():
+    (unet, text), _ = quadratic()
+    groups = [{"params": [unet]}, {"params": [text]}]
+    with pytest.raises(ConfigError, match="sets its own learning rate"):
+        make_optimizer(Config(text_encoder_optimizer="AdamWScheduleFree"), groups)
+    (unet, text), _ = quadratic()
+    pair = make_optimizer(Config(text_encoder_optimizer="Lion"), [{"params": [unet]}, {"params": [text]}])
+    single = torch.optim.AdamW([unet, text]).state_dict()
+    with pytest.raises(ValueError, match="one optimizer's"):
+        pair.load_state_dict(single)
+    with pytest.raises(ConfigError, match="cannot be used with model and optimizer state sharded"):
+        type(pair).check_unsharded(pair, "model and optimizer state sharded with FSDP over 2 processes")

@@ -171,8 +171,9 @@ TERMS: tuple[Term, ...] = (
     _ours("no_save_ckpt", False, "no_save_ckpt: no single .safetensors files in save_ckpt_dir", "bool",
           convert=_drop_none("no_save_ckpt")),
     _ours("optimizer_config", "optimizer.json", "read and translated (see the optimizer_config table): "
-          "optimizer, lr, weight_decay, optimizer_settings, text_encoder_lr, text_encoder_lr_scheduler, "
-          "text_encoder_unfreeze_last_n_layers and the other text_encoder_freeze_* settings", "str", "optimizer",
+          "optimizer, lr, weight_decay, optimizer_settings and the text encoder's own: text_encoder_lr, "
+          "_lr_scheduler, _lr_warmup_steps, _lr_decay_steps, _optimizer, _optimizer_settings, _weight_decay, "
+          "_unfreeze_last_n_layers and the other text_encoder_freeze_* settings", "str", "optimizer",
           also=("lr", "optimizer_settings", "weight_decay", "text_encoder_lr")),
     _refused_unless("plugins", None, "list", lambda value: not value,
                     "plugins run EveryDream2's own Python plugin classes, which difftrain does not load; "
@@ -301,9 +302,13 @@ OPTIMIZER_KEYS: tuple[tuple[str, str, str], ...] = (
     ("text_encoder_overrides.lr", "ours", "text_encoder_lr"),
     ("text_encoder_overrides.lr_scheduler", "ours", "text_encoder_lr_scheduler (its own schedule, as in "
      "EveryDream2's second optimizer)"),
-    ("text_encoder_overrides (other keys)", "refused", "null or equal to base: accepted; a different "
-     "optimizer, betas, epsilon, weight_decay, warmup or decay for the text encoder is refused (one "
-     "optimizer trains both here)"),
+    ("text_encoder_overrides.lr_warmup_steps, text_encoder_overrides.lr_decay_steps", "ours",
+     "text_encoder_lr_warmup_steps, text_encoder_lr_decay_steps (null or 0: base's, as in EveryDream2)"),
+    ("text_encoder_overrides.optimizer, .betas, .epsilon, .weight_decay, .d0, .decouple, .momentum, "
+     ".use_bias_correction, .safeguard_warmup", "ours", "text_encoder_optimizer, text_encoder_optimizer_settings, "
+     "text_encoder_weight_decay (each null: base's); where they differ from base, the text encoder gets an "
+     "optimizer of its own, stepped with the UNet's and saved with it in every checkpoint (difftrain/optim.py "
+     "OptimizerPair), as EveryDream2 builds one per model"),
     ("text_encoder_lr_scale", "ours", "with no text_encoder_overrides.lr: text_encoder_lr = lr x scale"),
     ("text_encoder_freezing.unfreeze_last_n_layers", "ours", "text_encoder_unfreeze_last_n_layers (null: all "
      "layers); the key's presence, even null, makes freeze_front_n_layers have no effect, as in EveryDream2"),
@@ -462,13 +467,9 @@ def optimizer_settings(data: dict[str, Any], where: str, main: dict[str, Any],
     _check_keys(base, BASE_OPTIMIZER_KEYS, f"{where}: base")
     _check_keys(overrides, BASE_OPTIMIZER_KEYS, f"{where}: text_encoder_overrides")
     result: dict[str, Any] = {}
-    name = str(base.get("optimizer") or "adamw8bit").lower()  # EveryDream2's default when unnamed
-    if name not in OPTIMIZER_NAMES:
-        raise ConfigError(f"{where}: base.optimizer '{name}' is not available in difftrain; use one of "
-                          f"{', '.join(OPTIMIZER_NAMES)}.")
-    ours, passed = OPTIMIZER_NAMES[name]
+    name = _optimizer_name(base.get("optimizer") or "adamw8bit", f"{where}: base.optimizer")  # ED2's default
     if base.get("optimizer") is not None:
-        result["optimizer"] = ours
+        result["optimizer"] = OPTIMIZER_NAMES[name][0]
     if base.get("lr") is not None and main.get("lr") is None:
         result["lr"] = base["lr"]
     for key in ("lr_scheduler", "lr_warmup_steps", "lr_decay_steps"):
@@ -476,33 +477,45 @@ def optimizer_settings(data: dict[str, Any], where: str, main: dict[str, Any],
             result[key] = base[key]
     if base.get("weight_decay") is not None:
         result["weight_decay"] = base["weight_decay"]
-    extras = []
-    for key in ("betas", "epsilon", "d0", "decouple", "momentum", "use_bias_correction", "safeguard_warmup"):
-        value = base.get(key)
-        if value is None:
-            continue
-        if key not in passed:
-            if notes is not None:
-                notes.append(f"note: {where}: base.{key} has no effect with {name} (EveryDream2 does not pass it "
-                             "either).")
-            continue
-        text = f"({float(value[0])!r}, {float(value[1])!r})" if key == "betas" else repr(value)
-        extras.append(f"{_SETTING_NAMES.get(key, key)}={text}")
-    if extras:
-        result["optimizer_settings"] = ";".join(extras)
+    base_settings = _settings_text(name, base, f"{where}: base", notes)
+    if base_settings:
+        result["optimizer_settings"] = base_settings
     result.update(_text_encoder_settings(data, base, overrides, where, main.get("lr", result.get("lr")), notes))
     return result
 
 
+def _optimizer_name(value: Any, where: str) -> str:
+    name = str(value).lower()
+    if name not in OPTIMIZER_NAMES:
+        raise ConfigError(f"{where} '{name}' is not available in difftrain; use one of "
+                          f"{', '.join(OPTIMIZER_NAMES)}.")
+    return name
+
+
+def _settings_text(name: str, values: dict[str, Any], where: str, notes: Optional[list[str]]) -> str:
+    """Our optimizer_settings string for EveryDream2's optimizer `name` from an optimizer.json section;
+    a setting EveryDream2 does not pass to that optimizer gets a note instead."""
+    extras = []
+    for key in ("betas", "epsilon", "d0", "decouple", "momentum", "use_bias_correction", "safeguard_warmup"):
+        value = values.get(key)
+        if value is None:
+            continue
+        if key not in OPTIMIZER_NAMES[name][1]:
+            if notes is not None:
+                notes.append(f"note: {where}.{key} has no effect with {name} (EveryDream2 does not pass it either).")
+            continue
+        text = f"({float(value[0])!r}, {float(value[1])!r})" if key == "betas" else repr(value)
+        extras.append(f"{_SETTING_NAMES.get(key, key)}={text}")
+    return ";".join(extras)
+
+
 def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any], where: str,
                            lr: Optional[float], notes: Optional[list[str]] = None) -> dict[str, Any]:
+    """text_encoder_overrides (and the freezing section) as our text_encoder_* keys. As in EveryDream2,
+    each override that is null falls back to base's value (warm-up, decay and weight decay also when 0:
+    EveryDream2 reads them with `or`); the keys are set only where the text encoder's value differs
+    from the UNet's, so one optimizer trains both when nothing differs."""
     result: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key in ("lr", "lr_scheduler") or value is None or value == base.get(key):
-            continue
-        raise ConfigError(f"{where}: text_encoder_overrides.{key} {value!r} differs from base; one optimizer "
-                          "trains the UNet and the text encoder here, so only lr and lr_scheduler can differ. "
-                          f"Set it to null.")
     if overrides.get("lr") is not None:
         result["text_encoder_lr"] = overrides["lr"]
     elif data.get("text_encoder_lr_scale") is not None:
@@ -510,6 +523,17 @@ def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides
             * float(data["text_encoder_lr_scale"])
     if overrides.get("lr_scheduler") is not None:
         result["text_encoder_lr_scheduler"] = overrides["lr_scheduler"]
+    for key in ("lr_warmup_steps", "lr_decay_steps", "weight_decay"):
+        if overrides.get(key) and overrides[key] != base.get(key):
+            result[f"text_encoder_{key}"] = overrides[key]
+    base_name = _optimizer_name(base.get("optimizer") or "adamw8bit", f"{where}: base.optimizer")
+    name = _optimizer_name(overrides.get("optimizer") or base_name, f"{where}: text_encoder_overrides.optimizer")
+    merged = {**base, **{key: value for key, value in overrides.items() if value is not None}}
+    text_settings = _settings_text(name, merged, f"{where}: text_encoder_overrides", notes)
+    if name != base_name:
+        result["text_encoder_optimizer"] = OPTIMIZER_NAMES[name][0]
+    if name != base_name or text_settings != _settings_text(base_name, base, "", None):
+        result["text_encoder_optimizer_settings"] = text_settings
     freezing = data.get("text_encoder_freezing") or {}
     _check_keys(freezing, {"unfreeze_last_n_layers", "freeze_front_n_layers", "freeze_embeddings",
                            "freeze_final_layer_norm"}, f"{where}: text_encoder_freezing")
