@@ -263,3 +263,40 @@ def test_a_rated_run_on_the_tiny_stand_in_shrinks_its_epochs(tiny_sd15, tmp_path
     task = SDTask(config, CPU, StartPoint(base=str(tiny_sd15)))
     # drop 1 over 4 epochs: 8 copies, 8, then 3 of the 4 images (ceil 4 x 0.75), then 2
     assert [len(task.epoch_batches(epoch, 0, 1)) for epoch in range(4)] == [8, 8, 3, 2]
+
+
+# ---- f) sample_prompts.json with rectified_flow ------------------------------------------------------
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_flow_run_draws_the_sample_plan_with_its_seeds_sizes_cfgs_and_negatives(tiny_sd2v, tmp_path):
+    import numpy as np
+
+    from difftrain.tasks.base import StartPoint
+    from difftrain.tasks.sd import SDTask
+
+    plan = {"num_inference_steps": 2, "cfgs": [1, 6], "scheduler": "dpm++", "samples": [
+        {"prompt": "a red square", "seed": 7, "size": [80, 48]},
+        {"prompt": "a red square", "seed": 7, "size": [80, 48]},
+        {"prompt": "a red square", "seed": 7, "size": [80, 48], "negative_prompt": "blue"},
+        {"prompt": "a red square", "seed": 8, "size": [80, 48], "cfgs": [6]}]}
+    (tmp_path / "samples.json").write_text(json.dumps(plan))
+    config = translated("--resume_ckpt", str(tiny_sd2v), "--data_root", str(_images(tmp_path / "data", count=2)),
+                        "--resolution", "64", "--rectified_flow", "true",
+                        "--sample_prompts", str(tmp_path / "samples.json"))
+    task = SDTask(config, CPU, StartPoint(base=str(tiny_sd2v)))
+    drawn = []
+    original = task.parts.samples._flow_image
+
+    def recording(*args, **kwargs):
+        image = original(*args, **kwargs)
+        drawn.append(np.asarray(image).astype(float))
+        return image
+
+    task.parts.samples._flow_image = recording
+    task.parts.samples.samples(task.model)
+    assert [image.shape[:2] for image in drawn] == [(48, 80)] * 7  # [height, width] of each sample x cfg
+    assert np.array_equal(drawn[0], drawn[2]) and np.array_equal(drawn[1], drawn[3])  # the same seed, the same picture
+    assert np.abs(drawn[0] - drawn[1]).max() > 0  # cfg 1 and cfg 6 differ
+    assert np.array_equal(drawn[4], drawn[0])  # at cfg 1 the negative prompt is not used
+    assert np.abs(drawn[5] - drawn[1]).max() > 0  # at cfg 6 it is
+    assert np.abs(drawn[6] - drawn[1]).max() > 0  # another seed

@@ -187,8 +187,7 @@ TERMS: tuple[Term, ...] = (
           "str"),
     _ours("run_name", None, "run_name", "str", convert=_drop_none("run_name")),
     _ours("sample_prompts", "sample_prompts.txt", "sample_prompts: a .txt file is read as it is (one prompt "
-          "a line); a .json file is EveryDream2's sample generator settings (see the sample_prompts table; "
-          "not with rectified_flow)", "str",
+          "a line); a .json file is EveryDream2's sample generator settings (see the sample_prompts table)", "str",
           also=("sample_inference_steps", "num_samples")),
     _ours("sample_steps", 250, "sample_steps", "int"),
     _ours("save_ckpt_dir", None, "save_ckpt_dir: each checkpoint and its EMA as A1111 single files "
@@ -341,7 +340,9 @@ SAMPLE_KEYS: tuple[tuple[str, str, str], ...] = (
     ("(a .txt file)", "ours", "one prompt a line, read as it is; an empty file samples training captions"),
     ("cfgs", "ours", "every sample is drawn at each guidance scale (default [7, 4, 1.01])"),
     ("scheduler", "ours", "the inference scheduler: ddim, dpm++ (dpm++_2m), dpm++_2m_k, dpm++_2s, dpm++_2s_k, "
-     "dpm++_sde, dpm++_sde_k, dpm++_2m_sde, dpm++_2m_sde_k, pndm, ddpm, lms, euler, euler_a, kdpm2"),
+     "dpm++_sde, dpm++_sde_k, dpm++_2m_sde, dpm++_2m_sde_k, pndm, ddpm, lms, euler, euler_a, kdpm2; with "
+     "rectified_flow no effect: the flow Euler sampler draws every sample, honouring the prompts, negative "
+     "prompts (the unguided side), seeds, sizes, cfgs and num_inference_steps"),
     ("num_inference_steps", "ours", "denoising steps (default 30)"),
     ("seed", "ours", "the samples' default seed; -1 (here or per sample): the run's seed plus the sample's "
      "number, so every sampling draws comparable images (EveryDream2 draws a new random seed)"),

@@ -22,9 +22,6 @@ def make_objective(config: Config, sd: SDModel):
         if unused:
             raise ConfigError(f"{', '.join(unused)} apply to the epsilon / v objective, not to rectified_flow; "
                               "set them to 0 or rectified_flow to false.")
-        if config.sample_prompts.lower().endswith(".json"):
-            raise ConfigError("sample_prompts: EveryDream2's .json sample settings drive the diffusers "
-                              "pipeline, which rectified_flow does not sample with; give a .txt of prompts.")
         return pretrained_flow_objective(sd.prediction_type, alphas_cumprod, time_sampling=config.timestep_sampling,
                                          loss_function=config.loss_function)
     return DiffusionObjective(alphas_cumprod, sd.prediction_type, min_snr_gamma=config.min_snr_gamma,

@@ -76,23 +76,27 @@ class SDSamples:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
             if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
         with torch.no_grad(), autocast:
+            if self.config.sample_prompts.lower().endswith(".json"):  # EveryDream2's sample generator settings
+                return {"samples": self.planned_samples(view, model)}
             if self.config.rectified_flow:
                 images = [self._flow_image(model, view, prompt, index) for index, prompt in enumerate(chosen)]
-            elif self.config.sample_prompts.lower().endswith(".json"):  # EveryDream2's sample generator settings
-                return {"samples": self.planned_samples(view)}
             else:
                 images = self._pipeline_images(view, chosen)
         return {"samples": prompt_columns(images, prompts)}
 
-    def _flow_image(self, model: nn.Module, view: SDModel, prompt: str, index: int):
+    def _flow_image(self, model: nn.Module, view: SDModel, prompt: str, index: int, *, negative: str = "",
+                    seed: Optional[int] = None, size: Optional[tuple[int, int]] = None,
+                    cfg: float = SAMPLE_GUIDANCE_SCALE, steps: int = 0):
+        """One flow Euler sample: `size` (width, height) in pixels, the negative prompt as the unguided side."""
         from difftrain.sampling import sample_flow_euler
 
-        side = self.config.resolution // view.vae_scale_factor
-        generator = torch.Generator().manual_seed(self.config.seed + index)
-        noise = torch.randn((1, view.unet.config.in_channels, side, side), generator=generator).to(self.device)
-        latents = sample_flow_euler(self.objective.velocity_fn(model), noise, self.config.sample_inference_steps,
-                                    cfg_scale=SAMPLE_GUIDANCE_SCALE, cond=view.encode_prompts([prompt]),
-                                    uncond=view.encode_prompts([""]))
+        width, height = size or (self.config.resolution, self.config.resolution)
+        generator = torch.Generator().manual_seed(self.config.seed + index if seed is None else seed)
+        noise = torch.randn((1, view.unet.config.in_channels, height // view.vae_scale_factor,
+                             width // view.vae_scale_factor), generator=generator).to(self.device)
+        latents = sample_flow_euler(self.objective.velocity_fn(model), noise, steps or self.config.sample_inference_steps,
+                                    cfg_scale=cfg, cond=view.encode_prompts([prompt]),
+                                    uncond=view.encode_prompts([negative]))
         return latents_to_images(view, latents)[0]
 
     def prompt_arguments(self, view: SDModel, prompt: str, negative: str = "") -> dict[str, Any]:
@@ -103,9 +107,10 @@ class SDSamples:
         return {"prompt_embeds": view.encode_prompts([prompt])["encoder_hidden_states"],
                 "negative_prompt_embeds": view.encode_prompts([negative])["encoder_hidden_states"]}
 
-    def planned_samples(self, view: SDModel):
+    def planned_samples(self, view: SDModel, model: nn.Module):
         """EveryDream2's sample_prompts.json: each sample at each of its guidance scales, one row per
-        sample with its prompt and scale under each picture (difftrain.vocab.everydream2.read_sample_plan)."""
+        sample with its prompt and scale under each picture (difftrain.vocab.everydream2.read_sample_plan).
+        With rectified_flow the flow Euler sampler draws them (the plan's scheduler has no effect)."""
         import diffusers
 
         from difftrain.sheets import captioned_columns, stack
@@ -125,10 +130,15 @@ class SDSamples:
             if prompt is None:  # a random training caption
                 prompt = captions[torch.randint(len(captions), (1,), generator=torch.Generator().manual_seed(seed))]
             width, height = request.size
-            row = [pipeline(**self.prompt_arguments(view, prompt, request.negative_prompt), width=width,
-                            height=height, num_inference_steps=plan.num_inference_steps, guidance_scale=cfg,
-                            generator=torch.Generator(device=self.device).manual_seed(seed)).images[0]
-                   for cfg in request.cfgs]
+            if config.rectified_flow:
+                row = [self._flow_image(model, view, prompt, index, negative=request.negative_prompt, seed=seed,
+                                        size=request.size, cfg=cfg, steps=plan.num_inference_steps)
+                       for cfg in request.cfgs]
+            else:
+                row = [pipeline(**self.prompt_arguments(view, prompt, request.negative_prompt), width=width,
+                                height=height, num_inference_steps=plan.num_inference_steps, guidance_scale=cfg,
+                                generator=torch.Generator(device=self.device).manual_seed(seed)).images[0]
+                       for cfg in request.cfgs]
             rows.append(captioned_columns([row], [f"{prompt_caption(prompt)} (cfg {cfg:g})" for cfg in request.cfgs]))
         return stack(rows)
 
