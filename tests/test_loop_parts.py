@@ -49,7 +49,8 @@ def test_ema_samples_as_ema_sample_flags_say(tmp_path, tiny_field_data):
     assert run(tiny_config(tmp_path, tiny_field_data, max_epochs=1, sample_steps=2, ema_sample_ema_model=True,
                            ema_sample_nonema_model=True, **EMA)) == 0
     names = sorted(path.name for path in (only_run_folder(tmp_path) / "samples").iterdir())
-    assert "vorticity-gs00002.png" in names and "vorticity_ema-gs00002.png" in names
+    assert "samples-gs00002.png" in names and "samples_ema-gs00002.png" in names
+    assert "spectrum-gs00002.png" in names and "spectrum_ema-gs00002.png" in names
 
 
 def test_a_schedule_free_run_exports_its_averaged_weights_and_checkpoints_its_training_weights(

@@ -157,7 +157,7 @@ def test_fsdp2_shards_trains_like_one_process_and_resumes_exactly(tmp_path, tiny
     fsdp_losses, fsdp_weights, one_weights = trained_alike(run_folder, only(tmp_path / "one" / "runs"), 1e-6)
     # Samples were drawn by the main process from the gathered weights.
     assert sorted(path.name for path in (run_folder / "samples").iterdir())[:2] == \
-        ["vorticity-gs00010.png", "vorticity-gs00020.png"]
+        ["samples-gs00010.png", "samples-gs00020.png"]
 
     # The checkpoint holds the whole model and the optimizer state keyed by parameter name.
     ckpts = only(tmp_path / "fsdp" / "logs") / "ckpts"
@@ -261,7 +261,7 @@ def test_deepspeed_zero_trains_like_one_process_and_resumes_exactly(tmp_path, ti
 
     run_folder = only(tmp_path / "zero" / "runs")
     zero_losses, zero_weights, _ = trained_alike(run_folder, only(tmp_path / "one" / "runs"), 1e-5)
-    assert (run_folder / "samples" / "vorticity-gs00020.png").is_file()
+    assert (run_folder / "samples" / "samples-gs00020.png").is_file()
 
     # DeepSpeed's per-process files sit inside the checkpoint, under its manifest.
     middle = only(tmp_path / "zero" / "logs") / "ckpts" / "tiny-ep01-gs00012"

@@ -402,6 +402,58 @@ def energy_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(n // 2 + 1), spectrum
 
 
+
+def scored_shells(size: int) -> range:
+    """The wavenumber shells `spectrum_error` compares on a size x size grid: k = 1 .. size // 4
+    inclusive (half the Nyquist wavenumber size / 2). Above that, mean-pooled data and the
+    network's pixel-scale noise dominate, and shell sums get few modes near the corners."""
+    return range(1, size // 4 + 1)
+
+
+def spectrum_error(generated: torch.Tensor, data: torch.Tensor) -> float:
+    """Mean relative error of the shell energies, mean over k in `scored_shells(N)` of
+    |E_gen(k) - E_data(k)| / E_data(k), with E from `energy_spectrum` (each set's shells averaged
+    over its states). 0 for identical sets; a shell where the data hold no energy counts as
+    relative to the smallest positive float (so any generated energy there is a huge error).
+
+    Args:
+        generated, data: (..., 2, N, N) velocity fields; the leading dims may differ, N must not.
+    """
+    if generated.shape[-3:] != data.shape[-3:]:
+        raise ValueError(f"spectrum_error compares fields of one shape, got {tuple(generated.shape[-3:])} "
+                         f"and {tuple(data.shape[-3:])}")
+    shells = list(scored_shells(data.shape[-1]))
+    generated_energy = energy_spectrum(generated)[1][shells]
+    data_energy = energy_spectrum(data)[1][shells]
+    relative = (generated_energy - data_energy).abs() / data_energy.clamp(min=torch.finfo(torch.float64).tiny)
+    return float(relative.mean())
+
+
+def draw_spectra(spectra: dict[str, torch.Tensor], size: int, title: str = ""):
+    """A log-log figure of shell energy E(k) against wavenumber k >= 1, one labelled curve per
+    entry of `spectra` (name -> E from `energy_spectrum`), the shells `spectrum_error` scores
+    shaded. Returns the matplotlib Figure (see difftrain.figures)."""
+    from difftrain.figures import new_figure
+
+    figure = new_figure(5.0, 3.6)
+    axes = figure.add_subplot()
+    for (name, energy), style in zip(spectra.items(), ("-", "--", ":", "-.")):
+        wavenumbers = torch.arange(len(energy))
+        positive = (wavenumbers >= 1) & (energy > 0)  # a log axis cannot show k = 0 or empty shells
+        axes.loglog(wavenumbers[positive].numpy(), energy[positive].numpy(), style, marker=".", label=name)
+    shells = scored_shells(size)
+    axes.axvspan(shells.start, shells.stop - 1, color="0.9", zorder=0, label=f"scored: k = 1..{shells.stop - 1}")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    axes.set_xticks([2**power for power in range(int(math.log2(max(size // 2, 1))) + 1)])
+    axes.xaxis.set_major_formatter(ScalarFormatter())  # 1 2 4 8 16, not 2 x 10^0
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel("wavenumber k")
+    axes.set_ylabel("kinetic energy E(k)")
+    axes.set_title(title, fontsize="medium")
+    axes.legend(fontsize="small")
+    return figure
+
 # Anchors of the diverging colormap, from -vmax to +vmax: deep blue, light blue, white, light red,
 # deep red. White at zero makes the sign of the vorticity readable at a glance.
 _DIVERGING_ANCHORS = np.array(
