@@ -51,6 +51,13 @@ def epoch_permutation_batches(num_items: int, batch_size: int, seed: int, epoch:
             for start in range(0, usable, global_batch)]
 
 
+def evenly_spaced_windows(dataset: TrajectoryDataset, count: int, window: int) -> torch.Tensor:
+    """`count` windows evenly spaced through `dataset` (the same ones every call), cycling when it
+    holds fewer: (count, window, 2, H, W). What the samples are judged against."""
+    spaced = torch.linspace(0, max(len(dataset), count) - 1, count).long().tolist()
+    return dataset.batch([index % len(dataset) for index in spaced]).float().unflatten(1, (window, 2))
+
+
 def band_score(fields: torch.Tensor, wavenumber: int) -> float:
     """Cosine similarity of the mean vorticity profile along y (fields (..., H, W), y last) with
     -cos(k y): how clearly the forcing's bands show."""
@@ -146,7 +153,7 @@ class KolmogorovTask:
           data, ~0 for noise).
         A picture that cannot be drawn is one warning; the numbers are returned regardless."""
         generated = self._generate(model)  # (samples, window, 2, H, W)
-        data = self._validation_windows(generated.shape[0])
+        data = evenly_spaced_windows(self.valid_set, generated.shape[0], self.config.window)
         generated_vorticity, data_vorticity = vorticity(generated), vorticity(data)
         results: dict[str, Any] = {
             "band_score": band_score(generated_vorticity, self.config.simulation.wavenumber),
@@ -176,13 +183,6 @@ class KolmogorovTask:
             noise = torch.randn(shape, generator=generator, device=self.device)
             x = sample_flow_euler(self.flow.velocity_fn(model), noise, self.config.sample_inference_steps)
         return x.float().cpu().unflatten(1, (self.config.window, 2))
-
-    def _validation_windows(self, count: int) -> torch.Tensor:
-        """`count` validation windows evenly spaced through the set (the same at every event):
-        (count, window, 2, H, W). Cycles through the set if it has fewer windows than `count`."""
-        indices = [i % len(self.valid_set) for i in
-                   torch.linspace(0, max(len(self.valid_set), count) - 1, count).long().tolist()]
-        return self.valid_set.batch(indices).float().unflatten(1, (self.config.window, 2))
 
     # ---- rectified flow and reflow -------------------------------------------------------------------
     def flow_velocity_fn(self, model: nn.Module):
