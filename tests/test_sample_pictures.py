@@ -79,6 +79,19 @@ def test_prompts_in_any_script_are_drawn_without_failing(monkeypatch, bitmap_fon
     assert all(ink(captions[:, c * SIDE:(c + 1) * SIDE]) > 0 for c in range(3))  # "" reads "(empty prompt)"
 
 
+def test_captions_that_cannot_be_drawn_leave_the_samples_and_one_warning(monkeypatch, caplog):
+    from difftrain.tasks.sd_parts.samples import prompt_columns
+
+    def broken(size):
+        raise OSError("font file vanished")
+
+    monkeypatch.setattr(sheets, "load_font", broken)
+    grid = prompt_columns([solid(0), solid(90), solid(180)], ["cat", "dog"])
+    assert grid.size == (2 * SIDE, 2 * SIDE)
+    assert (np.asarray(grid)[SIDE:, :SIDE] == np.asarray(solid(180))).all()
+    assert len([r for r in caplog.records if "font file vanished" in r.getMessage()]) == 1
+
+
 def test_the_font_has_accented_latin_greek_and_cyrillic_letters():
     font = sheets.load_font(16)
     missing = bytes(font.getmask("\ue000"))  # a private-use character: no font has it, it draws the empty box

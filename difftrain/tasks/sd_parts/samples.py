@@ -34,11 +34,20 @@ def prompt_caption(prompt: str) -> str:
 def prompt_columns(images: list[Any], prompts: list[str]) -> Any:
     """Image i (drawn from prompt i % len(prompts)) in column i % columns, one column per prompt
     used, with the prompt written under its column."""
-    from difftrain.sheets import captioned_columns
-
     columns = min(len(prompts), len(images))
     rows = [images[start:start + columns] for start in range(0, len(images), columns)]
-    return captioned_columns(rows, [prompt_caption(prompt) for prompt in prompts[:columns]])
+    return written_under(rows, [prompt_caption(prompt) for prompt in prompts[:columns]])
+
+
+def written_under(rows: list[list[Any]], captions: list[str]) -> Any:
+    """sheets.captioned_columns; should the text fail to draw, the pictures alone and one warning: the
+    samples are worth more than their captions."""
+    from difftrain.figures import drawing
+    from difftrain.sheets import captioned_columns, stack
+
+    with drawing("the prompts under the samples"):
+        return captioned_columns(rows, captions)
+    return stack([stack(row, vertical=False) for row in rows])
 
 
 def sample_prompts(config: Config, defaults: Sequence[str]) -> list[str]:
@@ -113,7 +122,7 @@ class SDSamples:
         With rectified_flow the flow Euler sampler draws them (the plan's scheduler has no effect)."""
         import diffusers
 
-        from difftrain.sheets import captioned_columns, stack
+        from difftrain.sheets import stack
         from difftrain.vocab.everydream2 import SCHEDULERS, read_sample_plan
 
         config = self.config
@@ -139,7 +148,7 @@ class SDSamples:
                                 height=height, num_inference_steps=plan.num_inference_steps, guidance_scale=cfg,
                                 generator=torch.Generator(device=self.device).manual_seed(seed)).images[0]
                        for cfg in request.cfgs]
-            rows.append(captioned_columns([row], [f"{prompt_caption(prompt)} (cfg {cfg:g})" for cfg in request.cfgs]))
+            rows.append(written_under([row], [f"{prompt_caption(prompt)} (cfg {cfg:g})" for cfg in request.cfgs]))
         return stack(rows)
 
     def _pipeline_images(self, view: SDModel, prompts: list[str]) -> list[Any]:
