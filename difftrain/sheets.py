@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 PADDING = 4  # pixels around text
+GUTTER = 8  # white pixels between the cells of a labelled sheet, wider than the gaps inside a cell
 MAX_CAPTION_LINES = 6  # a very long prompt is cut after this many lines, ending in "..."
 BACKGROUND, INK = (255, 255, 255), (0, 0, 0)
 
@@ -136,8 +137,8 @@ def captioned_columns(rows: Sequence[Sequence[Any]], captions: Sequence[str]) ->
 
 
 def labelled_sheet(cells: Sequence[Sequence[Any]], row_labels: Sequence[str], column_labels: Sequence[str]) -> Any:
-    """A grid of pictures (cells[row][column], any sizes) with a label above each column and one
-    left of each row, e.g. "before stage 1" / "after stage 1" by "1 step" / "16 steps"."""
+    """A grid of pictures (cells[row][column], any sizes, GUTTER apart) with a label above each column
+    and one left of each row, e.g. "before stage 1" / "after stage 1" by "1 step" / "16 steps"."""
     from PIL import Image
 
     column_widths = [max(row[c].width for row in cells) for c in range(len(column_labels))]
@@ -146,20 +147,16 @@ def labelled_sheet(cells: Sequence[Sequence[Any]], row_labels: Sequence[str], co
     label_width = min(200, max(80, 8 * font_size))
     heads = [text_block(label, width, font_size, max_lines=2) for label, width in zip(column_labels, column_widths)]
     head_height = max(head.height for head in heads)
-    sheet = Image.new("RGB", (label_width + sum(column_widths), head_height + sum(row_heights)), BACKGROUND)
-    left = label_width
-    for head, width in zip(heads, column_widths):
+    lefts = [label_width + sum(column_widths[:c]) + c * GUTTER for c in range(len(column_widths))]
+    tops = [head_height + sum(row_heights[:r]) + r * GUTTER for r in range(len(row_heights))]
+    sheet = Image.new("RGB", (lefts[-1] + column_widths[-1], tops[-1] + row_heights[-1]), BACKGROUND)
+    for head, left in zip(heads, lefts):
         sheet.paste(head, (left, 0))
-        left += width
-    top = head_height
-    for row, label, height in zip(cells, row_labels, row_heights):
+    for row, label, top, height in zip(cells, row_labels, tops, row_heights):
         side = text_block(label, label_width, font_size, max_lines=4)
         sheet.paste(side, (0, top + max(0, (height - side.height) // 2)))
-        left = label_width
-        for cell, width in zip(row, column_widths):
+        for cell, left in zip(row, lefts):
             sheet.paste(cell, (left, top))
-            left += width
-        top += height
     return sheet
 
 

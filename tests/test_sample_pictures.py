@@ -103,13 +103,16 @@ def test_labelled_sheet_puts_labels_above_columns_and_left_of_rows():
     cells = [[solid(0), solid(60)], [solid(120), solid(180)]]
     sheet = np.asarray(sheets.labelled_sheet(cells, ["before stage 1", "after stage 1"], ["1 step", "8 steps"]))
     height, width = sheet.shape[:2]
-    label_width, head_height = width - 2 * SIDE, height - 2 * SIDE
+    gutter = sheets.GUTTER
+    label_width, head_height = width - 2 * SIDE - gutter, height - 2 * SIDE - gutter
     assert label_width > 0 and head_height > 0
     assert (sheet[head_height:head_height + SIDE, label_width:label_width + SIDE] == np.asarray(cells[0][0])).all()
-    assert (sheet[head_height + SIDE:, label_width + SIDE:] == np.asarray(cells[1][1])).all()
-    assert ink(sheet[:head_height, label_width:]) > 0  # column labels
+    assert (sheet[-SIDE:, -SIDE:] == np.asarray(cells[1][1])).all()
+    assert (sheet[head_height:, label_width + SIDE:label_width + SIDE + gutter] == 255).all()  # white between cells
+    assert ink(sheet[:head_height, label_width:label_width + SIDE]) > 0  # "1 step"
+    assert ink(sheet[:head_height, -SIDE:]) > 0  # "8 steps"
     assert ink(sheet[head_height:head_height + SIDE, :label_width]) > 0  # "before stage 1"
-    assert ink(sheet[head_height + SIDE:, :label_width]) > 0  # "after stage 1"
+    assert ink(sheet[-SIDE:, :label_width]) > 0  # "after stage 1"
 
 
 # ---- samples.html --------------------------------------------------------------------------------------
@@ -206,7 +209,7 @@ def test_each_reflow_stage_leaves_a_picture_of_before_and_after(tmp_path, tiny_f
     run_folder = only_run_folder(tmp_path)
     events = [json.loads(line) for line in (run_folder / "metrics.jsonl").open()]
     stage_ends = {event["reflow_stage"]: event["step"] for event in events if "straightness" in event}
-    # One cell: the first 4 probe states of a window of 2, as the task draws them.
+    # One cell: the first states of the first 4 probe trajectories, as the task draws them.
     config = tiny_config(tmp_path, tiny_field_data, **settings)
     probe = torch.zeros(4, 2 * config.window, TINY_SIMULATION["size"], TINY_SIMULATION["size"])
     cell = KolmogorovTask.render_flow_states(SimpleNamespace(config=config), [probe])[0]
@@ -216,11 +219,12 @@ def test_each_reflow_stage_leaves_a_picture_of_before_and_after(tmp_path, tiny_f
             picture = Image.open(folder / "samples" / f"reflow_stage{stage}-gs{stage_ends[stage]:05d}.png")
             assert picture.width > 2 * cell.width and 2 * cell.height < picture.height < 3 * cell.height
             pixels = np.asarray(picture)
-            label_width, head_height = picture.width - 2 * cell.width, picture.height - 2 * cell.height
+            label_width = picture.width - 2 * cell.width - sheets.GUTTER
+            head_height = picture.height - 2 * cell.height - sheets.GUTTER
             assert ink(pixels[head_height:head_height + cell.height, :label_width]) > 0  # "before stage k"
-            assert ink(pixels[head_height + cell.height:, :label_width]) > 0  # "after stage k"
+            assert ink(pixels[-cell.height:, :label_width]) > 0  # "after stage k"
             before = pixels[head_height:head_height + cell.height, label_width:]
-            after = pixels[head_height + cell.height:, label_width:]
+            after = pixels[-cell.height:, label_width:]
             assert before.std() > 0 and after.std() > 0 and not np.array_equal(before, after)
         page = (log_folder / SAMPLES_PAGE).read_text(encoding="utf-8")
         assert f'src="samples/reflow_stage{stage}-gs{stage_ends[stage]:05d}.png"' in page

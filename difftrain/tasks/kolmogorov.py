@@ -205,9 +205,9 @@ class KolmogorovTask:
         self.pairs = pairs
 
     def render_flow_states(self, batches: Sequence[torch.Tensor]) -> list[Any]:
-        """Flow states (B, window * 2, H, W) as vorticity pictures, the first 4 of each batch one row
-        each, all on one colour scale so that 1-step and N-step samples compare at a glance."""
-        fields = [vorticity(x[:4].float().cpu().unflatten(1, (self.config.window, 2))) for x in batches]
+        """Flow states (B, window * 2, H, W) as pictures: the vorticity of the first state of the first 4
+        trajectories of each batch in a row, all on one colour scale so 1-step and N-step samples compare."""
+        fields = [vorticity(x[:4, :2].float().cpu().unflatten(1, (1, 2)))[:, 0] for x in batches]  # (<=4, H, W)
         vmax = float(torch.cat([f.flatten() for f in fields]).abs().quantile(0.99)) or None
         return [render_vorticity(f, vmax=vmax, min_cell_pixels=96) for f in fields]
 
