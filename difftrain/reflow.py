@@ -15,9 +15,10 @@ import bisect
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional
 
 import torch
 from safetensors import safe_open
@@ -466,9 +467,13 @@ class ReflowStages:
     when the stage starts, kept beside its pairs so a resumed run still has it) and after it.
     """
 
-    def __init__(self, flow: Any, schedule: ReflowSchedule, config: Any, accelerator: Any, states: Any) -> None:
+    def __init__(self, flow: Any, schedule: ReflowSchedule, config: Any, accelerator: Any, states: Any,
+                 evaluation: Callable[[], ContextManager[Any]] = nullcontext) -> None:
         self.flow, self.schedule, self.config = flow, schedule, config
         self.accelerator, self.states = accelerator, states
+        # The weights that are the result (a schedule-free optimizer's average: optim.evaluation_weights)
+        # generate the pairs and are measured, as they are sampled and exported.
+        self.evaluation = evaluation
         self.outputs: Any = None  # the run's outputs, from enter_epoch: after_epoch saves each stage's picture there
 
     def enter_epoch(self, progress: Any, model: torch.nn.Module, outputs: Any) -> None:
@@ -488,7 +493,7 @@ class ReflowStages:
                                                  Path(self.config.logdir)) / "reflow")
         pairs_dir = ReflowSchedule.pairs_dir(progress.extra["reflow_root"], position.stage)
         if position.needs_new_pairs and progress.batch_in_epoch == 0:
-            with self.states.evaluating(model) as whole:
+            with self.evaluation(), self.states.evaluating(model) as whole:
                 if whole is not None:
                     say(f"reflow {position.stage}/{self.schedule.reflow_steps}: generating "
                         f"{self.schedule.samples_per_iteration} pairs with {self.schedule.simulation_steps} Euler steps")
@@ -505,7 +510,7 @@ class ReflowStages:
         epoch = progress.epoch
         if not (epoch == self.schedule.total_epochs or self.schedule.position(epoch).epoch_in_stage == 0):
             return
-        with self.states.evaluating(model) as whole:
+        with self.evaluation(), self.states.evaluating(model) as whole:
             if whole is None:
                 return
             velocity = self.flow.flow_velocity_fn(whole)

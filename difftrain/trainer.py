@@ -117,12 +117,14 @@ class Trainer:
         self.outputs = open_run_outputs(config, self.is_main, lambda decide: decide_on_main(accelerator, decide))
         self.saver.write_into(self.outputs)
         self.stages = None if parts.flow is None else \
-            ReflowStages(parts.flow, length.schedule, config, accelerator, self.states)
+            ReflowStages(parts.flow, length.schedule, config, accelerator, self.states,
+                         evaluation=lambda: evaluation_weights(self.optimizer))
         # Noted on every micro-batch, not raised at once: every process must stop at the same step
         # (`_after_optimizer_step`), or the others would wait forever for this one's gradients. A
         # device tensor, so that a GPU step does not wait for the host.
         self.nonfinite_seen = torch.zeros((), dtype=torch.bool, device=device)
         self.bar = self._progress_bar(length.total_steps, self.progress.global_step)
+        self.epoch_steps = length.steps_per_epoch
         with StopRequest(repeat_grace_s=2.0 if world > 1 else 0.0) as stop:
             try:
                 stopping = self._train(stop)
@@ -148,6 +150,8 @@ class Trainer:
                 self.stages.enter_epoch(progress, self.model, self.outputs)
             self.model.train()
             batches = task.epoch_batches(progress.epoch, rank, world)
+            # this epoch's optimizer steps (reflow epochs, multiply and rated epochs differ from epoch 0's)
+            self.epoch_steps = max(1, len(batches) // self.config.gradient_accumulation_steps)
             stopping = 0
             for index in range(progress.batch_in_epoch, len(batches)):
                 loss = self._micro_step(task.collate(batches[index], progress.epoch))
@@ -267,7 +271,7 @@ class Trainer:
 
     def _validate(self, mid_epoch: bool = False) -> None:
         validation, progress = self.parts.validation, self.progress
-        if not validation_due(validation, self.config, progress, self.length.steps_per_epoch, mid_epoch):
+        if not validation_due(validation, self.config, progress, self.epoch_steps, mid_epoch):
             return
         with self._evaluating() as whole:
             value = validation.validation_loss(whole) if whole is not None else None
