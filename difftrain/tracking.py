@@ -306,7 +306,8 @@ class RunOutputs:
         lines = ["", "done."]
         if self.run_dir is not None:
             lines.append(f"run folder: {self.run_dir}")
-            lines.append("  config.json, state.pth, metrics.jsonl, curves.png, samples/")
+            samples = ", samples/, samples.html (every sample event)" if (self.run_dir / SAMPLES_PAGE).is_file() else ""
+            lines.append(f"  config.json, state.pth, metrics.jsonl, curves.png{samples}")
         if self.log_folder is not None:
             lines.append(f"log folder: {self.log_folder}")
         if checkpoint_folder is not None:
