@@ -245,7 +245,7 @@ def draw_run_folder(run_dir: Path, also_into: Iterable[Optional[Path]] = ()) -> 
     save_figure(figure, drawn)
     for folder in filter(None, also_into):  # rendered once (most of the cost), copied whole
         copy = Path(folder) / CURVES_FILE
-        partial = copy.with_name(f".{CURVES_FILE}.partial")
+        partial = copy.with_name(f".{CURVES_FILE}.{os.getpid()}.partial")
         try:
             shutil.copyfile(drawn, partial)
             os.replace(partial, copy)

@@ -41,7 +41,9 @@ def save_figure(figure: Any, path: Path) -> None:
     and a figure redrawn at every checkpoint replaces the old one in a single rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    # One temporary name per process: `python -m difftrain.report` may redraw a running run's curves.png
+    # at the moment the run does.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         figure.savefig(partial, format=path.suffix.lstrip(".") or "png")
         os.replace(partial, path)

@@ -57,6 +57,9 @@ def test_a_run_draws_curves_at_each_checkpoint_and_at_its_end(tmp_path, tiny_fie
     with Image.open(run_curves) as picture:
         assert picture.size[0] > 400 and picture.size[1] > 300
     assert not [path for path in log_folder.iterdir() if path.name.endswith(".partial")]
+    # The report finds the run from its log folder: a real run's settings.json matches its config.json.
+    assert report.main([str(log_folder), "--out", str(tmp_path / "from-log.png")]) == 0
+    assert (tmp_path / "from-log.png").is_file()
 
 
 def test_a_failed_drawing_is_one_warning_and_the_run_finishes(tmp_path, tiny_field_data, monkeypatch, caplog,
