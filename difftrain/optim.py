@@ -3,14 +3,16 @@
 The names are TrainTrain's (its optimizer list and its 15 schedulers) plus any torch.optim class.
 Each optimizer comes from a library made for it: torch.optim, pytorch-optimizer (D-Adaptation,
 Prodigy, schedule-free, Lion, CAME, Tiger, Adam-mini), bitsandbytes (8-bit and paged: on CUDA, and
-on the CPU from bitsandbytes 0.50) and transformers (Adafactor, the one TrainTrain uses).
+on the CPU from bitsandbytes 0.50) and transformers (Adafactor, the one TrainTrain uses). Only
+EveryDream2's DoWG and AdaCoor are ours: no working package has them (difftrain/parameter_free.py).
 Settings strings are TrainTrain's: `key=value` pairs separated by ';' or new lines, each value read
 as a Python literal (`betas=(0.9,0.99)`, `eta_min=1e-6`, `milestones=[100,200]`), or as plain text
 when it is not one (`mode=triangular2`).
 
-Two kinds of optimizer set their own learning rate over time, so the run's schedule steps aside
-for them (as in TrainTrain): the schedule-free ones (their averaged weights are the ones to
-evaluate and save: see `evaluation_weights`), and Adafactor with `relative_step=True`.
+Some optimizers set their own learning rate over time, so the run's schedule steps aside for them
+(as in TrainTrain): the schedule-free ones (their averaged weights are the ones to evaluate and
+save: see `evaluation_weights`), Adafactor with `relative_step=True`, and EveryDream2's DoWG and
+AdaCoor (difftrain/parameter_free.py), which read no lr at all.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class OptimizerSpec:
     defaults: dict[str, Any] = field(default_factory=dict)  # the user's settings win over these
     fixed: dict[str, Any] = field(default_factory=dict)  # what the name means (SGDNesterov: nesterov)
     # "adaptive": finds its own step size, lr is a multiplier near 1; "schedule_free"; "adafactor";
-    # "whole_model": takes a module instead of parameter groups (Adam-mini).
+    # "whole_model": takes a module instead of parameter groups (Adam-mini); "own_step": sets its own
+    # step size and reads no lr (DoWG, AdaCoor).
     kind: str = "plain"
 
 
@@ -102,6 +105,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name.lower(): spec for spec in (
     _spec("CAME", "pytorch_optimizer:CAME", _PO),
     _spec("Tiger", "pytorch_optimizer:Tiger", _PO),
     _spec("AdamMini", "pytorch_optimizer:AdamMini", _PO, kind="whole_model"),
+    # EveryDream2's coordinate_dowg, scalar_dowg and adacoor (difftrain/parameter_free.py says why ours)
+    _spec("ScalarDoWG", "difftrain.parameter_free:ScalarDoWG", "difftrain", kind="own_step"),
+    _spec("CoordinateDoWG", "difftrain.parameter_free:CoordinateDoWG", "difftrain", kind="own_step"),
+    _spec("AdaCoor", "difftrain.parameter_free:AdaCoor", "difftrain", kind="own_step"),
 )}
 OPTIMIZER_ALIASES = {"adamw_8bit": "adamw8bit"}  # bitsandbytes' own spelling
 
@@ -312,6 +319,9 @@ def _make_one(config: Config, groups: list[dict[str, Any]]) -> torch.optim.Optim
         lr = None
         for group in groups:
             group.pop("lr", None)
+    if spec.kind == "own_step":
+        logger.info("%s sets its own step size: lr and the learning-rate schedule have no effect on it.",
+                    spec.name)
     if spec.kind == "adaptive" and max(group.get("lr", config.lr) for group in groups) <= 0.1:
         logger.info("%s scales its own step size: lr multiplies it and is usually about 1.0, not %g.",
                     spec.name, config.lr)
@@ -460,7 +470,8 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_units
         warmup = int(warmup_fraction * decay)
     name, settings = config.lr_scheduler, parse_key_values(config.lr_scheduler_settings, "lr_scheduler_settings")
     if getattr(optimizer, "param_groups", None) and (
-            is_schedule_free(optimizer) or optimizer.param_groups[0].get("relative_step")):
+            is_schedule_free(optimizer) or optimizer.param_groups[0].get("relative_step")
+            or getattr(optimizer, "sets_own_step_size", False)):
         used = {"lr_scheduler": name != "constant", "lr_scheduler_settings": bool(settings),
                 "lr_warmup_steps": warmup > 0, "lr_step_rules": bool(config.lr_step_rules)}
         for key in (key for key, set_ in used.items() if set_):

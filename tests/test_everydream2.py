@@ -192,12 +192,34 @@ def test_optimizer_dadapt_translates_with_its_d_adaptation_settings(shipped):
     assert (config.text_encoder_lr, config.text_encoder_lr_scheduler) == (0.1, "")
 
 
-def test_an_optimizer_difftrain_lacks_is_refused_naming_it(tmp_path):
+def test_an_optimizer_name_everydream2_lacks_is_refused_naming_it(tmp_path):
     data = json.loads((REAL / "optimizer.json").read_text())
-    data["base"]["optimizer"] = "coordinate_dowg"
+    data["base"]["optimizer"] = "adamw16bit"
     (tmp_path / "opt.json").write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match="coordinate_dowg' is not available"):
+    with pytest.raises(ConfigError, match="adamw16bit' is not available"):
         translated("--optimizer_config", str(tmp_path / "opt.json"))
+
+
+@pytest.mark.parametrize("name, ours", [("coordinate_dowg", "CoordinateDoWG"), ("scalar_dowg", "ScalarDoWG"),
+                                        ("adacoor", "AdaCoor")])
+def test_dowg_and_adacoor_get_epsilon_only_and_train(name, ours, tmp_path, capsys):
+    from difftrain.optim import make_optimizer, make_scheduler
+
+    data = json.loads((REAL / "optimizer.json").read_text())  # betas, epsilon 1e-8, weight_decay 0.01
+    data["base"]["optimizer"] = name
+    (tmp_path / "opt.json").write_text(json.dumps(data))
+    config = translated("--optimizer_config", str(tmp_path / "opt.json"))
+    assert (config.optimizer, config.optimizer_settings) == (ours, "eps=1e-08")
+    assert f"base.betas has no effect with {name}" in capsys.readouterr().err
+    weight = torch.nn.Parameter(torch.full((4,), 2.0))
+    optimizer = make_optimizer(config.model_copy(update={"optimizer_settings": "eps=0.01"}), [{"params": [weight]}])
+    scheduler = make_scheduler(config, optimizer, 100)
+    for _ in range(20):
+        (weight ** 2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    assert 0 <= weight.detach().max() < 2.0  # it moved towards the minimum, whatever lr says (1e-6 here)
 
 
 def test_validation_manual_split_and_refusals(tmp_path):

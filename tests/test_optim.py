@@ -270,6 +270,7 @@ def test_a_missing_optimizer_package_exits_2_through_the_front_door(tmp_path, fi
 @pytest.mark.parametrize("optimizer, schedule", [
     ("CAME", "cosine_annealing"), ("AdamWScheduleFree", "cosine"), ("AdaFactor", "constant"),
     ("AdamMini", "one_cycle"), ("AdamW8bit", "step"), ("Prodigy", "multi_step"),
+    ("ScalarDoWG", "cosine"), ("CoordinateDoWG", "constant"), ("AdaCoor", "linear"),
 ])
 def test_the_loop_resumes_each_kind_of_optimizer_exactly(tmp_path, tiny_field_data, optimizer, schedule):
     """One optimizer of each library and kind through the whole loop: checkpoint at step 3, resume,
@@ -536,3 +537,65 @@ def test_a_pair_refuses_what_it_cannot_do():
         pair.load_state_dict(single)
     with pytest.raises(ConfigError, match="cannot be used with model and optimizer state sharded"):
         type(pair).check_unsharded(pair, "model and optimizer state sharded with FSDP over 2 processes")
+
+
+# ---- EveryDream2's DoWG and AdaCoor (difftrain/parameter_free.py), each step worked out by hand -----
+def stepped(optimizer_class, start, gradients, **settings):
+    weights = torch.nn.Parameter(torch.tensor(start))
+    optimizer = optimizer_class([weights], **settings)
+    for gradient in gradients:
+        weights.grad = torch.tensor(gradient)
+        optimizer.step()
+    return weights.detach().tolist()
+
+
+def test_scalar_dowg_follows_the_papers_recursion():
+    from difftrain.parameter_free import ScalarDoWG
+
+    # x0 = (3, 4): |x0| = 5, r_eps = 0.1 x 6 = 0.6. Step 0, g = (1, 0): r^2 = 0.36, v = 0.36 x 1,
+    # eta = 0.36 / 0.6 = 0.6, x1 = (2.4, 4). Step 1, g = (0, 2): |x1 - x0|^2 = 0.36 keeps r^2 = 0.36,
+    # v = 0.36 + 0.36 x 4 = 1.8, eta = 0.36 / sqrt(1.8), x2 = (2.4, 4 - 2 eta).
+    assert stepped(ScalarDoWG, [3.0, 4.0], [[1.0, 0.0]], eps=0.1) == pytest.approx([2.4, 4.0])
+    eta = 0.36 / math.sqrt(1.8)
+    assert stepped(ScalarDoWG, [3.0, 4.0], [[1.0, 0.0], [0.0, 2.0]], eps=0.1) == pytest.approx([2.4, 4 - 2 * eta])
+    # Third step, g = (1, 1): the weights moved further than r_eps, so r^2 grows to |x2 - x0|^2.
+    r2 = 0.6 ** 2 + (2 * eta) ** 2
+    v = 1.8 + r2 * 2
+    expected = [2.4 - r2 / math.sqrt(v), 4 - 2 * eta - r2 / math.sqrt(v)]
+    assert stepped(ScalarDoWG, [3.0, 4.0], [[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], eps=0.1) == pytest.approx(expected)
+
+
+def test_coordinate_dowg_runs_the_recursion_per_coordinate():
+    from difftrain.parameter_free import CoordinateDoWG
+
+    # r_eps = 0.5 x (1 + |x0|) = (1, 1.5): r^2 = (1, 2.25). g = (2, 1): v = (4, 2.25), steps
+    # r^2 g / sqrt(v) = (1, 1.5). Then g = (1, 0): r^2 unchanged (moved exactly r_eps), v = (5, 2.25).
+    assert stepped(CoordinateDoWG, [1.0, -2.0], [[2.0, 1.0]], eps=0.5) == pytest.approx([0.0, -3.5])
+    assert stepped(CoordinateDoWG, [1.0, -2.0], [[2.0, 1.0], [1.0, 0.0]], eps=0.5) == \
+        pytest.approx([-1 / math.sqrt(5), -3.5])
+    # a coordinate whose gradient was always 0 does not move (and is no 0/0)
+    assert stepped(CoordinateDoWG, [1.0, 7.0], [[2.0, 0.0]], eps=0.5)[1] == 7.0
+
+
+def test_adacoor_steps_as_everydream2s():
+    from difftrain.parameter_free import AdaCoor
+
+    # eps = 2^-6 (exact in bfloat16). g = (0.5, 0.25): v = eps g^2 = (2^-8, 2^-10), sqrt(v) + eps =
+    # (5/64, 3/64), step eps g / that = (0.1, 1/12).
+    assert stepped(AdaCoor, [1.0, -2.0], [[0.5, 0.25]], eps=2 ** -6) == pytest.approx([0.9, -2 - 1 / 12])
+    # Second step, g = (0.5, 0): v = (2^-7, 2^-10); the first coordinate steps eps 0.5 / (sqrt(2^-7) + eps).
+    second = 2 ** -7 / (math.sqrt(2 ** -7) + 2 ** -6)
+    assert stepped(AdaCoor, [1.0, -2.0], [[0.5, 0.25], [0.5, 0.0]], eps=2 ** -6) == \
+        pytest.approx([0.9 - second, -2 - 1 / 12], rel=1e-2)  # sqrt(2^-7) is rounded to bfloat16, as there
+
+
+@pytest.mark.parametrize("name", ["ScalarDoWG", "CoordinateDoWG", "AdaCoor"])
+def test_own_step_size_optimizers_ignore_lr_and_the_schedule_steps_aside(name, caplog):
+    parameters, loss = quadratic()
+    config = Config(optimizer=name, optimizer_settings="eps=0.01", lr=1e-6, lr_scheduler="cosine")
+    with caplog.at_level(logging.INFO):
+        optimizer = make_optimizer(config, [{"params": parameters}])
+        scheduler = make_scheduler(config, optimizer, 30)
+    assert "lr and the learning-rate schedule have no effect" in caplog.text
+    values = run_steps(optimizer, scheduler, loss, 30)
+    assert values[-1] < 0.8 * values[0]  # lr 1e-6 would not have moved it

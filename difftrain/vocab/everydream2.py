@@ -282,6 +282,9 @@ OPTIMIZER_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "lion8bit": ("Lion8bit", _LION), "prodigy": ("Prodigy", ("d0", "use_bias_correction", "safeguard_warmup")),
     "dadapt_adam": ("DAdaptAdam", (*_ADAM, "d0", "decouple")), "dadapt_adan": ("DAdaptAdan", (*_ADAM, "d0")),
     "dadapt_lion": ("DAdaptLion", (*_LION, "d0")), "dadapt_sgd": ("DAdaptSGD", ("momentum", "d0")),
+    # EveryDream2 hands these its epsilon only (the dowg package's and its own adacoor.py's one setting)
+    "coordinate_dowg": ("CoordinateDoWG", ("epsilon",)), "scalar_dowg": ("ScalarDoWG", ("epsilon",)),
+    "adacoor": ("AdaCoor", ("epsilon",)),
 }
 # our optimizer_settings names for optimizer.json's (optim.py renames decouple and use_bias_correction
 # to pytorch-optimizer's spellings itself)
@@ -289,8 +292,10 @@ _SETTING_NAMES = {"epsilon": "eps"}
 OPTIMIZER_KEYS: tuple[tuple[str, str, str], ...] = (
     ("doc", "no effect", "documentation inside the file; not read"),
     ("base.optimizer", "ours", "optimizer: adamw, adamw8bit, lion, lion8bit, prodigy, dadapt_adam, dadapt_adan, "
-     "dadapt_lion, dadapt_sgd -> AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, DAdaptAdam, DAdaptAdan, DAdaptLion, "
-     "DAdaptSGD; coordinate_dowg, scalar_dowg and adacoor are refused (not available here)"),
+     "dadapt_lion, dadapt_sgd, coordinate_dowg, scalar_dowg, adacoor -> AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, "
+     "DAdaptAdam, DAdaptAdan, DAdaptLion, DAdaptSGD, CoordinateDoWG, ScalarDoWG, AdaCoor. The last three set "
+     "their own step size from epsilon, so lr and the schedule have no effect on them, as in EveryDream2 "
+     "(DoWG: r_eps = epsilon x (1 + |x_0|); difftrain/parameter_free.py)"),
     ("base.lr", "ours", "lr, unless the main config or the command line sets lr (EveryDream2's order)"),
     ("base.lr_scheduler, base.lr_warmup_steps, base.lr_decay_steps", "ours",
      "the same keys; non-null values win over the main config (EveryDream2's order), flags win over both"),
