@@ -288,6 +288,10 @@ class DataAndOutputSettings(BaseModel):
                                  "save_full_precision (EveryDream2's save_ckpt_dir).")
     no_save_ckpt: bool = setting(False, "Write no single .safetensors files into save_ckpt_dir.")
     no_prepend_last: bool = setting(False, "Name the final checkpoint without the 'last-' prefix.")
+    reload_settings_from: str = setting(
+        "", "A train.json read again as each epoch starts; its loss settings (loss_function, min_snr_gamma, "
+        "pyramid_noise_discount, min/max_timestep, noise_offset, embedding_perturbation) apply from that epoch on "
+        "(EveryDream2's load_settings_every_epoch, which sets it to the --config file).")
     save_ckpts_from_n_epochs: int = setting(0, "save_every_n_epochs saves only from this epoch on.", ge=0)
     tracker: Literal["wandb", "none"] = setting("wandb", "Metrics tracker; 'none' turns wandb off.")
     wandb_mode: Literal["offline", "online", "disabled"] = setting(

@@ -98,7 +98,6 @@ def test_every_flag_is_accepted_at_its_default_as_flag_and_as_json_key(term, tmp
 @pytest.mark.parametrize("key, value, words", [
     ("plugins", ["plugins.accumulnator.Accumulnator"], ["plugins", "does not load"]),
     ("gpuid", 1, ["CUDA_VISIBLE_DEVICES"]),
-    ("load_settings_every_epoch", True, ["findlast"]),
     ("attn_type", "flash", ["'sdp', 'xformers', 'slice'"]),
 ])
 def test_refused_values_say_why_and_what_instead(key, value, words, tmp_path):

@@ -300,3 +300,44 @@ def test_a_flow_run_draws_the_sample_plan_with_its_seeds_sizes_cfgs_and_negative
     assert np.array_equal(drawn[4], drawn[0])  # at cfg 1 the negative prompt is not used
     assert np.abs(drawn[5] - drawn[1]).max() > 0  # at cfg 6 it is
     assert np.abs(drawn[6] - drawn[1]).max() > 0  # another seed
+
+
+# ---- e) load_settings_every_epoch ------------------------------------------------------------------
+
+def test_load_settings_every_epoch_applies_the_loss_settings_the_file_says_at_each_epoch(
+        tiny_sd15, tmp_path, capsys):
+    from difftrain.tasks.base import StartPoint
+    from difftrain.tasks.sd import SDTask
+
+    path = tmp_path / "train.json"
+    settings = {"load_settings_every_epoch": True, "loss_type": "mse", "resume_ckpt": str(tiny_sd15),
+                "data_root": str(_images(tmp_path / "data", count=2)), "resolution": 64, "max_epochs": 3}
+    path.write_text(json.dumps(settings))
+    config = translated("--config", str(path), "--min_snr_gamma", "5")
+    assert config.reload_settings_from == str(path.resolve())
+    task = SDTask(config, CPU, StartPoint(base=str(tiny_sd15)))
+    objective, reload = task.objective, task.parts.before_batch
+    assert task.parts.samples.objective is objective and task.parts.validation is None
+    reload(0, 0)
+    assert (objective.loss_function, objective.min_snr_gamma, objective.min_timestep) == ("MSE", 5.0, 0)
+    path.write_text(json.dumps({**settings, "loss_type": "huber", "timestep_start": 100, "min_snr_gamma": 1.5,
+                                "zero_frequency_noise_ratio": 0.1, "cond_dropout": 0.5}))
+    reload(3, 0)  # the same epoch: not read again
+    assert objective.loss_function == "MSE"
+    reload(4, 1)
+    assert task.objective is objective  # changed in place: samples and validation see it too
+    assert (objective.loss_function, objective.min_timestep, objective.min_snr_gamma, objective.noise_offset) == \
+        ("Smooth-L1", 100, 1.5, 0.1)
+    err = capsys.readouterr().err
+    assert "from epoch 1 on" in err and "caption_dropout changed" in err  # a key that waits for the next start
+    path.write_text("{ half saved")
+    reload(8, 2)
+    path.write_text(json.dumps({**settings, "timestep_start": 999, "timestep_end": 10}))
+    reload(9, 3)
+    assert (objective.loss_function, objective.min_timestep) == ("Smooth-L1", 100)  # kept through both mistakes
+    assert capsys.readouterr().err.count("keeps the settings it had") == 2
+
+
+def test_load_settings_every_epoch_needs_a_config_file():
+    with pytest.raises(ConfigError, match="re-reads the train.json given with --config"):
+        translated("--load_settings_every_epoch", "true")

@@ -26,10 +26,13 @@ from difftrain.data.images import rated_dataset_fraction, repeat_by_multiply
 from difftrain.tasks.sd_parts.data import (ImageEpochBatches, bucketed, buckets_for, extra_validation_sets,
                                           scan_captioned_images)
 from difftrain.tasks.sd_parts.outputs import LoraExports
+from difftrain.tasks.sd_parts.objective import make_objective
 from difftrain.tasks.sd_parts.reflow import SDReflow
+from difftrain.tasks.sd_parts.reload import EpochSettingsReload
 from difftrain.tasks.sd_parts.samples import SDSamples, SDValidation
 from difftrain.tasks.sd_parts.stack import SDStackTask, build_stack
 from difftrain.tasks.sd_parts.trainable import trains_text_encoders
+from difftrain.vocab.everydream2 import epoch_settings
 
 MODES = modes_of(f"{__name__}:SDTask")  # Full and LoRA (difftrain.registry)
 
@@ -73,7 +76,9 @@ class SDTask(SDStackTask):
                                     extra_sets)
             if self.valid_set is not None or extra_sets else None,
             exports=LoraExports(config, stack.trainable, start.resumes) if lora else None,
-            flow=self.reflow if config.rectified_flow else None)
+            flow=self.reflow if config.rectified_flow else None,
+            before_batch=EpochSettingsReload(config, stack.objective, lambda changed: make_objective(changed, stack.sd),
+                                             epoch_settings) if config.reload_settings_from else None)
 
     def epoch_batches(self, epoch: int, rank: int, world_size: int) -> Sequence[Sequence[int]]:
         if self.reflow.active:

@@ -234,14 +234,13 @@ TERMS: tuple[Term, ...] = (
           "float", "noise_offset", convert=_drop_none("noise_offset", lambda value: max(0.0, value))),
     _ours("enable_zero_terminal_snr", None, "zero_terminal_snr", "bool", "zero_terminal_snr",
           convert=_drop_none("zero_terminal_snr")),
-    _refused_unless("load_settings_every_epoch", None, "bool", lambda value: not value,
-                    "load_settings_every_epoch (re-reading train.json at each epoch's start) is not "
-                    "implemented: difftrain fixes a run's settings when it starts, so that a resumed run "
-                    "repeats it exactly. In EveryDream2 only the keys its loop reads afresh change anything "
-                    "(loss_type, min_snr_gamma, pyramid_noise_discount, timestep_start/end, "
-                    "zero_frequency_noise_ratio, embedding_perturbation, clip_skip, ema_* and the saving keys; "
-                    "not lr, batch_size, flip_p or cond_dropout); to change those, stop the run, edit the JSON, "
-                    "and continue it with resume_ckpt 'findlast'"),
+    _ours("load_settings_every_epoch", None, "reload_settings_from = the --config file: read again as each "
+          "epoch starts, its loss settings (loss_type, min_snr_gamma, pyramid_noise_discount, timestep_start/end, "
+          "zero_frequency_noise_ratio, embedding_perturbation) apply from that epoch on, the keys of the JSON "
+          "winning, as in EveryDream2; its other re-read keys (clip_skip, ema_*, the saving keys) get a note and "
+          "wait for the next start; lr, batch_size, flip_p and cond_dropout change nothing there either",
+          "bool", "reload_settings_from",
+          convert=lambda value: {"reload_settings_from": True} if value else {}),
     _ours("min_snr_gamma", None, "min_snr_gamma (null: off)", "float", convert=_drop_none("min_snr_gamma")),
     _ours("ema_decay_rate", None, "ema_decay_rate (EMA of the trained weights: difftrain/ema.py)", "float"),
     _ours("ema_strength_target", None, "ema_strength_target (see ema_decay_rate)", "float"),
@@ -689,7 +688,20 @@ def load(path: Optional[str], flags: Optional[dict[str, Any]] = None) -> Config:
     for note in dict.fromkeys(notes + flag_notes):
         say(note)
     settings = {**from_json, **from_flags}
+    if settings.get("reload_settings_from") is True:  # load_settings_every_epoch: this very file, again
+        if not path:
+            raise ConfigError("load_settings_every_epoch re-reads the train.json given with --config as each epoch "
+                              "starts; give the settings in such a file, or drop load_settings_every_epoch.")
+        settings["reload_settings_from"] = str(Path(path).resolve())
     return validate_config_dict(settings, source, defaults=everydream2_defaults(settings))
+
+
+def epoch_settings(path: str) -> dict[str, Any]:
+    """The train.json at `path` read again (load_settings_every_epoch): its keys translated into ours,
+    those it does not hold left out (EveryDream2 updates its settings with what the file holds)."""
+    where = Path(path)
+    settings, _ = translate(read_json_object(where), str(where), config_dir=where.parent)
+    return settings
 
 
 # ---- the generated document -------------------------------------------------------------------------
