@@ -278,6 +278,9 @@ class DataAndOutputSettings(BaseModel):
     validate_every_n_epochs: int = setting(1, "loss_valid every N epochs.", ge=1)
     validations_per_epoch: int = setting(1, "loss_valid this many times per epoch, evenly spaced "
                                          "(EveryDream2's fractional every_n_epochs); 1: at its end.", ge=1)
+    validation_relative_loss: bool = setting(
+        False, "Also log each loss_valid* metric as <metric>_relative: its difference from the same loss "
+        "measured once before the first step (EveryDream2's use_relative_loss).")
     ckpt_every_n_minutes: float = setting(0.0, "Save a checkpoint every N minutes; 0 with no "
                                           "save_every_n_epochs means every 20 minutes.", ge=0)
     ckpt_every_n_steps: int = setting(0, "Save a checkpoint every N optimizer steps; 0: off.", ge=0)

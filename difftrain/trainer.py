@@ -30,7 +30,7 @@ from difftrain.reflow import ReflowStages, run_length
 from difftrain.sharding import model_states, models_load_whole
 from difftrain.tasks.base import StartPoint, TaskFactory
 from difftrain.tracking import open_run_outputs
-from difftrain.validation_points import validation_due, validation_metrics
+from difftrain.validation_points import relative_metrics, validation_due, validation_metrics
 
 
 class TrainingStopped(Exception):
@@ -125,6 +125,8 @@ class Trainer:
         self.nonfinite_seen = torch.zeros((), dtype=torch.bool, device=device)
         self.bar = self._progress_bar(length.total_steps, self.progress.global_step)
         self.epoch_steps = length.steps_per_epoch
+        if config.validation_relative_loss and self.start.checkpoint is None:
+            self._validate(before_training=True)
         with StopRequest(repeat_grace_s=2.0 if world > 1 else 0.0) as stop:
             try:
                 stopping = self._train(stop)
@@ -269,14 +271,21 @@ class Trainer:
         return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                     disable=not self.is_main, desc=self.config.project_name)
 
-    def _validate(self, mid_epoch: bool = False) -> None:
+    def _validate(self, mid_epoch: bool = False, before_training: bool = False) -> None:
+        """loss_valid when due; `before_training`: the start point use_relative_loss measures from
+        (EveryDream2 validates once before its first step)."""
         validation, progress = self.parts.validation, self.progress
-        if not validation_due(validation, self.config, progress, self.epoch_steps, mid_epoch):
+        due = validation is not None if before_training else \
+            validation_due(validation, self.config, progress, self.epoch_steps, mid_epoch)
+        if not due:
             return
         with self._evaluating() as whole:
             value = validation.validation_loss(whole) if whole is not None else None
         if value is not None:
-            self.outputs.tracker.log({"epoch": progress.epoch, **validation_metrics(value)}, step=progress.global_step)
+            metrics = validation_metrics(value)
+            if self.config.validation_relative_loss:
+                metrics.update(relative_metrics(metrics, progress.extra.setdefault("validation_start", {})))
+            self.outputs.tracker.log({"epoch": progress.epoch, **metrics}, step=progress.global_step)
 
     def _log_samples(self) -> None:
         # Without autocast: the samples' own pipelines choose their precision.

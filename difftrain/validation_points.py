@@ -35,4 +35,16 @@ def validation_metrics(value: Any) -> dict[str, float]:
     return dict(value) if isinstance(value, dict) else {"loss_valid": value}
 
 
-__all__ = ["mid_epoch_points", "validation_due", "validation_metrics"]
+def relative_metrics(metrics: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    """EveryDream2's use_relative_loss: each loss_valid* metric minus its first value, as
+    <metric>_relative. `reference` (kept in the checkpoint's progress, so a resumed run measures
+    from the same start) takes the first value of each metric it has not seen yet."""
+    result = {}
+    for name, value in metrics.items():
+        if name.startswith("loss_valid"):
+            reference.setdefault(name, value)
+            result[f"{name}_relative"] = value - reference[name]
+    return result
+
+
+__all__ = ["mid_epoch_points", "relative_metrics", "validation_due", "validation_metrics"]

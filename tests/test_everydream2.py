@@ -241,8 +241,8 @@ def test_validation_manual_split_and_refusals(tmp_path):
     stabilized_only = with_validation(validate_training=False, stabilize_training_loss=True,
                                       stabilize_split_proportion=0.5)
     assert (stabilized_only.validation_fraction, stabilized_only.validation_stabilize_fraction) == (0, 0.5)
-    with pytest.raises(ConfigError, match="use_relative_loss"):
-        with_validation(use_relative_loss=True)
+    assert with_validation(use_relative_loss=True).validation_relative_loss
+    assert not with_validation().validation_relative_loss  # the shipped file says false
     assert with_validation(extra_manual_datasets={"santa": "x"}).validation_extra_roots == {"santa": "x"}
     with pytest.raises(ConfigError, match="extra_manual_datasets must be an object"):
         with_validation(extra_manual_datasets=["x"])
@@ -613,3 +613,52 @@ def test_a_text_encoder_with_its_own_optimizer_trains_and_resumes_bit_for_bit(tm
     c, d = text_encoder(last_full), text_encoder(last_resumed)
     assert all(torch.equal(c[key], d[key]) for key in c)
     assert any(not torch.equal(c[key], base[key]) for key in base)
+
+
+# ---- validation use_relative_loss ----------------------------------------------------------------
+def test_relative_metrics_measure_from_each_metrics_first_value():
+    from difftrain.validation_points import relative_metrics
+
+    start: dict = {}
+    assert relative_metrics({"loss_valid": 0.5, "loss_valid_santa": 0.7, "loss_train_stabilized": 0.1}, start) == \
+        {"loss_valid_relative": 0.0, "loss_valid_santa_relative": 0.0}
+    assert relative_metrics({"loss_valid": 0.25, "loss_valid_santa": 0.9}, start) == \
+        pytest.approx({"loss_valid_relative": -0.25, "loss_valid_santa_relative": 0.2})
+    assert start == {"loss_valid": 0.5, "loss_valid_santa": 0.7}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_use_relative_loss_logs_each_validation_against_the_pre_training_one(tmp_path, tiny_sd15, monkeypatch):
+    from difftrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data, santa = _images(tmp_path / "data", count=5), _images(tmp_path / "santa", count=2)
+    validation = {"validate_training": True, "val_split_mode": "automatic", "auto_split_proportion": 0.25,
+                  "extra_manual_datasets": {"santa": str(santa)}, "use_relative_loss": True}
+    (tmp_path / "val.json").write_text(json.dumps(validation))
+    common = ["--data_root", str(data), "--validation_config", "val.json", "--resolution", "64", "--max_epochs", "3",
+              "--batch_size", "2", "--sample_steps", "0", "--ckpt_every_n_minutes", "0", "--lr", "1e-3"]
+
+    def validations(runs: str) -> list[dict]:
+        (run,) = Path(runs).iterdir()
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [line for line in lines if "loss_valid" in line]
+
+    assert main([*common, "--resume_ckpt", str(tiny_sd15), "--logdir", "full", "--runs_dir", "full_runs",
+                 "--ckpt_every_n_steps", "2"]) == 0
+    straight = validations("full_runs")
+    # one before the first step, then one per epoch
+    assert [line["step"] for line in straight][0] == 0 and len(straight) == 4
+    for name in ("loss_valid", "loss_valid_santa"):
+        assert straight[0][f"{name}_relative"] == 0
+        for line in straight[1:]:
+            assert line[f"{name}_relative"] == pytest.approx(line[name] - straight[0][name])
+        assert any(line[f"{name}_relative"] != 0 for line in straight[1:])
+    # A resumed run measures from the same start (kept in the checkpoint), not from where it resumed.
+    (middle,) = Path("full").glob("*/ckpts/*-gs00002")
+    assert main([*common, "--resume_ckpt", str(middle), "--logdir", "resumed", "--runs_dir", "resumed_runs"]) == 0
+    resumed = validations("resumed_runs")
+    assert resumed and all(line["step"] > 0 for line in resumed)  # no new start point
+    later = {line["step"]: line for line in straight}
+    for line in resumed:
+        assert line["loss_valid_relative"] == pytest.approx(later[line["step"]]["loss_valid_relative"], abs=1e-6)

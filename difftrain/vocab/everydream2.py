@@ -338,7 +338,10 @@ VALIDATION_KEYS: tuple[tuple[str, str, str], ...] = (
     ("every_n_epochs", "ours", "validate_every_n_epochs for whole numbers; below 1, validations_per_epoch = "
      "ceil(1 / every_n_epochs) evenly spaced (0.5: twice per epoch); 1.5 and the like are refused"),
     ("seed", "no effect", "the split follows seed; validation noise comes from difftrain's own fixed seed"),
-    ("use_relative_loss", "refused", "false accepted; relative validation loss is not implemented"),
+    ("use_relative_loss", "ours", "validation_relative_loss: each validation also logs loss_valid_relative (and "
+     "loss_valid_<name>_relative), the loss minus the same loss measured once before the first step, as "
+     "EveryDream2's validation_default.json describes it and its code did until commit 413f981 (its main "
+     "still reads the key, and no longer applies it)"),
 )
 SAMPLE_KEYS: tuple[tuple[str, str, str], ...] = (
     ("(a .txt file)", "ours", "one prompt a line, read as it is; an empty file samples training captions"),
@@ -573,12 +576,6 @@ def _freezing_settings(freezing: dict[str, Any], where: str, notes: Optional[lis
 def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
     """Our keys from an EveryDream2 validation JSON (validation_default.json's keys)."""
     _check_keys(data, {key.split(" ")[0] for key, _, _ in VALIDATION_KEYS}, where)
-    refused = {"use_relative_loss": False}
-    for key, neutral in refused.items():
-        if data.get(key) not in (None, neutral):
-            meaning = next(text for name, _, text in VALIDATION_KEYS if name == key)
-            raise ConfigError(f"{where}: {key} {data[key]!r}: {meaning.split('; ', 1)[1]}; set it to "
-                              f"{json.dumps(neutral)}.")
     extra = data.get("extra_manual_datasets") or {}
     if not isinstance(extra, dict):
         raise ConfigError(f"{where}: extra_manual_datasets must be an object of name: folder pairs, e.g. "
@@ -589,6 +586,8 @@ def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
     if not data.get("validate_training", True):
         return {"validation_fraction": 0.0, **stabilized}
     result: dict[str, Any] = {**stabilized, **({"validation_extra_roots": extra} if extra else {})}
+    if data.get("use_relative_loss") is not None:
+        result["validation_relative_loss"] = bool(data["use_relative_loss"])
     mode = data.get("val_split_mode", "automatic")
     if mode == "automatic":
         result["validation_fraction"] = data.get("auto_split_proportion", 0.15)
