@@ -307,7 +307,8 @@ class RunOutputs:
         if self.run_dir is not None:
             lines.append(f"run folder: {self.run_dir}")
             samples = ", samples/, samples.html (every sample event)" if (self.run_dir / SAMPLES_PAGE).is_file() else ""
-            lines.append(f"  config.json, state.pth, metrics.jsonl, curves.png{samples}")
+            curves = ", curves.png" if (self.run_dir / "curves.png").is_file() else ""  # none if drawing failed
+            lines.append(f"  config.json, state.pth, metrics.jsonl{curves}{samples}")
         if self.log_folder is not None:
             lines.append(f"log folder: {self.log_folder}")
         if checkpoint_folder is not None:
