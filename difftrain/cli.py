@@ -172,6 +172,12 @@ def main(argv: Optional[Sequence[str]] = None, door: str = "train") -> int:
         from difftrain.tracking import check_output_folders
 
         check_output_folders(config)  # before minutes of model loading, and before writing anything
+        if config.gpu_id:
+            from difftrain.gpu_choice import choose_gpu
+
+            note = choose_gpu(config.gpu_id)  # before anything starts CUDA
+            if note:
+                log.say(note)
         from difftrain.engine import run  # torch is imported only once the config is known good
 
         return run(config, program=program)

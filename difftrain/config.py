@@ -230,6 +230,8 @@ class TrainingSettings(BaseModel):
     scheduler_interval: Literal["step", "epoch"] = setting(
         "step", "Advance the LR schedule every optimizer step, or once per epoch (sda's Kolmogorov "
         "runs decay linearly per epoch).")
+    gpu_id: int = setting(0, "CUDA GPU a single-process run trains on, numbered among the visible ones "
+                          "(EveryDream2's gpuid); 0: the first. train.py narrows CUDA_VISIBLE_DEVICES to it.", ge=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = setting(
         "auto", "Autocast precision of the trained model; 'auto': bf16 on a GPU that supports it, "
         "fp32 on CPU.")

@@ -97,7 +97,6 @@ def test_every_flag_is_accepted_at_its_default_as_flag_and_as_json_key(term, tmp
 
 @pytest.mark.parametrize("key, value, words", [
     ("plugins", ["plugins.accumulnator.Accumulnator"], ["plugins", "does not load"]),
-    ("gpuid", 1, ["CUDA_VISIBLE_DEVICES"]),
     ("attn_type", "flash", ["'sdp', 'xformers', 'slice'"]),
 ])
 def test_refused_values_say_why_and_what_instead(key, value, words, tmp_path):
@@ -662,3 +661,42 @@ def test_use_relative_loss_logs_each_validation_against_the_pre_training_one(tmp
     later = {line["step"]: line for line in straight}
     for line in resumed:
         assert line["loss_valid_relative"] == pytest.approx(later[line["step"]]["loss_valid_relative"], abs=1e-6)
+
+
+# ---- gpuid --------------------------------------------------------------------------------------
+def test_gpuid_narrows_the_visible_gpus_to_the_one_asked_for():
+    from difftrain.gpu_choice import gpu_environment
+
+    assert gpu_environment(0, {"WORLD_SIZE": "4"}, 8) == ({}, "")  # the default changes nothing, anywhere
+    assert gpu_environment(1, {}, 2)[0] == {"CUDA_VISIBLE_DEVICES": "1"}
+    # numbered among the visible ones, as EveryDream2's cuda:N is
+    changes, note = gpu_environment(1, {"CUDA_VISIBLE_DEVICES": "4, 6"}, 2)
+    assert changes == {"CUDA_VISIBLE_DEVICES": "6"} and "entry 1 of CUDA_VISIBLE_DEVICES='4, 6'" in note
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES='4,6' shows 2 GPU.s., numbered 0 to 1"):
+        gpu_environment(2, {"CUDA_VISIBLE_DEVICES": "4,6"}, 2)
+    with pytest.raises(ConfigError, match="this machine has 2 GPU.s."):
+        gpu_environment(3, {}, 2)
+    with pytest.raises(ConfigError, match="launch of 2 processes.*--gpu_ids"):
+        gpu_environment(1, {"WORLD_SIZE": "2"}, 2)
+    changes, note = gpu_environment(2, {}, 0)
+    assert changes == {} and note == "note: gpuid 2: this machine shows no CUDA GPU, so training runs on the CPU."
+
+
+def test_gpuid_reaches_the_front_door_and_a_cpu_machine_notes_it(tmp_path, capsys, monkeypatch):
+    from difftrain.cli import main
+    from difftrain.data.kolmogorov import KolmogorovParams, ensure_dataset
+    from difftrain.gpu_choice import choose_gpu
+    from tests.test_bad_inputs import TINY_SIMULATION, tiny_settings, write
+
+    assert translated("--gpuid", "2").gpu_id == 2
+    (tmp_path / "train.json").write_text(json.dumps({"gpuid": 1}))
+    assert translated(str(tmp_path / "train.json")).gpu_id == 1
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CPU note is not what happens here")
+    environ: dict = {}
+    assert "no CUDA GPU" in choose_gpu(3, environ) and environ == {}
+    ensure_dataset(tmp_path / "data", KolmogorovParams(**TINY_SIMULATION), seed=0, progress=False)
+    config = write(tmp_path / "c.json", dict(tiny_settings(tmp_path, tmp_path / "data"), max_steps=1))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert main([str(config), "--gpuid", "3"]) == 0
+    assert capsys.readouterr().err.count("gpuid 3: this machine shows no CUDA GPU") == 1

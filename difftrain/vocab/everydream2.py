@@ -149,9 +149,10 @@ TERMS: tuple[Term, ...] = (
           convert=_drop_none("embedding_perturbation")),
     _ours("flip_p", 0.0, "flip_p (a folder's flip_p.txt or yaml wins for its images)", "float",
           convert=_drop_none("flip_p")),
-    _refused_unless("gpuid", 0, "int", lambda value: value == 0,
-                    "gpuid: difftrain trains on the first visible GPU; pick another one with "
-                    "CUDA_VISIBLE_DEVICES=N (or accelerate launch --gpu_ids N) and leave gpuid at 0"),
+    _ours("gpuid", 0, "gpu_id: train.py narrows CUDA_VISIBLE_DEVICES to that GPU before CUDA starts (numbered "
+          "among the visible GPUs, as cuda:N is); a multi-process launch refuses a non-zero gpuid (use accelerate "
+          "launch --gpu_ids); without CUDA a one-line note says training runs on the CPU", "int", "gpu_id",
+          convert=_drop_none("gpu_id")),
     _ours("gradient_checkpointing", False, "gradient_checkpointing", "bool",
           convert=_drop_none("gradient_checkpointing")),
     _ours("grad_accum", 1, "gradient_accumulation_steps", "int", "gradient_accumulation_steps"),
