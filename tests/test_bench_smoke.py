@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = ["trainer_overhead.py", "peak_memory.py", "launcher_startup.py", "flow_bridge.py",
-              "naive_peer.py", "reflow_quality.py"]
+              "naive_peer.py", "reflow_quality.py", "kolmogorov_quality.py"]
 RATIO_LINE = re.compile(r"^ratio: (\S+)$")
 
 

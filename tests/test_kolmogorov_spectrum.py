@@ -83,21 +83,22 @@ def tiny_task(tmp_path, data, **changes):
 
 
 def test_the_sheet_shows_the_data_above_the_samples_on_the_data_colour_scale(tmp_path, tiny_field_data):
-    task = tiny_task(tmp_path, tiny_field_data, num_samples=3)
+    task = tiny_task(tmp_path, tiny_field_data, num_samples=5)
     results = task.samples(task.model)
     assert set(results) == {"samples", "spectrum", "band_score", "spectrum_error"}
     assert results["spectrum_error"] > 0 and math.isfinite(results["spectrum_error"])
     assert isinstance(results["spectrum"], Image.Image) and min(results["spectrum"].size) > 100
-    # The data rows: the same 3 validation windows every event, drawn with their own 99th percentile.
-    from difftrain.tasks.kolmogorov import evenly_spaced_windows
+    # The data rows: the same 5 validation windows every event, drawn with their 99th percentile
+    # (all 5 set the scale; the sheet shows the first 4 of each set).
+    from difftrain.tasks.kolmogorov import SHEET_ROWS, evenly_spaced_windows
 
-    data = evenly_spaced_windows(task.valid_set, 3, task.config.window)
-    assert data.shape == (3, 2, 2, 16, 16)
+    data = evenly_spaced_windows(task.valid_set, 5, task.config.window)
+    assert data.shape == (5, 2, 2, 16, 16) and SHEET_ROWS == 4
     data_vorticity = vorticity(data)
-    data_rows = render_vorticity(data_vorticity, vmax=float(data_vorticity.abs().flatten().quantile(0.99)))
+    data_rows = render_vorticity(data_vorticity[:4], vmax=float(data_vorticity.abs().flatten().quantile(0.99)))
     sheet = results["samples"]
-    # 16 x 16 cells are drawn 8x (128 px) with 2 px gaps: 6 rows (3 data, 3 generated) of 2 states.
-    assert sheet.size == (2 * 128 + 2, 6 * 128 + 5 * 2)
+    # 16 x 16 cells are drawn 8x (128 px) with 2 px gaps: 8 rows (4 data, 4 generated) of 2 states.
+    assert sheet.size == (2 * 128 + 2, 8 * 128 + 7 * 2)
     top = np.asarray(sheet)[: data_rows.size[1]]
     assert np.array_equal(top, np.asarray(data_rows))
     # The untrained network's samples are not the data.
@@ -133,3 +134,20 @@ def test_a_run_writes_the_sheet_and_spectrum_and_logs_spectrum_error(tmp_path, t
     assert [event["step"] for event in judged] == [4, 8, 10]
     assert all(event["spectrum_error"] > 0 and -1 <= event["band_score"] <= 1 for event in judged)
 
+
+
+def test_the_judged_preset_trains_the_quickstart_network_on_the_quickstart_flow_judged_on_enough_states():
+    from pathlib import Path
+
+    from difftrain.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    judged, quickstart = (load_config(configs / name) for name in ("kolmogorov_judged.json", "quickstart.json"))
+    # Same network and flow, so its figures say how good the quickstart's model gets with time.
+    for key in ("window", "embedding", "hidden_channels", "hidden_blocks", "kernel_size", "activation"):
+        assert getattr(judged, key) == getattr(quickstart, key), key
+    same_flow = ("size", "coarsen", "steps", "keep", "reynolds", "wavenumber", "drag")
+    assert all(getattr(judged.simulation, key) == getattr(quickstart.simulation, key) for key in same_flow)
+    # Its own data folder (more trajectories: ensure_dataset would refuse the quickstart's folder).
+    assert judged.data_root != quickstart.data_root and judged.simulation.trajectories > quickstart.simulation.trajectories
+    assert judged.sample_steps > 0 and judged.num_samples >= 16
