@@ -105,19 +105,38 @@ def use_log_scale_if_it_helps(axes: Any, values: Iterable[float]) -> None:
         axes.set_yscale("log")
 
 
+def smooth_by_stage(steps: Sequence[float], values: Sequence[float], span: int,
+                    stage_ends: Iterable[float]) -> list[float]:
+    """exponential_average restarted after each of `stage_ends`: a reflow stage trains on new pairs,
+    and its loss can be orders of magnitude below the last stage's, which one average would smear."""
+    smoothed: list[float] = []
+    segment: list[float] = []
+    ends = iter(sorted(stage_ends))
+    end = next(ends, math.inf)
+    for step, value in zip(steps, values):
+        while step > end:
+            smoothed += exponential_average(segment, span)
+            segment, end = [], next(ends, math.inf)
+        segment.append(value)
+    return smoothed + exponential_average(segment, span)
+
+
 def draw_losses(axes: Any, records: list[dict[str, Any]], label_prefix: str = "", color: Any = None,
-                raw: bool = True) -> list[float]:
-    """loss_train raw (faint) and smoothed, the validation losses as lines with markers, and a
-    dotted line where loss_train was not finite. Returns the values drawn."""
+                single_run: bool = True) -> list[float]:
+    """loss_train smoothed (and, for a single run, raw and faint, with the ends of reflow stages
+    marked), the validation losses as lines with markers, and a dotted line where loss_train was
+    not finite. Returns the values drawn."""
     drawn: list[float] = []
     train = curve(records, "loss_train")
+    stage_ends = curve(reflow_records(records), "reflow_stage").steps
     if train.values:
         span = smoothing_span(len(train.values))
-        if raw:
+        if single_run:
             axes.plot(train.steps, train.values, color=color or "C0", alpha=0.25, linewidth=0.8,
                       label=f"{label_prefix}loss_train (raw)")
-        axes.plot(train.steps, exponential_average(train.values, span), color=color or "C0", linewidth=1.6,
-                  label=f"{label_prefix}loss_train (EMA, span {span} steps)")
+        restarted = ", restarted each reflow stage" if stage_ends else ""
+        axes.plot(train.steps, smooth_by_stage(train.steps, train.values, span, stage_ends), color=color or "C0",
+                  linewidth=1.6, label=f"{label_prefix}loss_train (EMA, span {span} steps{restarted})")
         drawn += train.values
     for index, key in enumerate(loss_keys(metric_keys(records))):
         validation = curve(records, key)
@@ -127,6 +146,8 @@ def draw_losses(axes: Any, records: list[dict[str, Any]], label_prefix: str = ""
             drawn += validation.values
     for step in train.nonfinite_steps[:1]:  # a run stops at its first NaN: one line says where
         axes.axvline(step, color="red", linestyle=":", label=f"{label_prefix}loss_train not finite (step {step:g})")
+    for index, step in enumerate(stage_ends if single_run else []):
+        axes.axvline(step, color="gray", alpha=0.4, linewidth=0.8, label=None if index else "end of a reflow stage")
     return drawn
 
 
@@ -219,7 +240,7 @@ def draw_comparison(runs: Sequence[tuple[str, list[dict[str, Any]]]], title: str
     drawn, drew_rates, drew_stages = [], False, False
     for (name, records), color in zip(runs, colors):
         # With several runs the raw loss is noise on noise: each run's smoothed curve only.
-        drawn += draw_losses(losses, records, label_prefix=f"{name}: ", color=color, raw=False)
+        drawn += draw_losses(losses, records, label_prefix=f"{name}: ", color=color, single_run=False)
         drew_rates |= draw_learning_rates(rates, records, label_prefix=f"{name}: ", color=color)
         if stages is not None:
             drew_stages |= draw_reflow(stages, records, label_prefix=f"{name}: ", color=color)

@@ -100,6 +100,13 @@ def test_the_smoothed_loss_follows_the_trend_without_bias_at_the_start():
     assert all(later < earlier for earlier, later in zip(smoothed[3:], smoothed[4:])) and smoothed[-1] < 0.1
 
 
+def test_the_smoothed_loss_restarts_at_each_reflow_stage():
+    # A reflow stage's loss can sit orders of magnitude below the last stage's: no smearing across.
+    smoothed = curves.smooth_by_stage([1, 2, 3, 4, 5, 6], [1.0, 1.0, 1.0, 1e-3, 1e-3, 1e-3], span=5, stage_ends=[3, 6])
+    assert smoothed == pytest.approx([1.0, 1.0, 1.0, 1e-3, 1e-3, 1e-3])
+    assert curves.smooth_by_stage([1, 2, 3], [1.0, 0.0, 0.0], span=5, stage_ends=[])[-1] > 0.1
+
+
 def test_a_run_without_steps_and_a_reflow_run_are_drawn(tmp_path):
     empty = curves.draw_curves([])
     assert [axes.texts[0].get_text() for axes in empty.axes] == ["no loss logged yet", "no learning rate logged yet"]
@@ -107,6 +114,7 @@ def test_a_run_without_steps_and_a_reflow_run_are_drawn(tmp_path):
         {"step": 20, "straightness": 0.05, "one_vs_n_step_distance": 0.2, "reflow_stage": 0},
         {"step": 40, "straightness": 0.01, "one_vs_n_step_distance": 0.03, "reflow_stage": 1}]
     figure = curves.draw_curves(reflow)
+    assert {"end of a reflow stage", "loss_train (EMA, span 4 steps, restarted each reflow stage)"} <= legend_texts(figure)
     stages = figure.axes[2]
     assert {line.get_label(): list(line.get_xdata()) for line in stages.get_lines()} == {
         "straightness": [0, 1], "one_vs_n_step_distance": [0, 1]}
