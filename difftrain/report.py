@@ -1,6 +1,6 @@
 """Redraw a run's figures from its metrics.jsonl, or overlay several runs: `python -m difftrain.report`.
 
-    python -m difftrain.report runs/<name>_<id>              # -> runs/<name>_<id>/curves.png
+    python -m difftrain.report runs/<name>_<id>              # -> runs/<name>_<id>/curves.png (+ samples.html)
     python -m difftrain.report logs/<project><timestamp>     # the run that log folder belongs to
     python -m difftrain.report --compare runs/a_x runs/b_y   # -> compare.png, one colour per run
 
@@ -127,6 +127,12 @@ def draw_one(path: Path, out: Optional[Path]) -> Any:
     steps = [record["step"] for record in records if isinstance(record.get("step"), int)]
     reached = f"up to step {max(steps)}" if steps else "no steps logged yet"
     log.say(f"{target}  ({len(records)} records, {reached})")
+    if out is None and (metrics.parent / "samples").is_dir():
+        # The page over the samples is the run's other view; redrawn too, for a run that stopped
+        # before its last sample event rewrote it (or one started before the page existed).
+        from difftrain.tracking import write_samples_page
+
+        log.say(str(write_samples_page(metrics.parent)))
     return figure
 
 

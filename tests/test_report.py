@@ -94,6 +94,17 @@ def test_report_redraws_a_run_being_written_with_nan_values(tmp_path):
     assert all(math.isfinite(value) for line in loss_axes.get_lines()[:3] for value in line.get_ydata())
 
 
+def test_report_also_rewrites_the_samples_page(tmp_path):
+    # A run that stopped before its last sample event (or predates the page) gets it back.
+    folder = write_metrics(tmp_path / "runs" / "swift-river-1_abcd1234", training_records(20))
+    (folder / "samples").mkdir()
+    for step in (10, 20):
+        Image.new("RGB", (4, 4)).save(folder / "samples" / f"samples-gs{step:05d}.png")
+    assert report.main([str(folder)]) == 0
+    page = (folder / "samples.html").read_text(encoding="utf-8")
+    assert page.index("samples/samples-gs00010.png") < page.index("samples/samples-gs00020.png")
+
+
 def test_the_smoothed_loss_follows_the_trend_without_bias_at_the_start():
     smoothed = curves.exponential_average([2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0], span=3)
     assert smoothed[:3] == pytest.approx([2.0, 2.0, 2.0])  # debiased: not pulled toward 0 at the start
