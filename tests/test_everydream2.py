@@ -156,9 +156,15 @@ def test_train_json_and_its_side_files_translate(shipped):
     assert Path(config.sample_prompts).name == "sample_prompts.txt"
 
 
-def test_trainsd21_main_lr_wins_and_the_text_encoder_unfreezes_two_layers(shipped):
+def test_trainsd21_main_lr_wins_and_the_text_encoder_unfreezes_two_layers(shipped, capsys):
     config = translated("--config", "trainSD21.json", "--resume_ckpt", "m")
-    assert (config.lr, config.text_encoder_lr, config.text_encoder_lr_scheduler) == (2e-6, 3e-7, "")
+    # EveryDream2 gives the main lr to both optimizers, over optimizerSD21.json's text encoder 3e-7
+    assert (config.lr, config.text_encoder_lr, config.text_encoder_lr_scheduler) == (2e-6, 0.0, "")
+    assert "text_encoder_overrides.lr 3e-07 has no effect: the main lr (2e-06)" in capsys.readouterr().err
+    (shipped / "noLR.json").write_text(json.dumps({k: v for k, v in json.loads((shipped / "trainSD21.json").read_text())
+                                                   .items() if k != "lr"}))
+    assert translated("--config", "noLR.json").text_encoder_lr == 3e-7
+    assert translated("--config", "noLR.json", "--lr", "4e-6").text_encoder_lr == 0.0
     assert config.text_encoder_unfreeze_last_n_layers == 2
     assert (config.resolution, config.seed, config.noise_offset) == (768, 555, 0.02)
 

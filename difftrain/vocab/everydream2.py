@@ -303,7 +303,8 @@ OPTIMIZER_KEYS: tuple[tuple[str, str, str], ...] = (
      "base.safeguard_warmup", "ours", "optimizer_settings ('betas=(b1, b2);eps=e;d0=...'), each passed to "
      "the optimizers EveryDream2 passes it to; given to another optimizer it has no effect, with a note"),
     ("base.weight_decay", "ours", "weight_decay"),
-    ("text_encoder_overrides.lr", "ours", "text_encoder_lr"),
+    ("text_encoder_overrides.lr", "ours", "text_encoder_lr, unless the main config or the command line sets lr: "
+     "EveryDream2 then trains the text encoder at that lr too (a note says so)"),
     ("text_encoder_overrides.lr_scheduler", "ours", "text_encoder_lr_scheduler (its own schedule, as in "
      "EveryDream2's second optimizer)"),
     ("text_encoder_overrides.lr_warmup_steps, text_encoder_overrides.lr_decay_steps", "ours",
@@ -489,7 +490,8 @@ def optimizer_settings(data: dict[str, Any], where: str, main: dict[str, Any],
     base_settings = _settings_text(name, base, f"{where}: base", notes)
     if base_settings:
         result["optimizer_settings"] = base_settings
-    result.update(_text_encoder_settings(data, base, overrides, where, main.get("lr", result.get("lr")), notes))
+    result.update(_text_encoder_settings(data, base, overrides, where, main.get("lr", result.get("lr")), notes,
+                                         main_lr=main.get("lr")))
     return result
 
 
@@ -519,17 +521,29 @@ def _settings_text(name: str, values: dict[str, Any], where: str, notes: Optiona
 
 
 def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any], where: str,
-                           lr: Optional[float], notes: Optional[list[str]] = None) -> dict[str, Any]:
+                           lr: Optional[float], notes: Optional[list[str]] = None,
+                           main_lr: Optional[float] = None) -> dict[str, Any]:
     """text_encoder_overrides (and the freezing section) as our text_encoder_* keys. As in EveryDream2,
+    an lr in the main config or on the command line (`main_lr`) is both models' learning rate (unless
+    text_encoder_lr_scale applies);
     each override that is null falls back to base's value (warm-up, decay and weight decay also when 0:
     EveryDream2 reads them with `or`); the keys are set only where the text encoder's value differs
     from the UNet's, so one optimizer trains both when nothing differs."""
     result: dict[str, Any] = {}
-    if overrides.get("lr") is not None:
-        result["text_encoder_lr"] = overrides["lr"]
-    elif data.get("text_encoder_lr_scale") is not None:
+    if overrides.get("lr") is None and data.get("text_encoder_lr_scale") is not None:
+        # the rule optimizer.json's own doc gives (text encoder lr = base lr x scale)
         result["text_encoder_lr"] = float(lr if lr is not None else Config.model_fields["lr"].default) \
             * float(data["text_encoder_lr_scale"])
+    elif main_lr is not None:
+        # EveryDream2's optimizers.py gives the main lr to the text encoder's optimizer too ("for legacy
+        # reasons"), over text_encoder_overrides.lr.
+        result["text_encoder_lr"] = 0.0  # ours: the same as lr
+        if overrides.get("lr") is not None and notes is not None and overrides["lr"] != main_lr:
+            notes.append(f"note: {where}: text_encoder_overrides.lr {overrides['lr']!r} has no effect: the main "
+                         f"lr ({main_lr!r}) is the text encoder's too, as in EveryDream2; remove lr from the main "
+                         "config to use it.")
+    elif overrides.get("lr") is not None:
+        result["text_encoder_lr"] = overrides["lr"]
     if overrides.get("lr_scheduler") is not None:
         result["text_encoder_lr_scheduler"] = overrides["lr_scheduler"]
     for key in ("lr_warmup_steps", "lr_decay_steps", "weight_decay"):
@@ -683,7 +697,9 @@ def load(path: Optional[str], flags: Optional[dict[str, Any]] = None) -> Config:
     raw = read_json_object(path) if path else {}
     flags = flags or {}
     # A flag replaces the JSON's key of the same name whole (a side file's every setting with it).
-    from_json, notes = translate({k: v for k, v in raw.items() if k not in flags}, source, config_dir=config_dir)
+    # Each source sees the other's keys as `main`: a flag's lr is the main lr for the JSON's optimizer_config.
+    from_json, notes = translate({k: v for k, v in raw.items() if k not in flags}, source, config_dir=config_dir,
+                                 main=flags)
     from_flags, flag_notes = translate(flags, "command line", config_dir=config_dir, main=raw)
     for note in dict.fromkeys(notes + flag_notes):
         say(note)
