@@ -268,7 +268,7 @@ def test_a_rated_run_on_the_tiny_stand_in_shrinks_its_epochs(tiny_sd15, tmp_path
 # ---- f) sample_prompts.json with rectified_flow ------------------------------------------------------
 
 @pytest.mark.usefixtures("one_thread")
-def test_a_flow_run_draws_the_sample_plan_with_its_seeds_sizes_cfgs_and_negatives(tiny_sd2v, tmp_path):
+def test_a_flow_run_draws_the_sample_plan_with_its_seeds_sizes_cfgs_and_negatives(tiny_sd2v, tmp_path, capsys):
     import numpy as np
 
     from difftrain.tasks.base import StartPoint
@@ -284,6 +284,7 @@ def test_a_flow_run_draws_the_sample_plan_with_its_seeds_sizes_cfgs_and_negative
                         "--resolution", "64", "--rectified_flow", "true",
                         "--sample_prompts", str(tmp_path / "samples.json"))
     task = SDTask(config, CPU, StartPoint(base=str(tiny_sd2v)))
+    assert "the file's scheduler has no effect" in capsys.readouterr().err
     drawn = []
     original = task.parts.samples._flow_image
 

@@ -12,6 +12,7 @@ from torch import nn
 from difftrain.config import Config
 from difftrain.data.images import ImageBucketDataset
 from difftrain.errors import ConfigError
+from difftrain.log import say
 from difftrain.models.sd import SDModel
 from difftrain.tasks.sd_parts.conditioning import Latents, TextConditioning
 
@@ -73,6 +74,9 @@ class SDSamples:
                  device: torch.device, default_prompts: Sequence[str]):
         self.config, self.view, self.objective, self.device = config, view, objective, device
         self.default_prompts = list(default_prompts)
+        if config.rectified_flow and config.sample_prompts.lower().endswith(".json"):
+            say("note: sample_prompts: the flow Euler sampler draws the samples of a rectified_flow run, so the "
+                "file's scheduler has no effect (its prompts, seeds, sizes, cfgs and steps do).")
 
     def prompts(self) -> list[str]:
         return sample_prompts(self.config, self.default_prompts)
