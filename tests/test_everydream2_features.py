@@ -342,3 +342,15 @@ def test_load_settings_every_epoch_applies_the_loss_settings_the_file_says_at_ea
 def test_load_settings_every_epoch_needs_a_config_file():
     with pytest.raises(ConfigError, match="re-reads the train.json given with --config"):
         translated("--load_settings_every_epoch", "true")
+
+
+def test_freezing_without_a_trained_text_encoder_is_noted(tiny_sd15, tmp_path, capsys):
+    from difftrain.tasks.base import StartPoint
+    from difftrain.tasks.sd import SDTask
+
+    optimizer = _optimizer_json(tmp_path, {"freeze_embeddings": True})
+    config = translated("--resume_ckpt", str(tiny_sd15), "--data_root", str(_images(tmp_path / "data", count=2)),
+                        "--resolution", "64", "--optimizer_config", str(optimizer),
+                        "--disable_textenc_training", "true")
+    SDTask(config, CPU, StartPoint(base=str(tiny_sd15)))
+    assert "text_encoder_freeze_embeddings have no effect: the text encoder does not train" in capsys.readouterr().err

@@ -134,6 +134,17 @@ def freeze_text_encoder_parts(encoder: nn.Module, config: Config) -> None:
     say(f"text encoder ({len(layers)} layers): {', '.join(frozen)} frozen.")
 
 
+FREEZING_SETTINGS = ("text_encoder_unfreeze_last_n_layers", "text_encoder_freeze_front_n_layers",
+                     "text_encoder_freeze_embeddings", "text_encoder_freeze_final_layer_norm")
+
+
+def note_unused_freezing(config: Config, reason: str) -> None:
+    """One note when text-encoder freezing is set but nothing it freezes trains."""
+    given = [name for name in FREEZING_SETTINGS if getattr(config, name) not in (None, False)]
+    if given:
+        say(f"note: {', '.join(given)} have no effect: {reason}.")
+
+
 def model_view(sd: SDModel, model: SDTrainable, zero_terminal_snr: bool) -> SDModel:
     """`sd` with the (possibly unwrapped) trained modules of `model` in place, for pipelines and saving."""
     encoders = list(model.text_encoders) if len(model.text_encoders) else sd.text_encoders
@@ -172,6 +183,8 @@ class FullTrainable:
                  train_text_encoders: bool):
         sd = base.sd
         self.config = config
+        if not train_text_encoders:
+            note_unused_freezing(config, "the text encoder does not train (disable_textenc_training)")
         place(sd.unet, device, torch.float32).requires_grad_(config.train_unet)
         # A frozen UNet still carries the text encoders' gradients; EveryDream2 keeps it in training
         # mode only when gradient checkpointing needs it.
@@ -242,6 +255,8 @@ class LoraTrainable:
     def __init__(self, base: LoadedBase, config: Config, device: torch.device, frozen_dtype: torch.dtype,
                  train_text_encoders: bool, resuming: bool):
         sd, self.config, self.base = base.sd, config, base
+        note_unused_freezing(config, f"mode {config.mode} trains LoRA adapters; text-encoder freezing applies to "
+                                     "mode Full")
         place(sd.unet, device, frozen_dtype)
         for encoder in sd.text_encoders:
             place(encoder, device, frozen_dtype).requires_grad_(False).eval()
