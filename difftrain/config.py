@@ -184,6 +184,10 @@ class TrainingSettings(BaseModel):
         None, "optimizer_settings of the text encoder(s)' optimizer; empty: optimizer_settings.")
     text_encoder_weight_decay: Optional[float] = setting(
         None, "Weight decay of the text encoder(s); empty: weight_decay.", ge=0)
+    text_encoder_own_optimizer: bool = setting(
+        False, "Give the text encoder(s) an optimizer of their own even with the UNet's settings, as "
+        "EveryDream2 does (train.py's default). It changes training only for optimizers that adapt one step "
+        "size over all their parameters (D-Adaptation, Prodigy, DoWG); the others step each tensor alone.")
     text_encoder_unfreeze_last_n_layers: Optional[int] = setting(
         None, "Train only the last N layers and the final layer norm of the text encoder(s) (their "
         "embeddings stay frozen unless text_encoder_freeze_embeddings is false); empty: all of it "

@@ -216,7 +216,8 @@ def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> torch.optim.
     text_groups = [group for group, is_text in zip(groups, roles) if is_text]
     if not unet_groups:  # the text encoder trains alone
         return _make_one(text_config, groups)
-    if not text_groups or _same_optimizer(config, text_config):
+    own = config.text_encoder_own_optimizer and find_optimizer(config.optimizer).kind in SHARED_STEP_SIZE
+    if not text_groups or (_same_optimizer(config, text_config) and not own):
         return _make_one(config, groups)
     pair = OptimizerPair(_make_one(config, unet_groups), _make_one(text_config, text_groups))
     for optimizer, settings in zip(pair.optimizers, (config, text_config)):
@@ -225,6 +226,11 @@ def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> torch.optim.
                               "cannot run beside a second optimizer under one schedule; give the text encoder "
                               "the same optimizer, settings and weight decay as the UNet, or choose another.")
     return pair
+
+
+# Kinds whose step size adapts over all of an optimizer's parameters together: one optimizer for the
+# UNet and the text encoder trains otherwise than one for each (text_encoder_own_optimizer).
+SHARED_STEP_SIZE = ("adaptive", "own_step")
 
 
 def is_text_encoder_group(groups: list[dict[str, Any]]) -> list[bool]:
@@ -302,8 +308,9 @@ class OptimizerPair(torch.optim.Optimizer):
         """A ConfigError when `optimizer` is a pair and the run shards its state (`sharding` not empty)."""
         if isinstance(optimizer, OptimizerPair) and sharding:
             raise ConfigError(f"the text encoder's own optimizer (text_encoder_optimizer, ..._settings, "
-                              f"..._weight_decay) cannot be used with {sharding}; give the text encoder the "
-                              "UNet's optimizer settings, or train without sharding.")
+                              f"..._weight_decay, ..._own_optimizer) cannot be used with {sharding}; give the "
+                              "text encoder the UNet's optimizer settings and set text_encoder_own_optimizer "
+                              "false, or train without sharding.")
 
 
 def _make_one(config: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

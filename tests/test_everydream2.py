@@ -439,6 +439,8 @@ def test_a_train_json_without_those_keys_takes_everydream2s_defaults(tmp_path):
     path.write_text(json.dumps({"batch_size": 4, "data_root": "d"}))
     assert settings_of(translated(str(path))) == EVERYDREAM2_DEFAULTS
     assert settings_of(translated()) == EVERYDREAM2_DEFAULTS  # no file at all
+    assert translated(str(path)).text_encoder_own_optimizer  # EveryDream2 builds one optimizer per model
+    assert not config_from_argv([str(path)], "train_j").text_encoder_own_optimizer
     # train_j.py's door (and the schema) keep their own defaults.
     from difftrain.vocab.traintrain import DEFAULTS as TRAINTRAIN_DEFAULTS
     train_j = config_from_argv([str(path)], "train_j")

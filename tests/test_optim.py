@@ -599,3 +599,22 @@ def test_own_step_size_optimizers_ignore_lr_and_the_schedule_steps_aside(name, c
     assert "lr and the learning-rate schedule have no effect" in caplog.text
     values = run_steps(optimizer, scheduler, loss, 30)
     assert values[-1] < 0.8 * values[0]  # lr 1e-6 would not have moved it
+
+
+def test_text_encoder_own_optimizer_matters_for_optimizers_with_one_step_size():
+    from difftrain.optim import OptimizerPair
+
+    def built(**settings):
+        (unet, text), loss = quadratic(2)
+        with torch.no_grad():
+            text.mul_(100)  # a text encoder whose gradients are far larger than the UNet's
+        optimizer = make_optimizer(Config(**settings), [{"params": [unet]}, {"params": [text]}])
+        return optimizer, loss
+
+    assert isinstance(built(optimizer="AdamW", text_encoder_own_optimizer=True)[0], torch.optim.AdamW)  # same steps
+    assert not isinstance(built(optimizer="DAdaptAdam")[0], OptimizerPair)
+    optimizer, loss = built(optimizer="DAdaptAdam", lr=1.0, text_encoder_own_optimizer=True)
+    assert isinstance(optimizer, OptimizerPair)
+    run_steps(optimizer, make_scheduler(Config(), optimizer, 10), loss, 5)
+    unet_d, text_d = (inner.param_groups[0]["d"] for inner in optimizer.optimizers)
+    assert unet_d != text_d  # each model's own D-Adaptation estimate, as in EveryDream2

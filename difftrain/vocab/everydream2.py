@@ -769,7 +769,14 @@ def everydream2_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     one EveryDream2 could train (trains_like_everydream2)."""
     if not trains_like_everydream2(settings):
         return {}
-    return {name: theirs for differ in default_differences().values() for name, (theirs, _) in differ.items()}
+    return {**{name: theirs for differ in default_differences().values() for name, (theirs, _) in differ.items()},
+            **DOOR_DEFAULTS}
+
+
+# What EveryDream2 does without any key for it, and train.py therefore does too (our key: (value, why)).
+DOOR_DEFAULTS_WHY = {"text_encoder_own_optimizer": (True, "EveryDream2 builds one optimizer per model, so "
+                                                          "D-Adaptation, Prodigy and DoWG adapt a step size for each")}
+DOOR_DEFAULTS = {name: value for name, (value, _) in DOOR_DEFAULTS_WHY.items()}
 
 
 def status_counts() -> dict[str, int]:
@@ -812,6 +819,7 @@ def render_markdown() -> str:
           f", as in EveryDream2 (difftrain's own default: "
           f"{', '.join(f'`{name}` {json.dumps(ours)}' for name, (_, ours) in diff.items())})"
           for key, diff in default_differences().items()],
+        *[f"- (no key) `{name}` {json.dumps(value)}: {why}" for name, (value, why) in DOOR_DEFAULTS_WHY.items()],
         "",
         "## train.py flags and train.json keys",
         "",
