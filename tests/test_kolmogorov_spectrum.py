@@ -97,8 +97,9 @@ def test_the_sheet_shows_the_data_above_the_samples_on_the_data_colour_scale(tmp
     data_vorticity = vorticity(data)
     data_rows = render_vorticity(data_vorticity[:4], vmax=float(data_vorticity.abs().flatten().quantile(0.99)))
     sheet = results["samples"]
-    # 16 x 16 cells are drawn 8x (128 px) with 2 px gaps: 8 rows (4 data, 4 generated) of 2 states.
-    assert sheet.size == (2 * 128 + 2, 8 * 128 + 7 * 2)
+    # 16 x 16 cells are drawn 8x (128 px) with 2 px gaps: 4 data rows, a 16 px band, 4 generated rows.
+    assert sheet.size == (2 * 128 + 2, 2 * (4 * 128 + 3 * 2) + 16)
+    assert (np.asarray(sheet)[data_rows.size[1]:data_rows.size[1] + 16] == 255).all()
     top = np.asarray(sheet)[: data_rows.size[1]]
     assert np.array_equal(top, np.asarray(data_rows))
     # The untrained network's samples are not the data.

@@ -27,6 +27,7 @@ MODEL_FILE = "model.safetensors"
 VALIDATION_SEED = 12345  # fixed noise and times, so loss_valid is comparable between epochs
 MAX_VALIDATION_ITEMS = 256
 SHEET_ROWS = 4  # trajectories per set on the vorticity sheet; the spectrum uses all num_samples
+SET_GAP_PIXELS = 16  # between the data rows and the generated rows (cells are 2 px apart)
 
 
 def build_score_network(config: Config) -> ScoreUNet:
@@ -57,6 +58,19 @@ def evenly_spaced_windows(dataset: TrajectoryDataset, count: int, window: int) -
     holds fewer: (count, window, 2, H, W). What the samples are judged against."""
     spaced = torch.linspace(0, max(len(dataset), count) - 1, count).long().tolist()
     return dataset.batch([index % len(dataset) for index in spaced]).float().unflatten(1, (window, 2))
+
+
+def stacked(images: Sequence[Any], gap: int = SET_GAP_PIXELS) -> Any:
+    """PIL images one above the other on white, `gap` pixels apart (left-aligned)."""
+    from PIL import Image
+
+    width = max(image.width for image in images)
+    height = sum(image.height for image in images) + gap * (len(images) - 1)
+    canvas, top = Image.new("RGB", (width, height), (255, 255, 255)), 0
+    for image in images:
+        canvas.paste(image, (0, top))
+        top += image.height + gap
+    return canvas
 
 
 def band_score(fields: torch.Tensor, wavenumber: int) -> float:
@@ -145,7 +159,7 @@ class KolmogorovTask:
         windows (evenly spaced through the valid set, the same ones every event):
 
         - "samples": the vorticity sheet, validation rows above generated rows (the first
-          SHEET_ROWS of each), one colour scale (the data's 99th percentile of |vorticity|, so
+          SHEET_ROWS of each, a wider white band between the sets), one colour scale (the data's 99th percentile of |vorticity|, so
           generated noise shows as saturation);
         - "spectrum": log-log kinetic-energy spectra of both sets (`draw_spectra`);
         - `spectrum_error`: mean relative error of the generated shell energies against the
@@ -163,8 +177,8 @@ class KolmogorovTask:
         }
         with drawing("the Kolmogorov vorticity sheet"):
             scale = float(data_vorticity.abs().flatten().quantile(0.99))
-            rows = torch.cat([data_vorticity[:SHEET_ROWS], generated_vorticity[:SHEET_ROWS]])
-            results["samples"] = render_vorticity(rows, vmax=scale)
+            results["samples"] = stacked([render_vorticity(data_vorticity[:SHEET_ROWS], vmax=scale),
+                                          render_vorticity(generated_vorticity[:SHEET_ROWS], vmax=scale)])
         with drawing("the Kolmogorov energy spectrum"):
             count = generated.shape[0] * generated.shape[1]
             spectra = {f"validation data ({count} states)": energy_spectrum(data)[1],
