@@ -241,6 +241,20 @@ def is_text_encoder_group(groups: list[dict[str, Any]]) -> list[bool]:
     return [index > 0 for index in range(len(groups))]
 
 
+def logged_learning_rates(scheduler: Any, optimizer: Any) -> dict[str, float]:
+    """The step's learning rates as logged: `lr` (the UNet's, or the one group's) and, when text
+    encoders train in groups of their own, `lr_text_encoder` (EveryDream2's "lr text encoder")."""
+    rates = scheduler.get_last_lr()
+    groups = optimizer.param_groups
+    text = is_text_encoder_group(groups) if len(groups) == len(rates) and len(rates) > 1 else [False] * len(rates)
+    others = [rate for rate, is_text in zip(rates, text) if not is_text]
+    logged = {"lr": (others or rates)[0]}
+    text_rates = [rate for rate, is_text in zip(rates, text) if is_text]
+    if text_rates:
+        logged["lr_text_encoder"] = text_rates[0]
+    return logged
+
+
 def text_encoder_config(config: Config) -> Config:
     """The settings the text encoders' optimizer is built from: the UNet's, with text_encoder_* over them."""
     update: dict[str, Any] = {"optimizer": config.text_encoder_optimizer or config.optimizer}

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -23,14 +24,15 @@ from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.log import say
 from difftrain.ema import make_ema
-from difftrain.optim import OptimizerPair, evaluation_weights, make_optimizer, make_scheduler, step_schedule
+from difftrain.optim import (OptimizerPair, evaluation_weights, logged_learning_rates, make_optimizer, make_scheduler,
+                             step_schedule)
 from difftrain.processes import (StopRequest, agree_after_step, check_process_group, decide_on_main,
                                  exit_code_of)
 from difftrain.reflow import ReflowStages, run_length
 from difftrain.sharding import model_states, models_load_whole
 from difftrain.tasks.base import StartPoint, TaskFactory
 from difftrain.tracking import open_run_outputs
-from difftrain.validation_points import relative_metrics, validation_due, validation_metrics
+from difftrain.validation_points import validation_due, validation_record
 
 
 class TrainingStopped(Exception):
@@ -55,6 +57,22 @@ def decide_start(config: Config, task_factory: TaskFactory, state: Any = None) -
     return decide_on_main(state, lambda: resolve_start(config, from_scratch, say))
 
 
+def mixed_precision(config: Config) -> str:
+    """accelerate's mixed_precision for config's: 'auto' is bf16 where the GPU has it, else off."""
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def nonfinite_message(loss_value: float, progress: Progress, last_checkpoint: Optional[Path]) -> str:
+    """What to tell the user when the loss stops being finite: where, what to change, what is kept."""
+    value = loss_value if not math.isfinite(loss_value) else \
+        "non-finite (in an accumulated micro-batch or on another process)"
+    return (f"the loss became {value} at epoch {progress.epoch}, step {progress.global_step}. Lower lr, "
+            "enable clip_grad_norm, or check the data; the last good checkpoint is "
+            f"'{last_checkpoint or 'none (no checkpoint was saved yet)'}'.")
+
+
 class Trainer:
     """Runs one task to the end (or to a stop), writing logs/, runs/ and checkpoints."""
 
@@ -64,10 +82,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.program = program
-        precision = config.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        self.accelerator = Accelerator(mixed_precision=precision,
+        self.accelerator = Accelerator(mixed_precision=mixed_precision(config),
                                        gradient_accumulation_steps=config.gradient_accumulation_steps)
         self.is_main = self.accelerator.is_main_process
         check_process_group(self.accelerator)
@@ -195,7 +210,7 @@ class Trainer:
         agreed = agree_after_step(self.accelerator, loss, signal_number, self.nonfinite_seen,
                                   self.saver.due_by_clock())
         if agreed.nonfinite:
-            self._stop_on_nonfinite(agreed.loss)
+            raise TrainingStopped(nonfinite_message(agreed.loss, progress, self.saver.last_checkpoint))
         self.last_loss = agreed.loss
         if config.scheduler_interval == "step":
             step_schedule(self.scheduler, agreed.loss)  # reduce_on_plateau steps on the agreed loss
@@ -247,20 +262,10 @@ class Trainer:
         return saved
 
     # ---- pieces -----------------------------------------------------------------------------------
-    def _stop_on_nonfinite(self, loss_value: float) -> None:
-        progress, last = self.progress, self.saver.last_checkpoint
-        value = loss_value if not math.isfinite(loss_value) else \
-            "non-finite (in an accumulated micro-batch or on another process)"
-        raise TrainingStopped(
-            f"the loss became {value} at epoch {progress.epoch}, step {progress.global_step}. Lower lr, "
-            "enable clip_grad_norm, or check the data; the last good checkpoint is "
-            f"'{last or 'none (no checkpoint was saved yet)'}'.")
-
     def _log_step(self, loss_value: float) -> None:
-        progress = self.progress
-        lr = self.scheduler.get_last_lr()[0]
-        self.outputs.tracker.log({"epoch": progress.epoch, "loss_train": loss_value, "lr": lr},
-                                 step=progress.global_step)
+        progress, rates = self.progress, logged_learning_rates(self.scheduler, self.optimizer)
+        lr = rates["lr"]
+        self.outputs.tracker.log({"epoch": progress.epoch, "loss_train": loss_value, **rates}, step=progress.global_step)
         # refresh=False: redrawing is bar.update's job, throttled by tqdm's mininterval.
         self.bar.set_postfix(epoch=progress.epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
         self.bar.update(1)
@@ -275,17 +280,12 @@ class Trainer:
         """loss_valid when due; `before_training`: the start point use_relative_loss measures from
         (EveryDream2 validates once before its first step)."""
         validation, progress = self.parts.validation, self.progress
-        due = validation is not None if before_training else \
-            validation_due(validation, self.config, progress, self.epoch_steps, mid_epoch)
-        if not due:
+        if not validation_due(validation, self.config, progress, self.epoch_steps, mid_epoch, before_training):
             return
         with self._evaluating() as whole:
             value = validation.validation_loss(whole) if whole is not None else None
         if value is not None:
-            metrics = validation_metrics(value)
-            if self.config.validation_relative_loss:
-                metrics.update(relative_metrics(metrics, progress.extra.setdefault("validation_start", {})))
-            self.outputs.tracker.log({"epoch": progress.epoch, **metrics}, step=progress.global_step)
+            self.outputs.tracker.log(validation_record(value, self.config, progress), step=progress.global_step)
 
     def _log_samples(self) -> None:
         # Without autocast: the samples' own pipelines choose their precision.

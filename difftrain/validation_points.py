@@ -16,11 +16,15 @@ def mid_epoch_points(steps_per_epoch: int, validations_per_epoch: int) -> set[in
     return {math.ceil((part + 1) * steps_per_epoch / parts) for part in range(parts - 1)}
 
 
-def validation_due(validation: Any, config: Any, progress: Any, steps_per_epoch: int, mid_epoch: bool) -> bool:
-    """Whether to validate now: at an epoch's end (`progress.epoch` already counts it) or after an
-    optimizer step inside an epoch (`progress.batch_in_epoch` counts its micro-batches)."""
+def validation_due(validation: Any, config: Any, progress: Any, steps_per_epoch: int, mid_epoch: bool,
+                   before_training: bool = False) -> bool:
+    """Whether to validate now: at an epoch's end (`progress.epoch` already counts it), after an
+    optimizer step inside an epoch (`progress.batch_in_epoch` counts its micro-batches), or
+    `before_training` (always, when there is a validation)."""
     if validation is None:
         return False
+    if before_training:
+        return True
     if not mid_epoch:
         return progress.epoch % config.validate_every_n_epochs == 0
     if config.validations_per_epoch <= 1:
@@ -35,6 +39,15 @@ def validation_metrics(value: Any) -> dict[str, float]:
     return dict(value) if isinstance(value, dict) else {"loss_valid": value}
 
 
+def validation_record(value: Any, config: Any, progress: Any) -> dict[str, Any]:
+    """What the trainer logs for one validation: the epoch, the losses and, with
+    validation_relative_loss, each loss relative to the run's first validation."""
+    metrics = validation_metrics(value)
+    if config.validation_relative_loss:
+        metrics.update(relative_metrics(metrics, progress.extra.setdefault("validation_start", {})))
+    return {"epoch": progress.epoch, **metrics}
+
+
 def relative_metrics(metrics: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
     """EveryDream2's use_relative_loss: each loss_valid* metric minus its first value, as
     <metric>_relative. `reference` (kept in the checkpoint's progress, so a resumed run measures
@@ -47,4 +60,4 @@ def relative_metrics(metrics: dict[str, float], reference: dict[str, float]) -> 
     return result
 
 
-__all__ = ["mid_epoch_points", "relative_metrics", "validation_due", "validation_metrics"]
+__all__ = ["mid_epoch_points", "relative_metrics", "validation_due", "validation_metrics", "validation_record"]

@@ -52,3 +52,18 @@ def test_every_module_has_a_layer():
     modules = {path.stem for path in package.glob("*.py") if path.stem not in ("__init__", "tiny")}
     modules |= {path.name for path in package.iterdir() if (path / "__init__.py").is_file()}
     assert modules - placed == set(), "place these in .importlinter's layers"
+
+
+def test_no_class_over_250_lines_and_no_function_over_80():
+    # Issue 16's size limits: a class or function past them is doing several jobs and reads as such.
+    import ast
+
+    oversized = []
+    for path in sorted((REPO / "difftrain").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            limit = 250 if isinstance(node, ast.ClassDef) else \
+                80 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+            if limit and node.end_lineno - node.lineno + 1 > limit:
+                oversized.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} "
+                                 f"({node.end_lineno - node.lineno + 1} lines, limit {limit})")
+    assert oversized == []

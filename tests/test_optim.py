@@ -618,3 +618,15 @@ def test_text_encoder_own_optimizer_matters_for_optimizers_with_one_step_size():
     run_steps(optimizer, make_scheduler(Config(), optimizer, 10), loss, 5)
     unet_d, text_d = (inner.param_groups[0]["d"] for inner in optimizer.optimizers)
     assert unet_d != text_d  # each model's own D-Adaptation estimate, as in EveryDream2
+
+
+def test_the_text_encoders_learning_rate_is_logged_beside_the_unets():
+    from difftrain.optim import logged_learning_rates
+
+    unet, text = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW([{"params": text.parameters(), "module": "text_encoder", "lr": 1e-5},
+                                   {"params": unet.parameters(), "module": "unet"}], lr=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    assert logged_learning_rates(schedule, optimizer) == {"lr": 5e-5, "lr_text_encoder": 5e-6}
+    alone = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    assert logged_learning_rates(torch.optim.lr_scheduler.LambdaLR(alone, lambda step: 1.0), alone) == {"lr": 1e-4}

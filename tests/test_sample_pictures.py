@@ -3,7 +3,6 @@ sample event, and the before/after picture of each reflow stage."""
 
 import json
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -1,7 +1,6 @@
 """The training loop end to end on a tiny Kolmogorov task: outputs, exact resume, stops."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
