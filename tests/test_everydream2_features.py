@@ -149,13 +149,19 @@ def test_a_frozen_unet_leaves_the_text_encoder_its_own_schedule():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-7)
 
 
-# ---- d) save_ckpt_dir null ------------------------------------------------------------------------
+# ---- d) save_ckpt_dir null or left out ------------------------------------------------------------------------
 
 def test_save_ckpt_dir_null_means_the_working_folder(tmp_path):
     path = tmp_path / "train.json"
     path.write_text(json.dumps({"save_ckpt_dir": None}))
     assert translated(str(path)).save_ckpt_dir == "."
     assert translated("--save_ckpt_dir", "out").save_ckpt_dir == "out"
+    # Left out, EveryDream2 writes there too (its default is null); difftrain's own runs write none.
+    assert translated("--lr", "1e-5").save_ckpt_dir == "."
+    assert translated("--mode", "LoRA").save_ckpt_dir == ""
+    from difftrain.config import Config
+
+    assert Config.model_fields["save_ckpt_dir"].default == ""
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -167,7 +173,7 @@ def test_without_save_ckpt_dir_the_single_file_lands_in_the_working_folder_and_i
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    (work / "train.json").write_text(json.dumps({"save_ckpt_dir": None, "project_name": "cat"}))
+    (work / "train.json").write_text(json.dumps({"project_name": "cat"}))  # no save_ckpt_dir, as EveryDream2 allows
     assert main(["--config", "train.json", "--resume_ckpt", str(tiny_sd15), "--data_root",
                  str(_images(tmp_path / "data", count=2)), "--resolution", "64", "--max_epochs", "1",
                  "--batch_size", "2", "--sample_steps", "0", "--tracker", "none"]) == 0

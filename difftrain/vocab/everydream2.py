@@ -192,10 +192,9 @@ TERMS: tuple[Term, ...] = (
           also=("sample_inference_steps", "num_samples")),
     _ours("sample_steps", 250, "sample_steps", "int"),
     _ours("save_ckpt_dir", None, "save_ckpt_dir: each checkpoint and its EMA as A1111 single files "
-          "<checkpoint name>.safetensors there; null (as EveryDream2's shipped configs give it): the current "
-          "working folder ('.'), as in EveryDream2. Left out entirely: none, unlike EveryDream2, so that runs "
-          "not started from an EveryDream2 config (tests, scripts, TrainTrain users) never write into the "
-          "folder they were started from. An existing file is never overwritten; no_save_ckpt writes none",
+          "<checkpoint name>.safetensors there; null or left out: the current working folder ('.'), as in "
+          "EveryDream2 (for the full fine-tunes EveryDream2 trains; train_j.py and other runs write none "
+          "unless it is set). An existing file is never overwritten; no_save_ckpt writes none",
           "str",
           convert=lambda value: {"save_ckpt_dir": os.curdir if value is None else value}),
     _ours("save_every_n_epochs", None, "save_every_n_epochs (null: off)", "int",
@@ -775,7 +774,9 @@ def everydream2_defaults(settings: dict[str, Any]) -> dict[str, Any]:
 
 # What EveryDream2 does without any key for it, and train.py therefore does too (our key: (value, why)).
 DOOR_DEFAULTS_WHY = {"text_encoder_own_optimizer": (True, "EveryDream2 builds one optimizer per model, so "
-                                                          "D-Adaptation, Prodigy and DoWG adapt a step size for each")}
+                                                          "D-Adaptation, Prodigy and DoWG adapt a step size for each"),
+                     "save_ckpt_dir": (os.curdir, "EveryDream2 writes each checkpoint's single .safetensors file "
+                                                  "into the folder it runs in when save_ckpt_dir is not given")}
 DOOR_DEFAULTS = {name: value for name, (value, _) in DOOR_DEFAULTS_WHY.items()}
 
 
