@@ -284,6 +284,9 @@ class DataAndOutputSettings(BaseModel):
     validate_every_n_epochs: int = setting(1, "loss_valid every N epochs.", ge=1)
     validations_per_epoch: int = setting(1, "loss_valid this many times per epoch, evenly spaced "
                                          "(EveryDream2's fractional every_n_epochs); 1: at its end.", ge=1)
+    validate_before_training: bool = setting(
+        False, "Measure loss_valid once before the first optimizer step (at step 0), so the curves start "
+        "from the model trained from; EveryDream2 does on every new run (train.py's default).")
     validation_relative_loss: bool = setting(
         False, "Also log each loss_valid* metric as <metric>_relative: its difference from the same loss "
         "measured once before the first step (EveryDream2's use_relative_loss).")

@@ -140,7 +140,7 @@ class Trainer:
         self.nonfinite_seen = torch.zeros((), dtype=torch.bool, device=device)
         self.bar = self._progress_bar(length.total_steps, self.progress.global_step)
         self.epoch_steps = length.steps_per_epoch
-        if config.validation_relative_loss and self.start.checkpoint is None:
+        if (config.validate_before_training or config.validation_relative_loss) and self.start.checkpoint is None:
             self._validate(before_training=True)
         with StopRequest(repeat_grace_s=2.0 if world > 1 else 0.0) as stop:
             try:

@@ -532,7 +532,9 @@ def test_extra_manual_datasets_and_the_stabilized_train_loss_each_log_their_own(
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     valid = [line for line in lines if "loss_valid" in line]
     metrics = {"loss_valid_santa", "loss_valid_dark", "loss_train_stabilized"}
-    assert len(valid) == 2 and all(metrics <= set(line) for line in valid)
+    # one at step 0 (EveryDream2 validates before its first step), then one per epoch
+    assert [line["step"] for line in valid][0] == 0 and len(valid) == 3
+    assert all(metrics <= set(line) for line in valid)
     assert all(math.isfinite(line[metric]) for line in valid for metric in metrics)
     assert valid[0]["loss_valid_santa"] != valid[0]["loss_valid_dark"]
 

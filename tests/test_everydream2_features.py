@@ -159,6 +159,12 @@ def test_save_ckpt_dir_null_means_the_working_folder(tmp_path):
     # Left out, EveryDream2 writes there too (its default is null); difftrain's own runs write none.
     assert translated("--lr", "1e-5").save_ckpt_dir == "."
     assert translated("--mode", "LoRA").save_ckpt_dir == ""
+
+
+def test_train_py_validates_before_the_first_step_as_everydream2_does():
+    assert translated("--lr", "1e-5").validate_before_training
+    assert not translated("--mode", "LoRA").validate_before_training
+    assert not translated("--validate_before_training", "false").validate_before_training
     from difftrain.config import Config
 
     assert Config.model_fields["save_ckpt_dir"].default == ""

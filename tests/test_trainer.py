@@ -235,3 +235,15 @@ def test_mid_epoch_validation_points_split_the_epoch_evenly(steps, parts, expect
     from difftrain.validation_points import mid_epoch_points
 
     assert mid_epoch_points(steps, parts) == expected
+
+
+def test_validate_before_training_measures_the_starting_model_at_step_0(tmp_path, tiny_field_data):
+    def validation_steps(folder: Path) -> list[int]:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [record["step"] for record in records if "loss_valid" in record]
+
+    assert run(tiny_config(tmp_path / "plain", tiny_field_data, max_epochs=2)) == 0
+    plain = validation_steps(only_run_folder(tmp_path / "plain"))
+    assert run(tiny_config(tmp_path / "first", tiny_field_data, max_epochs=2, validate_before_training=True)) == 0
+    first = validation_steps(only_run_folder(tmp_path / "first"))
+    assert 0 not in plain and first == [0, *plain]

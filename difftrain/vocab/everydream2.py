@@ -776,7 +776,9 @@ def everydream2_defaults(settings: dict[str, Any]) -> dict[str, Any]:
 DOOR_DEFAULTS_WHY = {"text_encoder_own_optimizer": (True, "EveryDream2 builds one optimizer per model, so "
                                                           "D-Adaptation, Prodigy and DoWG adapt a step size for each"),
                      "save_ckpt_dir": (os.curdir, "EveryDream2 writes each checkpoint's single .safetensors file "
-                                                  "into the folder it runs in when save_ckpt_dir is not given")}
+                                                  "into the folder it runs in when save_ckpt_dir is not given"),
+                     "validate_before_training": (True, "EveryDream2 measures the validation loss once before "
+                                                        "its first step (step 0) on every new run")}
 DOOR_DEFAULTS = {name: value for name, (value, _) in DOOR_DEFAULTS_WHY.items()}
 
 
