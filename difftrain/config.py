@@ -166,6 +166,10 @@ class TrainingSettings(BaseModel):
     lr_power: float = setting(1.0, "Power of the polynomial schedule.",
                               per_pass=True, gt=0)
     clip_grad_norm: Optional[float] = setting(None, "Clip the gradient norm to this value.", gt=0)
+    clip_grad_norm_per_model: bool = setting(
+        False, "Clip the UNet's and the text encoders' gradients each to clip_grad_norm on their own, as "
+        "EveryDream2 does (train.py's default); false: one norm over everything trained. Sharded runs "
+        "(FSDP, DeepSpeed) clip over everything.")
     text_encoder_lr_scheduler: Literal["", "constant", "linear", "cosine", "polynomial", "cosine_with_restarts",
                                        "constant_with_warmup"] = setting(
         "", "Learning-rate schedule of the text encoder(s); empty: lr_scheduler (EveryDream2's "

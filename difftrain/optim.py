@@ -255,6 +255,29 @@ def logged_learning_rates(scheduler: Any, optimizer: Any) -> dict[str, float]:
     return logged
 
 
+def clip_gradients(accelerator: Any, model: nn.Module, optimizer: Any, max_norm: float, per_model: bool) -> None:
+    """Clip before the optimizer step: one norm over the whole model, or with `per_model` one norm per
+    model the parameter groups name ("module": the UNet, the text encoders), as EveryDream2 clips each
+    of its two optimizers' parameters. Sharded runs clip as a whole: FSDP and DeepSpeed compute the
+    norm over shards themselves and take no subsets."""
+    from accelerate.utils import DistributedType
+
+    if not per_model or accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        return
+    accelerator.unscale_gradients()  # once: a mixed-precision scaler may unscale each optimizer only once a step
+    for parameters in parameters_by_model(optimizer.param_groups).values():
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+def parameters_by_model(groups: list[dict[str, Any]]) -> dict[str, list[nn.Parameter]]:
+    """The groups' parameters gathered by the model their "module" entry names (unnamed: "model")."""
+    gathered: dict[str, list[nn.Parameter]] = {}
+    for group in groups:
+        gathered.setdefault(group.get("module", "model"), []).extend(group["params"])
+    return gathered
+
+
 def text_encoder_config(config: Config) -> Config:
     """The settings the text encoders' optimizer is built from: the UNet's, with text_encoder_* over them."""
     update: dict[str, Any] = {"optimizer": config.text_encoder_optimizer or config.optimizer}

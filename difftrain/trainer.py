@@ -24,8 +24,8 @@ from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.log import say
 from difftrain.ema import make_ema
-from difftrain.optim import (OptimizerPair, evaluation_weights, logged_learning_rates, make_optimizer, make_scheduler,
-                             step_schedule)
+from difftrain.optim import (OptimizerPair, clip_gradients, evaluation_weights, logged_learning_rates, make_optimizer,
+                             make_scheduler, step_schedule)
 from difftrain.processes import (StopRequest, agree_after_step, check_process_group, decide_on_main,
                                  exit_code_of)
 from difftrain.reflow import ReflowStages, run_length
@@ -195,7 +195,8 @@ class Trainer:
             self.nonfinite_seen = self.nonfinite_seen | ~torch.isfinite(loss.detach())
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.config.clip_grad_norm:
-                accelerator.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
+                clip_gradients(accelerator, self.model, self.optimizer, self.config.clip_grad_norm,
+                               self.config.clip_grad_norm_per_model)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss

@@ -165,6 +165,11 @@ def test_train_py_validates_before_the_first_step_as_everydream2_does():
     assert translated("--lr", "1e-5").validate_before_training
     assert not translated("--mode", "LoRA").validate_before_training
     assert not translated("--validate_before_training", "false").validate_before_training
+
+
+def test_train_py_clips_each_model_on_its_own_as_everydream2_does():
+    assert translated("--clip_grad_norm", "1").clip_grad_norm_per_model
+    assert not translated("--mode", "LoRA").clip_grad_norm_per_model
     from difftrain.config import Config
 
     assert Config.model_fields["save_ckpt_dir"].default == ""

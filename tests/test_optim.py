@@ -630,3 +630,20 @@ def test_the_text_encoders_learning_rate_is_logged_beside_the_unets():
     assert logged_learning_rates(schedule, optimizer) == {"lr": 5e-5, "lr_text_encoder": 5e-6}
     alone = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     assert logged_learning_rates(torch.optim.lr_scheduler.LambdaLR(alone, lambda step: 1.0), alone) == {"lr": 1e-4}
+
+
+def test_per_model_clipping_clips_the_unet_and_the_text_encoder_each_on_their_own():
+    from accelerate import Accelerator
+
+    from difftrain.optim import clip_gradients
+
+    def clipped(per_model: bool) -> tuple[float, float]:
+        unet, text = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        unet.weight.grad, text.weight.grad = torch.tensor([[3.0]]), torch.tensor([[4.0]])
+        optimizer = torch.optim.SGD([{"params": unet.parameters(), "module": "unet"},
+                                     {"params": text.parameters(), "module": "text_encoder"}], lr=0.1)
+        clip_gradients(Accelerator(cpu=True), torch.nn.ModuleList([unet, text]), optimizer, 1.0, per_model)
+        return unet.weight.grad.item(), text.weight.grad.item()
+
+    assert clipped(per_model=True) == pytest.approx((1.0, 1.0))  # each to norm 1
+    assert clipped(per_model=False) == pytest.approx((0.6, 0.8))  # the joint norm 5 scaled to 1

@@ -130,7 +130,8 @@ TERMS: tuple[Term, ...] = (
     _ours("ckpt_every_n_minutes", None, "ckpt_every_n_minutes (null: every 20 minutes unless "
           "save_every_n_epochs is set, as in EveryDream2)", "int",
           convert=_drop_none("ckpt_every_n_minutes")),
-    _ours("clip_grad_norm", None, "clip_grad_norm", "float"),
+    _ours("clip_grad_norm", None, "clip_grad_norm (train.py: the UNet and the text encoder each clipped to it on "
+          "their own, clip_grad_norm_per_model, as EveryDream2 does)", "float"),
     _ours("clip_skip", 0, "clip_skip (SD1/SD2; training, validation and samples all condition on that layer)",
           "int"),
     _ours("cond_dropout", 0.04, "caption_dropout", "float", "caption_dropout",
@@ -777,6 +778,8 @@ DOOR_DEFAULTS_WHY = {"text_encoder_own_optimizer": (True, "EveryDream2 builds on
                                                           "D-Adaptation, Prodigy and DoWG adapt a step size for each"),
                      "save_ckpt_dir": (os.curdir, "EveryDream2 writes each checkpoint's single .safetensors file "
                                                   "into the folder it runs in when save_ckpt_dir is not given"),
+                     "clip_grad_norm_per_model": (True, "EveryDream2 clips the UNet's and the text encoder's "
+                                                        "gradients each on their own"),
                      "validate_before_training": (True, "EveryDream2 measures the validation loss once before "
                                                         "its first step (step 0) on every new run")}
 DOOR_DEFAULTS = {name: value for name, (value, _) in DOOR_DEFAULTS_WHY.items()}
