@@ -285,6 +285,9 @@ class DataAndOutputSettings(BaseModel):
     sample_inference_steps: int = setting(30, "Denoising steps per sample.", ge=1)
     sample_prompts: str = setting("", "File of sample prompts, one per line; empty: training captions.")
     num_samples: int = setting(2, "Samples drawn each time.", ge=1)
+    sample_before_training: bool = setting(
+        False, "Also draw samples once before the first step (step 0), from the model trained from "
+        "(EveryDream2's generate_pretrain_samples).")
     validate_every_n_epochs: int = setting(1, "loss_valid every N epochs.", ge=1)
     validations_per_epoch: int = setting(1, "loss_valid this many times per epoch, evenly spaced "
                                          "(EveryDream2's fractional every_n_epochs); 1: at its end.", ge=1)

@@ -142,6 +142,8 @@ class Trainer:
         self.epoch_steps = length.steps_per_epoch
         if (config.validate_before_training or config.validation_relative_loss) and self.start.checkpoint is None:
             self._validate(before_training=True)
+        if config.sample_before_training and parts.samples is not None and self.start.checkpoint is None:
+            self._log_samples()
         with StopRequest(repeat_grace_s=2.0 if world > 1 else 0.0) as stop:
             try:
                 stopping = self._train(stop)

@@ -371,3 +371,17 @@ def test_freezing_without_a_trained_text_encoder_is_noted(tiny_sd15, tmp_path, c
                         "--disable_textenc_training", "true")
     SDTask(config, CPU, StartPoint(base=str(tiny_sd15)))
     assert "text_encoder_freeze_embeddings have no effect: the text encoder does not train" in capsys.readouterr().err
+
+
+def test_the_sample_generators_own_keys_set_the_sample_interval_and_the_step_0_samples(tmp_path):
+    plan = {"generate_samples_every_n_steps": 3, "generate_pretrain_samples": True,
+            "samples": [{"prompt": "a cat"}]}
+    (tmp_path / "sample_prompts.json").write_text(json.dumps(plan))
+    (tmp_path / "train.json").write_text(json.dumps({"sample_steps": 250, "sample_prompts": "sample_prompts.json"}))
+    config = translated(str(tmp_path / "train.json"))
+    assert config.sample_steps == 3 and config.sample_before_training  # the generator's keys are read last
+    assert translated(str(tmp_path / "train.json"), "--sample_steps", "7").sample_steps == 7  # a flag wins
+    del plan["generate_samples_every_n_steps"], plan["generate_pretrain_samples"]
+    (tmp_path / "sample_prompts.json").write_text(json.dumps(plan))
+    config = translated(str(tmp_path / "train.json"))
+    assert config.sample_steps == 250 and not config.sample_before_training

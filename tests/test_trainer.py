@@ -247,3 +247,10 @@ def test_validate_before_training_measures_the_starting_model_at_step_0(tmp_path
     assert run(tiny_config(tmp_path / "first", tiny_field_data, max_epochs=2, validate_before_training=True)) == 0
     first = validation_steps(only_run_folder(tmp_path / "first"))
     assert 0 not in plain and first == [0, *plain]
+
+
+def test_sample_before_training_draws_the_starting_model_at_step_0(tmp_path, tiny_field_data):
+    assert run(tiny_config(tmp_path, tiny_field_data, max_epochs=1, sample_before_training=True,
+                           num_samples=1)) == 0
+    names = sorted(path.name for path in (only_run_folder(tmp_path) / "samples").glob("samples-gs*.png"))
+    assert names[0] == "samples-gs00000.png" and len(names) == 2  # step 0, then the end of the run

@@ -31,7 +31,7 @@ from pydantic import TypeAdapter, ValidationError
 from difftrain.config import ALIASES, FIELD_NAMES, IGNORED_KEYS, Config, validate_config_dict
 from difftrain.errors import ConfigError, did_you_mean
 from difftrain.jsonfile import read_json_object
-from difftrain.vocab.table import merge_settings
+from difftrain.vocab.table import as_int, merge_settings
 
 STATUSES = ("ours", "no effect", "refused", "legacy", "front door")
 SOURCE = "EveryDream2trainer (victorchall), main at 5098db8"
@@ -361,8 +361,9 @@ SAMPLE_KEYS: tuple[tuple[str, str, str], ...] = (
     ("samples[].aspect_ratio", "ours", "without size: the size of about resolution^2 pixels nearest this ratio"),
     ("samples[].random_caption", "ours", "true: a training caption picked at random (seeded) is the prompt"),
     ("batch_size, show_progress_bars", "no effect", "samples are drawn one at a time, without a progress bar"),
-    ("generate_pretrain_samples, generate_samples_every_n_steps", "refused", "use sample_steps (and the "
-     "samples difftrain draws at the end); remove these keys"),
+    ("generate_samples_every_n_steps", "ours", "sample_steps, over the main config's (EveryDream2's sample "
+     "generator reads it last); a --sample_steps flag still wins"),
+    ("generate_pretrain_samples", "ours", "sample_before_training: samples at step 0, from the model trained from"),
 )
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}), "pndm": ("PNDMScheduler", {}),
@@ -412,9 +413,6 @@ def read_sample_plan(path: str | Path, default_seed: int, resolution: int) -> Sa
     data = read_json_object(path, "sample_prompts")
     _check_keys(data, {"batch_size", "seed", "cfgs", "scheduler", "num_inference_steps", "show_progress_bars",
                        "samples", "resolution", "generate_pretrain_samples", "generate_samples_every_n_steps"}, where)
-    for key in ("generate_pretrain_samples", "generate_samples_every_n_steps"):
-        if data.get(key) is not None:
-            raise ConfigError(f"{where}: {key} is not implemented; {SAMPLE_KEYS[-1][2]}.")
     scheduler = str(data.get("scheduler", "ddim"))
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"{where}: scheduler '{scheduler}' is not one of EveryDream2's: {', '.join(SCHEDULERS)}.")
@@ -626,10 +624,20 @@ def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
     return result
 
 
-def _sample_prompt_settings(name: str) -> dict[str, Any]:
-    if Path(str(name)).suffix.lower() == ".json":
-        read_sample_plan(name, 0, 512)  # its mistakes are reported now, not at the first sample
-    return {"sample_prompts": name}
+def _sample_prompt_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the sample_prompts setting, what the file's generator keys set over the main config's keys:
+    EveryDream2's sample generator reads them after train.json's sample_steps)."""
+    if Path(str(name)).suffix.lower() != ".json":
+        return {"sample_prompts": name}, {}
+    read_sample_plan(name, 0, 512)  # its mistakes are reported now, not at the first sample
+    data = read_json_object(name, "sample_prompts")
+    over: dict[str, Any] = {}
+    if data.get("generate_samples_every_n_steps") is not None:
+        over["sample_steps"] = as_int(data["generate_samples_every_n_steps"],
+                                      f"{name}: generate_samples_every_n_steps")
+    if data.get("generate_pretrain_samples") is not None:
+        over["sample_before_training"] = data["generate_pretrain_samples"]
+    return {"sample_prompts": name}, over
 
 
 # ---- translation ------------------------------------------------------------------------------------
@@ -650,6 +658,7 @@ def translate(data: dict[str, Any], source: str, *, config_dir: Optional[Path] =
     result: dict[str, Any] = {}
     set_by: dict[str, str] = {}
     notes: list[str] = []
+    later: dict[str, Any] = {}  # side files' settings that win over the main keys (EveryDream2's order)
 
     def put(values: dict[str, Any], key: str) -> None:
         merge_settings(result, set_by, values, key, source)
@@ -675,7 +684,9 @@ def translate(data: dict[str, Any], source: str, *, config_dir: Optional[Path] =
             where = str(resolve_side_file(value, key, config_dir))
             put(validation_settings(_read_side_json(value, key, config_dir), where), key)
         elif key == "sample_prompts" and value:
-            put(_sample_prompt_settings(str(resolve_side_file(value, key, config_dir))), key)
+            prompts, over_main = _sample_prompt_settings(str(resolve_side_file(value, key, config_dir)))
+            put(prompts, key)
+            later.update(over_main)
         else:
             put(term.translate(value), key)
     if data.get("optimizer_config"):
@@ -684,6 +695,7 @@ def translate(data: dict[str, Any], source: str, *, config_dir: Optional[Path] =
         from_file = optimizer_settings(_read_side_json(name, "optimizer_config", config_dir), where,
                                        {**(main or {}), **data}, notes)
         result.update(from_file)
+    result.update(later)
     return result, notes
 
 
