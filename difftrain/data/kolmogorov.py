@@ -442,6 +442,11 @@ def draw_spectra(spectra: dict[str, torch.Tensor], size: int, title: str = ""):
         positive = (wavenumbers >= 1) & (energy > 0)  # a log axis cannot show k = 0 or empty shells
         axes.loglog(wavenumbers[positive].numpy(), energy[positive].numpy(), style, marker=".", label=name)
     shells = scored_shells(size)
+    # Three decades under the scored shells' lowest energy: a dealiased tail near 1e-15 would
+    # otherwise squeeze the range that is judged into the top of the plot.
+    scored = torch.cat([energy[shells.start:shells.stop] for energy in spectra.values()])
+    if bool((scored > 0).any()):
+        axes.set_ylim(bottom=float(scored[scored > 0].min()) / 1e3)
     axes.axvspan(shells.start, shells.stop - 1, color="0.9", zorder=0, label=f"scored: k = 1..{shells.stop - 1}")
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
