@@ -385,3 +385,18 @@ def test_the_sample_generators_own_keys_set_the_sample_interval_and_the_step_0_s
     (tmp_path / "sample_prompts.json").write_text(json.dumps(plan))
     config = translated(str(tmp_path / "train.json"))
     assert config.sample_steps == 250 and not config.sample_before_training
+
+
+def test_the_documented_sample_prompts_json_sets_the_interval_and_the_step_0_samples(tmp_path):
+    # EveryDream2's doc/LOGGING.md shows users this sample_prompts.json (kept verbatim in tests/real_files).
+    from difftrain.vocab.everydream2 import read_sample_plan
+    from tests.test_everydream2 import REAL
+
+    document = (REAL / "LOGGING.md").read_text(encoding="utf-8")
+    (tmp_path / "sample_prompts.json").write_text(document.split("```json\n", 1)[1].split("```", 1)[0])
+    (tmp_path / "train.json").write_text(json.dumps({"sample_steps": 250, "sample_prompts": "sample_prompts.json"}))
+    config = translated(str(tmp_path / "train.json"))
+    assert config.sample_steps == 200 and config.sample_before_training
+    plan = read_sample_plan(tmp_path / "sample_prompts.json", default_seed=555, resolution=512)
+    assert [request.size for request in plan.requests][2] == (640, 384) and plan.num_inference_steps == 15
+    assert plan.requests[0].negative_prompt == "distorted, deformed" and plan.requests[2].prompt is None
