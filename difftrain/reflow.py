@@ -18,7 +18,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 import torch
 from safetensors import safe_open
@@ -231,8 +231,22 @@ class ReflowPairDataset(torch.utils.data.Dataset):
         return {"x0": values["x0"], "noise": values["noise"], "cond": cond}
 
 
+class FlowProbe(NamedTuple):
+    """What one probe of the flow from fixed noise measures (see probe_flow)."""
+
+    straightness: float
+    one_step: torch.Tensor
+    many_steps: torch.Tensor
+
+    @property
+    def distance(self) -> float:
+        """Mean squared distance (over batch and elements) between the 1-step and the N-step
+        samples: how much reflow has bought one-step sampling."""
+        return float(((self.one_step.float() - self.many_steps.float()) ** 2).mean())
+
+
 @torch.no_grad()
-def straightness(
+def probe_flow(
     velocity_fn: Callable[..., torch.Tensor],
     z_noise: torch.Tensor,
     steps: int,
@@ -240,55 +254,21 @@ def straightness(
     cfg_scale: float = 1.0,
     cond: Cond | None = None,
     uncond: Cond | None = None,
-) -> float:
-    """Straightness S of the simulated flow from ``z_noise`` (B, ...); 0 means perfectly straight.
+) -> FlowProbe:
+    """Straightness and the 1-step and ``steps``-step Euler samples (each like ``z_noise``, (B, ...)).
 
-    S = mean over the ``steps`` Euler evaluations of E||(z_noise - x_final) - v(z_s, s)||^2,
-    where z_noise - x_final is the straight displacement per unit flow time (the path runs
-    from the noise at s = 1 to x_final at s = 0) and ||.||^2 is averaged over elements, so
-    values compare across resolutions (Liu et al. 2022 use the sum).
+    One ``steps``-step path gives both the straightness and the N-step sample, so the model is
+    evaluated ``steps`` + 1 times. Straightness S (0 means perfectly straight) is the mean over the
+    ``steps`` Euler evaluations of E||(z_noise - x_final) - v(z_s, s)||^2, where z_noise - x_final
+    is the straight displacement per unit flow time (the path runs from the noise at s = 1 to
+    x_final at s = 0) and ||.||^2 is averaged over elements, so values compare across resolutions
+    (Liu et al. 2022 use the sum).
     """
-    states, velocities = euler_flow_path(velocity_fn, z_noise, steps, cfg_scale=cfg_scale, cond=cond, uncond=uncond)
+    guided = {"cfg_scale": cfg_scale, "cond": cond, "uncond": uncond}
+    states, velocities = euler_flow_path(velocity_fn, z_noise, steps, **guided)
     straight = (states[0] - states[-1]).float()
-    return float(((velocities.float() - straight) ** 2).mean())
-
-
-@torch.no_grad()
-def one_and_n_step_samples(
-    velocity_fn: Callable[..., torch.Tensor],
-    z_noise: torch.Tensor,
-    steps: int,
-    *,
-    cfg_scale: float = 1.0,
-    cond: Cond | None = None,
-    uncond: Cond | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1-step and the ``steps``-step Euler samples (each like ``z_noise``, (B, ...)) from the same noise."""
-    guided = dict(cfg_scale=cfg_scale, cond=cond, uncond=uncond)
     one_step = euler_flow_path(velocity_fn, z_noise, 1, **guided)[0][-1]
-    many_steps = euler_flow_path(velocity_fn, z_noise, steps, **guided)[0][-1]
-    return one_step, many_steps
-
-
-def sample_distance(one_step: torch.Tensor, many_steps: torch.Tensor) -> float:
-    """Mean squared distance over batch and elements."""
-    return float(((one_step.float() - many_steps.float()) ** 2).mean())
-
-
-@torch.no_grad()
-def one_step_vs_n_step_distance(
-    velocity_fn: Callable[..., torch.Tensor],
-    z_noise: torch.Tensor,
-    steps: int,
-    *,
-    cfg_scale: float = 1.0,
-    cond: Cond | None = None,
-    uncond: Cond | None = None,
-) -> float:
-    """Mean squared distance (over batch and elements) between the 1-step and the ``steps``-step
-    Euler samples from the same ``z_noise`` (B, ...): how much reflow has bought one-step sampling."""
-    return sample_distance(*one_and_n_step_samples(velocity_fn, z_noise, steps, cfg_scale=cfg_scale, cond=cond,
-                                                   uncond=uncond))
+    return FlowProbe(float(((velocities.float() - straight) ** 2).mean()), one_step, states[-1])
 
 
 @dataclass(frozen=True)
@@ -516,16 +496,15 @@ class ReflowStages:
             velocity = self.flow.flow_velocity_fn(whole)
             noise, cond = self.flow.flow_probe()
             steps = self.config.sample_inference_steps
-            after = one_and_n_step_samples(velocity, noise, steps, cond=cond)
-            metrics = {"straightness": straightness(velocity, noise, steps, cond=cond),
-                       "one_vs_n_step_distance": sample_distance(*after),
+            probe = probe_flow(velocity, noise, steps, cond=cond)
+            metrics = {"straightness": probe.straightness, "one_vs_n_step_distance": probe.distance,
                        "reflow_stage": progress.stage}
         tracker.log(metrics, step=progress.global_step)
         say(f"after stage {progress.stage}: straightness {metrics['straightness']:.4f}, "
             f"1-step vs {steps}-step distance {metrics['one_vs_n_step_distance']:.4f}")
         if progress.stage > 0 and self.outputs is not None:
             with drawing(f"the picture of reflow stage {progress.stage}"), torch.no_grad():
-                picture = self._stage_picture(progress, after)
+                picture = self._stage_picture(progress, (probe.one_step, probe.many_steps))
                 self.outputs.save_samples({f"reflow_stage{progress.stage}": picture}, progress.global_step)
 
     # ---- the picture of each stage: 1 step beside N steps, before the stage above after it -------------
@@ -534,11 +513,11 @@ class ReflowStages:
         with drawing(f"the samples before {pairs_dir.name}"):
             noise, cond = self.flow.flow_probe()
             steps = self.config.sample_inference_steps
-            one_step, many_steps = one_and_n_step_samples(velocity, noise, steps, cond=cond)
+            probe = probe_flow(velocity, noise, steps, cond=cond)
             pairs_dir.mkdir(parents=True, exist_ok=True)
             path = pairs_dir / BEFORE_SAMPLES_NAME
             temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tensors = {"one_step": one_step, "many_steps": many_steps}
+            tensors = {"one_step": probe.one_step, "many_steps": probe.many_steps}
             save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(temporary),
                       metadata={"steps": str(steps)})
             os.replace(temporary, path)
@@ -568,6 +547,7 @@ def _read_samples(path: Path, steps: int) -> Optional[tuple[torch.Tensor, torch.
 
 
 __all__ = [
+    "FlowProbe",
     "ReflowGeneration",
     "ReflowPairDataset",
     "ReflowSchedule",
@@ -575,8 +555,6 @@ __all__ = [
     "RunLength",
     "StagePosition",
     "generate_reflow_pairs",
-    "one_and_n_step_samples",
-    "one_step_vs_n_step_distance",
+    "probe_flow",
     "run_length",
-    "straightness",
 ]

@@ -14,8 +14,7 @@ from difftrain.reflow import (
     ReflowPairDataset,
     ReflowSchedule,
     generate_reflow_pairs,
-    one_step_vs_n_step_distance,
-    straightness,
+    probe_flow,
 )
 from difftrain.sampling import sample_flow_euler
 
@@ -54,8 +53,8 @@ def batches(count: int, batch_size: int = 3, seed: int = 0):
 
 def test_straightness_is_zero_for_a_straight_flow_and_positive_for_a_curved_one():
     z = randn((16, 2), torch.Generator().manual_seed(0))
-    assert straightness(straight_flow_to(torch.tensor([1.0, -2.0])), z, 10) < 1e-10
-    curved = straightness(curved_flow, z, 10)
+    assert probe_flow(straight_flow_to(torch.tensor([1.0, -2.0])), z, 10).straightness < 1e-10
+    curved = probe_flow(curved_flow, z, 10).straightness
     assert curved > 0.5
     # The velocities visit cos/sin(3s) for s in {1, 0.9, ..., 0.1}: S is their variance times 4.
     times = torch.linspace(1.0, 0.1, 10)
@@ -66,8 +65,18 @@ def test_straightness_is_zero_for_a_straight_flow_and_positive_for_a_curved_one(
 
 def test_one_step_distance_is_zero_only_for_straight_flows():
     z = randn((16, 2), torch.Generator().manual_seed(0))
-    assert one_step_vs_n_step_distance(straight_flow_to(torch.tensor([1.0, -2.0])), z, 8) < 1e-10
-    assert one_step_vs_n_step_distance(curved_flow, z, 8) > 0.1
+    assert probe_flow(straight_flow_to(torch.tensor([1.0, -2.0])), z, 8).distance < 1e-10
+    assert probe_flow(curved_flow, z, 8).distance > 0.1
+
+
+def test_one_probe_evaluates_the_model_once_per_step_and_once_more_for_the_one_step_sample():
+    noise, conds = batches(1)
+    velocity = CountingVelocity()
+    probe = probe_flow(velocity, noise[0], 6, cond=conds[0])
+    assert velocity.calls == 6 + 1
+    # Straight flow into the target: both samples land on it.
+    assert torch.allclose(probe.many_steps, conds[0]["target"], atol=1e-5)
+    assert torch.allclose(probe.one_step, conds[0]["target"], atol=1e-5)
 
 
 def test_pairs_are_written_read_back_and_resumed_without_regeneration(tmp_path):
@@ -234,7 +243,8 @@ def test_one_reflow_iteration_straightens_a_toy_flow(tmp_path, one_thread):
     train(model, lambda g: objective.loss(model, two_clusters(128, g), g), 150, generator)
     probe = randn((256, 2), torch.Generator().manual_seed(99))
     velocity_fn = objective.velocity_fn(model)
-    before = (straightness(velocity_fn, probe, 16), one_step_vs_n_step_distance(velocity_fn, probe, 16))
+    measured = probe_flow(velocity_fn, probe, 16)
+    before = (measured.straightness, measured.distance)
 
     noise = [randn((schedule.batch_size, 2), generator) for _ in range(schedule.reflow_gen_batches)]
     pairs_dir = schedule.pairs_dir(tmp_path, 1)
@@ -249,7 +259,8 @@ def test_one_reflow_iteration_straightens_a_toy_flow(tmp_path, one_thread):
         return objective.flow_loss(model, stacked["x0"][index], stacked["noise"][index], flow_time)
 
     train(model, pair_loss, 150, generator)
-    after = (straightness(velocity_fn, probe, 16), one_step_vs_n_step_distance(velocity_fn, probe, 16))
+    measured = probe_flow(velocity_fn, probe, 16)
+    after = (measured.straightness, measured.distance)
     assert all(math.isfinite(value) for value in before + after)
     # Measured on three seeds: both drop to about a tenth; half leaves room for platform noise.
     assert after[0] < 0.5 * before[0], (before, after)
