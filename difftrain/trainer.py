@@ -126,6 +126,7 @@ class Trainer:
                                   resumed=self.start.checkpoint)
         self.progress = Progress(seed=config.seed, project_name=config.project_name, task=config.task)
         self.last_loss: Optional[float] = None  # the last optimizer step's, agreed by all processes
+        self.sampled_at: Optional[int] = None  # the step of the last samples drawn: never twice at one step
         if self.start.checkpoint is not None:
             self.progress = self.saver.resume(self.start.checkpoint)
 
@@ -256,7 +257,8 @@ class Trainer:
             return saved
         saved = self.saver.save(self.progress, "" if self.config.no_prepend_last else FINAL_PREFIX)
         self.bar.close()
-        if self.parts.samples is not None:
+        # The end's samples, unless sample_steps drew them at this very step.
+        if self.parts.samples is not None and self.sampled_at != self.progress.global_step:
             self._log_samples()
         if self.parts.exports is not None:
             with self._result_model() as whole:
@@ -291,6 +293,7 @@ class Trainer:
             self.outputs.tracker.log(validation_record(value, self.config, progress), step=progress.global_step)
 
     def _log_samples(self) -> None:
+        self.sampled_at = self.progress.global_step  # on every process: all gather the model together
         # Without autocast: the samples' own pipelines choose their precision.
         with self._evaluating(autocast=False) as whole:
             if whole is None:

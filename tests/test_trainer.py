@@ -254,3 +254,22 @@ def test_sample_before_training_draws_the_starting_model_at_step_0(tmp_path, tin
                            num_samples=1)) == 0
     names = sorted(path.name for path in (only_run_folder(tmp_path) / "samples").glob("samples-gs*.png"))
     assert names[0] == "samples-gs00000.png" and len(names) == 2  # step 0, then the end of the run
+
+
+def test_samples_are_drawn_once_when_sample_steps_lands_on_the_last_step(tmp_path, tiny_field_data):
+    """sample_steps=5 over 10 steps draws at steps 5 and 10; the end of the run draws no second set at 10."""
+    from difftrain.tasks.kolmogorov import KolmogorovTask
+    from difftrain.trainer import Trainer
+
+    drawn_at = []
+
+    class Counting(KolmogorovTask):
+        def samples(self, model):
+            drawn_at.append(trainer.progress.global_step)
+            return super().samples(model)
+
+    trainer = Trainer(tiny_config(tmp_path, tiny_field_data, max_epochs=1, sample_steps=5, num_samples=1), Counting)
+    assert trainer.run() == 0
+    assert drawn_at == [5, 10]
+    names = sorted(path.name for path in (only_run_folder(tmp_path) / "samples").glob("samples-gs*.png"))
+    assert names == ["samples-gs00005.png", "samples-gs00010.png"]
