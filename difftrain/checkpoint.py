@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+# The atomic writer lives in the bottom layer so figures, curves and data can use it too; its names
+# stay importable from here.
+from difftrain.atomic_files import TEMP_PREFIX, fsync_folder, write_file_atomically
 from difftrain.errors import ConfigError
 
 # trainer_state.pt holds the optimizer state under one of these keys: torch.optim's own state_dict
@@ -36,7 +39,6 @@ OPTIMIZER_ELSEWHERE = "optimizer_in"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.pt"
 MANIFEST = "manifest.json"
-TEMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -85,50 +87,6 @@ def fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
     for path in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
         fsync_folder(path)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename is durable only once its folder is); a no-op on Windows."""
-    if os.name == "nt":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_file_atomically(path: Path, write: Callable[[Path], None], *, exclusive: bool = False) -> Path:
-    """Create `path` complete or not at all: `write(temp)` fills a temporary file beside it, which is
-    flushed and then renamed (or, with `exclusive`, hard-linked so an existing `path` is never
-    replaced: FileExistsError instead). Returns `path`."""
-    path = Path(path)
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        write(temp)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        if exclusive:
-            _link_exclusive(temp, path)
-        else:
-            os.replace(temp, path)
-        fsync_folder(path.parent)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
-
-
-def _link_exclusive(temp: Path, path: Path) -> None:
-    try:
-        os.link(temp, path)  # fails if path exists, unlike a rename
-    except FileExistsError:
-        raise
-    except OSError:
-        # A file system without hard links: still exclusive ('x'), though no longer atomic.
-        with open(path, "xb") as handle:
-            handle.write(temp.read_bytes())
-            handle.flush()
-            os.fsync(handle.fileno())
 
 
 def save_tensors_atomically(path: Path, tensors: dict[str, Any]) -> Path:

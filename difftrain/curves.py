@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
+
+from difftrain.atomic_files import write_file_atomically
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -265,13 +266,7 @@ def draw_run_folder(run_dir: Path, also_into: Iterable[Optional[Path]] = ()) -> 
     drawn = Path(run_dir) / CURVES_FILE
     save_figure(figure, drawn)
     for folder in filter(None, also_into):  # rendered once (most of the cost), copied whole
-        copy = Path(folder) / CURVES_FILE
-        partial = copy.with_name(f".{CURVES_FILE}.{os.getpid()}.partial")
-        try:
-            shutil.copyfile(drawn, partial)
-            os.replace(partial, copy)
-        finally:
-            partial.unlink(missing_ok=True)
+        write_file_atomically(Path(folder) / CURVES_FILE, lambda temporary: shutil.copyfile(drawn, temporary))
     return figure
 
 

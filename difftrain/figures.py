@@ -9,10 +9,11 @@ end of a run (never on the step path). A figure that cannot be drawn costs one w
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from difftrain.atomic_files import write_file_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +39,13 @@ def figure_to_image(figure: Any) -> Any:
 
 def save_figure(figure: Any, path: Path) -> None:
     """Write `path` (format from its suffix) whole or not at all: a reader never sees half a PNG,
-    and a figure redrawn at every checkpoint replaces the old one in a single rename."""
+    and a figure redrawn at every checkpoint replaces the old one in a single rename (the temporary
+    name is per process: `python -m difftrain.report` may redraw a running run's curves.png at the
+    moment the run does)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # One temporary name per process: `python -m difftrain.report` may redraw a running run's curves.png
-    # at the moment the run does.
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        figure.savefig(partial, format=path.suffix.lstrip(".") or "png")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    file_format = path.suffix.lstrip(".") or "png"
+    write_file_atomically(path, lambda temporary: figure.savefig(temporary, format=file_format))
 
 
 @contextmanager

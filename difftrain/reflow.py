@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from difftrain.atomic_files import write_file_atomically
 from difftrain.errors import ConfigError
 from difftrain.figures import drawing
 from difftrain.log import say
@@ -66,9 +67,8 @@ def _unflatten_cond(flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def _write_json_atomically(path: Path, payload: Mapping[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    text = json.dumps(payload, indent=2) + "\n"
+    write_file_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def _shard_matches(path: Path, noise: torch.Tensor) -> bool:
@@ -165,11 +165,11 @@ def generate_reflow_pairs(
                 key: value.detach().to("cpu", storage_dtype or value.dtype).contiguous()
                 for key, value in tensors.items()
             }
-            temporary = shard_path.with_name(f".{shard_path.name}.tmp-{os.getpid()}")
-            save_file(tensors, str(temporary), metadata={"format": MANIFEST_FORMAT, "index": str(index), **{
+            metadata = {"format": MANIFEST_FORMAT, "index": str(index), **{
                 key: str(value) for key, value in settings.items()
-            }})
-            os.replace(temporary, shard_path)
+            }}
+            write_file_atomically(shard_path, lambda temporary, tensors=tensors, metadata=metadata: save_file(
+                tensors, str(temporary), metadata=metadata))
             generated += 1
         shards.append({"file": shard_path.name, "num_pairs": int(noise.shape[0])})
         _write_json_atomically(
@@ -516,11 +516,10 @@ class ReflowStages:
             probe = probe_flow(velocity, noise, steps, cond=cond)
             pairs_dir.mkdir(parents=True, exist_ok=True)
             path = pairs_dir / BEFORE_SAMPLES_NAME
-            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tensors = {"one_step": probe.one_step, "many_steps": probe.many_steps}
-            save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(temporary),
-                      metadata={"steps": str(steps)})
-            os.replace(temporary, path)
+            tensors = {key: value.detach().cpu().contiguous()
+                       for key, value in {"one_step": probe.one_step, "many_steps": probe.many_steps}.items()}
+            write_file_atomically(path, lambda temporary: save_file(tensors, str(temporary),
+                                                                   metadata={"steps": str(steps)}))
 
     def _stage_picture(self, progress: Any, after: tuple[torch.Tensor, torch.Tensor]) -> Any:
         from difftrain.sheets import labelled_sheet

@@ -56,7 +56,8 @@ def test_a_run_draws_curves_at_each_checkpoint_and_at_its_end(tmp_path, tiny_fie
     assert run_curves.read_bytes() == log_curves.read_bytes()
     with Image.open(run_curves) as picture:
         assert picture.size[0] > 400 and picture.size[1] > 300
-    assert not [path for path in log_folder.iterdir() if path.name.endswith(".partial")]
+    # No temporary file of an atomic write is left behind (".tmp-..."; earlier versions wrote ".partial").
+    assert not [path for path in log_folder.iterdir() if path.name.endswith(".partial") or path.name.startswith(".tmp-")]
     # The report finds the run from its log folder: a real run's settings.json matches its config.json.
     assert report.main([str(log_folder), "--out", str(tmp_path / "from-log.png")]) == 0
     assert (tmp_path / "from-log.png").is_file()
