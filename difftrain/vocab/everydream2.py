@@ -624,11 +624,11 @@ def validation_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
     return result
 
 
-def _sample_prompt_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the sample_prompts setting, what the file's generator keys set over the main config's keys:
-    EveryDream2's sample generator reads them after train.json's sample_steps)."""
-    if Path(str(name)).suffix.lower() != ".json":
-        return {"sample_prompts": name}, {}
+def _sample_generator_settings(name: str) -> dict[str, Any]:
+    """What a sample_prompts .json's generator keys set over the main config's keys (EveryDream2's
+    sample generator reads them after train.json's sample_steps); nothing for a .txt file."""
+    if Path(name).suffix.lower() != ".json":
+        return {}
     read_sample_plan(name, 0, 512)  # its mistakes are reported now, not at the first sample
     data = read_json_object(name, "sample_prompts")
     over: dict[str, Any] = {}
@@ -637,7 +637,7 @@ def _sample_prompt_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
                                       f"{name}: generate_samples_every_n_steps")
     if data.get("generate_pretrain_samples") is not None:
         over["sample_before_training"] = data["generate_pretrain_samples"]
-    return {"sample_prompts": name}, over
+    return over
 
 
 # ---- translation ------------------------------------------------------------------------------------
@@ -684,9 +684,9 @@ def translate(data: dict[str, Any], source: str, *, config_dir: Optional[Path] =
             where = str(resolve_side_file(value, key, config_dir))
             put(validation_settings(_read_side_json(value, key, config_dir), where), key)
         elif key == "sample_prompts" and value:
-            prompts, over_main = _sample_prompt_settings(str(resolve_side_file(value, key, config_dir)))
-            put(prompts, key)
-            later.update(over_main)
+            where = str(resolve_side_file(value, key, config_dir))
+            put({"sample_prompts": where}, key)
+            later.update(_sample_generator_settings(where))
         else:
             put(term.translate(value), key)
     if data.get("optimizer_config"):
