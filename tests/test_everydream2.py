@@ -187,6 +187,12 @@ def test_text_encoder_lr_scale_applies_when_the_override_has_no_lr(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps({"optimizer_config": "opt.json", "lr": 2e-6}))
     config = translated(str(tmp_path / "train.json"))
     assert config.lr == 2e-6 and config.text_encoder_lr == pytest.approx(1e-6)
+    # "lr": null (EveryDream2's default) is no main lr: the scale applies to the optimizer.json base lr
+    data["base"]["lr"] = 3e-6  # not our schema's default lr, so using that instead would show
+    (tmp_path / "opt.json").write_text(json.dumps(data))
+    (tmp_path / "train.json").write_text(json.dumps({"optimizer_config": "opt.json", "lr": None}))
+    config = translated(str(tmp_path / "train.json"))
+    assert config.lr == data["base"]["lr"] and config.text_encoder_lr == pytest.approx(data["base"]["lr"] * 0.5)
 
 
 def test_optimizer_dadapt_translates_with_its_d_adaptation_settings(shipped):

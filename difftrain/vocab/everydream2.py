@@ -488,8 +488,9 @@ def optimizer_settings(data: dict[str, Any], where: str, main: dict[str, Any],
     base_settings = _settings_text(name, base, f"{where}: base", notes)
     if base_settings:
         result["optimizer_settings"] = base_settings
-    result.update(_text_encoder_settings(data, base, overrides, where, main.get("lr", result.get("lr")), notes,
-                                         main_lr=main.get("lr")))
+    main_lr = main.get("lr")  # null there (EveryDream2's default) means "not set", as a missing key does
+    result.update(_text_encoder_settings(data, base, overrides, where, name,
+                                         main_lr if main_lr is not None else result.get("lr"), notes, main_lr))
     return result
 
 
@@ -519,7 +520,7 @@ def _settings_text(name: str, values: dict[str, Any], where: str, notes: Optiona
 
 
 def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any], where: str,
-                           lr: Optional[float], notes: Optional[list[str]] = None,
+                           base_name: str, lr: Optional[float], notes: Optional[list[str]] = None,
                            main_lr: Optional[float] = None) -> dict[str, Any]:
     """text_encoder_overrides (and the freezing section) as our text_encoder_* keys. As in EveryDream2,
     an lr in the main config or on the command line (`main_lr`) is both models' learning rate (unless
@@ -547,7 +548,6 @@ def _text_encoder_settings(data: dict[str, Any], base: dict[str, Any], overrides
     for key in ("lr_warmup_steps", "lr_decay_steps", "weight_decay"):
         if overrides.get(key) and overrides[key] != base.get(key):
             result[f"text_encoder_{key}"] = overrides[key]
-    base_name = _optimizer_name(base.get("optimizer") or "adamw8bit", f"{where}: base.optimizer")
     name = _optimizer_name(overrides.get("optimizer") or base_name, f"{where}: text_encoder_overrides.optimizer")
     merged = {**base, **{key: value for key, value in overrides.items() if value is not None}}
     text_settings = _settings_text(name, merged, f"{where}: text_encoder_overrides", notes)
