@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from torch import nn
 
+from difftrain.checkpoint import write_file_atomically
 from difftrain.config import Config
 from difftrain.errors import ConfigError
 from difftrain.log import say
@@ -43,9 +43,8 @@ def add_step_fields(metrics_path: Path, fields_of_step: Callable[[int], dict[str
                 changed = True
     if not changed:
         return
-    staging = metrics_path.with_name(f".{metrics_path.name}.{os.getpid()}")
-    staging.write_text("".join(json.dumps(event) + "\n" for event in events), encoding="utf-8")
-    os.replace(staging, metrics_path)
+    text = "".join(json.dumps(event) + "\n" for event in events)
+    write_file_atomically(metrics_path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
 def write_metrics_csv(metrics_path: Path, csv_path: Path) -> Path:
