@@ -82,14 +82,15 @@ class SDSamples:
 
     def samples(self, model: nn.Module) -> dict[str, Any]:
         """{"samples": num_samples images, one column per prompt with the prompt under it}."""
-        prompts = self.prompts()
-        chosen = [prompts[i % len(prompts)] for i in range(self.config.num_samples)]
         view = self.view(model)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
             if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
         with torch.no_grad(), autocast:
             if self.config.sample_prompts.lower().endswith(".json"):  # EveryDream2's sample generator settings
                 return {"samples": self.planned_samples(view, model)}
+            # A text file of prompts is read at each draw (the JSON plan above reads its own file).
+            prompts = self.prompts()
+            chosen = [prompts[i % len(prompts)] for i in range(self.config.num_samples)]
             if self.config.rectified_flow:
                 images = [self._flow_image(model, view, prompt, index) for index, prompt in enumerate(chosen)]
             else:
