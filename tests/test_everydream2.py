@@ -54,6 +54,12 @@ def translated(*argv: str) -> Config:
     return config_from_argv(list(argv), "train")
 
 
+def real_validation_json(**changes) -> dict:
+    """EveryDream2's own validation_default.json (validate_training true, automatic split, every epoch,
+    stabilize_training_loss and use_relative_loss false) with `changes` over its keys."""
+    return {**json.loads((REAL / "validation_default.json").read_text()), **changes}
+
+
 # ---- the verbatim copies --------------------------------------------------------------------------
 
 def test_the_copies_are_byte_for_byte_the_blobs_the_readme_names():
@@ -233,10 +239,8 @@ def test_dowg_and_adacoor_get_epsilon_only_and_train(name, ours, tmp_path, capsy
 
 
 def test_validation_manual_split_and_refusals(tmp_path):
-    base = json.loads((REAL / "validation_default.json").read_text())
-
     def with_validation(**changes):
-        (tmp_path / "val.json").write_text(json.dumps({**base, **changes}))
+        (tmp_path / "val.json").write_text(json.dumps(real_validation_json(**changes)))
         return translated("--validation_config", str(tmp_path / "val.json"))
 
     assert with_validation(val_split_mode="manual", manual_data_root="held").validation_root == "held"
@@ -527,10 +531,9 @@ def test_extra_manual_datasets_and_the_stabilized_train_loss_each_log_their_own(
     dark = _images(tmp_path / "dark", count=2)
     for path in dark.glob("*.png"):  # other pixels than santa's: a different loss
         Image.fromarray(np.zeros((72, 64, 3), np.uint8)).save(path)
-    validation = {"validate_training": True, "val_split_mode": "automatic", "auto_split_proportion": 0.25,
-                  "extra_manual_datasets": {"santa": str(santa), "dark": str(dark)}, "every_n_epochs": 1,
-                  "stabilize_training_loss": True, "stabilize_split_proportion": 0.5}
-    (tmp_path / "val.json").write_text(json.dumps(validation))
+    (tmp_path / "val.json").write_text(json.dumps(real_validation_json(
+        auto_split_proportion=0.25, extra_manual_datasets={"santa": str(santa), "dark": str(dark)},
+        stabilize_training_loss=True, stabilize_split_proportion=0.5)))
     assert main(["--resume_ckpt", str(tiny_sd15), "--data_root", str(data), "--validation_config", "val.json",
                  "--resolution", "64", "--max_epochs", "2", "--batch_size", "1", "--logdir", "logs",
                  "--tracker", "none", "--sample_steps", "0"]) == 0
@@ -567,12 +570,13 @@ def test_the_stabilized_set_is_a_seeded_share_of_the_distinct_training_images(tm
 
 
 # ---- text_encoder_overrides: the text encoder's own optimizer -------------------------------------
-OWN_TEXT_ENCODER_OPTIMIZER = {
-    "base": {"optimizer": "adamw", "lr": 1e-3, "lr_scheduler": "constant", "betas": [0.9, 0.999],
-             "epsilon": 1e-8, "weight_decay": 0.01},
-    "text_encoder_overrides": {"optimizer": "lion", "lr": 1e-4, "lr_scheduler": "linear", "lr_warmup_steps": 2,
-                               "lr_decay_steps": 5, "betas": [0.8, 0.95], "epsilon": None, "weight_decay": 0.1},
-}
+# EveryDream2's own optimizer.json (base: betas (0.9, 0.999), epsilon 1e-8, weight_decay 0.01, constant; the
+# overrides' epsilon null) with another base optimizer and lr, and overrides that all differ from base
+OWN_TEXT_ENCODER_OPTIMIZER = json.loads((REAL / "optimizer.json").read_text())
+OWN_TEXT_ENCODER_OPTIMIZER["base"].update(optimizer="adamw", lr=1e-3)
+OWN_TEXT_ENCODER_OPTIMIZER["text_encoder_overrides"].update(
+    optimizer="lion", lr=1e-4, lr_scheduler="linear", lr_warmup_steps=2, lr_decay_steps=5, betas=[0.8, 0.95],
+    weight_decay=0.1)
 
 
 def test_shipped_optimizer_files_keep_one_optimizer_when_the_overrides_equal_base(shipped):
@@ -648,9 +652,8 @@ def test_use_relative_loss_logs_each_validation_against_the_pre_training_one(tmp
 
     monkeypatch.chdir(tmp_path)
     data, santa = _images(tmp_path / "data", count=5), _images(tmp_path / "santa", count=2)
-    validation = {"validate_training": True, "val_split_mode": "automatic", "auto_split_proportion": 0.25,
-                  "extra_manual_datasets": {"santa": str(santa)}, "use_relative_loss": True}
-    (tmp_path / "val.json").write_text(json.dumps(validation))
+    (tmp_path / "val.json").write_text(json.dumps(real_validation_json(
+        auto_split_proportion=0.25, extra_manual_datasets={"santa": str(santa)}, use_relative_loss=True)))
     common = ["--data_root", str(data), "--validation_config", "val.json", "--resolution", "64", "--max_epochs", "3",
               "--batch_size", "2", "--sample_steps", "0", "--ckpt_every_n_minutes", "0", "--lr", "1e-3"]
 

@@ -13,7 +13,7 @@ import torch
 
 from difftrain.config import Config
 from difftrain.errors import ConfigError
-from tests.test_everydream2 import _images, translated
+from tests.test_everydream2 import REAL, _images, translated
 
 CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
 
@@ -374,8 +374,9 @@ def test_freezing_without_a_trained_text_encoder_is_noted(tiny_sd15, tmp_path, c
 
 
 def test_the_sample_generators_own_keys_set_the_sample_interval_and_the_step_0_samples(tmp_path):
-    plan = {"generate_samples_every_n_steps": 3, "generate_pretrain_samples": True,
-            "samples": [{"prompt": "a cat"}]}
+    # EveryDream2's own sample_prompts.json, which leaves both keys out, with them added
+    plan = {**json.loads((REAL / "sample_prompts.json").read_text()), "generate_samples_every_n_steps": 3,
+            "generate_pretrain_samples": True}
     (tmp_path / "sample_prompts.json").write_text(json.dumps(plan))
     (tmp_path / "train.json").write_text(json.dumps({"sample_steps": 250, "sample_prompts": "sample_prompts.json"}))
     config = translated(str(tmp_path / "train.json"))
@@ -390,7 +391,6 @@ def test_the_sample_generators_own_keys_set_the_sample_interval_and_the_step_0_s
 def test_the_documented_sample_prompts_json_sets_the_interval_and_the_step_0_samples(tmp_path):
     # EveryDream2's doc/LOGGING.md shows users this sample_prompts.json (kept verbatim in tests/real_files).
     from difftrain.vocab.everydream2 import read_sample_plan
-    from tests.test_everydream2 import REAL
 
     document = (REAL / "LOGGING.md").read_text(encoding="utf-8")
     (tmp_path / "sample_prompts.json").write_text(document.split("```json\n", 1)[1].split("```", 1)[0])
