@@ -19,9 +19,7 @@ from typing import Any, Optional, Sequence
 from difftrain import log
 from difftrain.config import ALIASES, FIELD_NAMES, Config
 from difftrain.errors import ConfigError, exit_on_user_error
-
-TRUE_WORDS = {"true", "1", "yes", "on"}
-FALSE_WORDS = {"false", "0", "no", "off"}
+from difftrain.vocab.table import FALSE_WORDS, TRUE_WORDS
 
 
 def parse_bool(text: str) -> bool:

@@ -247,3 +247,15 @@ def test_a_config_is_validated_once_per_process(tmp_path, monkeypatch, door):
     assert main([str(path), "--lr", "0.001"], door=door) == 0
     assert counter.calls == ["validate_python"]
     assert list((tmp_path / "runs").iterdir())  # it did train and save
+
+
+@pytest.mark.parametrize("word, expected", [("yes", True), ("ON", True), ("1", True), ("no", False),
+                                            ("off", False), ("False", False)])
+def test_a_switch_flag_reads_the_same_true_and_false_words_as_the_vocabularies(word, expected):
+    assert config_from_argv(["--gradient_checkpointing", word], "train").gradient_checkpointing is expected
+
+
+def test_a_switch_flag_refuses_a_word_that_is_neither_true_nor_false(capsys):
+    with pytest.raises(SystemExit):
+        config_from_argv(["--gradient_checkpointing", "maybe"], "train")
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
