@@ -746,6 +746,17 @@ def _side_table(title: str, rows: tuple[tuple[str, str, str], ...]) -> list[str]
 
 SIDE_FILE_KEYS = ("optimizer_config", "validation_config", "sample_prompts")
 
+# What EveryDream2 does without any key for it, and train.py therefore does too (our key: (value, why)).
+DOOR_DEFAULTS_WHY = {"text_encoder_own_optimizer": (True, "EveryDream2 builds one optimizer per model, so "
+                                                          "D-Adaptation, Prodigy and DoWG adapt a step size for each"),
+                     "save_ckpt_dir": (os.curdir, "EveryDream2 writes each checkpoint's single .safetensors file "
+                                                  "into the folder it runs in when save_ckpt_dir is not given"),
+                     "clip_grad_norm_per_model": (True, "EveryDream2 clips the UNet's and the text encoder's "
+                                                        "gradients each on their own"),
+                     "validate_before_training": (True, "EveryDream2 measures the validation loss once before "
+                                                        "its first step (step 0) on every new run")}
+DOOR_DEFAULTS = {name: value for name, (value, _) in DOOR_DEFAULTS_WHY.items()}
+
 
 def default_differences() -> dict[str, dict[str, tuple[Any, Any]]]:
     """EveryDream2 keys whose default there, translated, is not what difftrain does when the key is
@@ -783,18 +794,6 @@ def everydream2_defaults(settings: dict[str, Any]) -> dict[str, Any]:
         return {}
     return {**{name: theirs for differ in default_differences().values() for name, (theirs, _) in differ.items()},
             **DOOR_DEFAULTS}
-
-
-# What EveryDream2 does without any key for it, and train.py therefore does too (our key: (value, why)).
-DOOR_DEFAULTS_WHY = {"text_encoder_own_optimizer": (True, "EveryDream2 builds one optimizer per model, so "
-                                                          "D-Adaptation, Prodigy and DoWG adapt a step size for each"),
-                     "save_ckpt_dir": (os.curdir, "EveryDream2 writes each checkpoint's single .safetensors file "
-                                                  "into the folder it runs in when save_ckpt_dir is not given"),
-                     "clip_grad_norm_per_model": (True, "EveryDream2 clips the UNet's and the text encoder's "
-                                                        "gradients each on their own"),
-                     "validate_before_training": (True, "EveryDream2 measures the validation loss once before "
-                                                        "its first step (step 0) on every new run")}
-DOOR_DEFAULTS = {name: value for name, (value, _) in DOOR_DEFAULTS_WHY.items()}
 
 
 def status_counts() -> dict[str, int]:
