@@ -14,7 +14,7 @@ import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -71,6 +71,18 @@ def nonfinite_message(loss_value: float, progress: Progress, last_checkpoint: Op
     return (f"the loss became {value} at epoch {progress.epoch}, step {progress.global_step}. Lower lr, "
             "enable clip_grad_norm, or check the data; the last good checkpoint is "
             f"'{last_checkpoint or 'none (no checkpoint was saved yet)'}'.")
+
+
+def samples_as_asked(draw: Callable[[Any], dict[str, Any]], ema: Any, whole: Any) -> dict[str, Any]:
+    """`draw(whole)`'s images and metrics from the trained weights and, as ema_sample_* say, from the
+    EMA (keys ending in '_ema', as EveryDream2 marks its EMA samples)."""
+    if ema is None:
+        return draw(whole)
+    images = draw(whole) if ema.settings.sample_trained else {}
+    if ema.settings.sample_ema:
+        with ema.in_use():
+            images.update({f"{key}_ema": value for key, value in draw(whole).items()})
+    return images
 
 
 class Trainer:
@@ -298,20 +310,8 @@ class Trainer:
         with self._evaluating(autocast=False) as whole:
             if whole is None:
                 return
-            samples = self._samples_as_asked(whole)  # images and metrics
+            samples = samples_as_asked(self.parts.samples.samples, self.ema, whole)  # images and metrics
         self.outputs.save_samples(samples, self.progress.global_step)
-
-    def _samples_as_asked(self, whole) -> dict[str, Any]:
-        """Images and metrics from the trained weights and, as ema_sample_* say, from the EMA
-        (keys ending in '_ema', as EveryDream2 marks its EMA samples)."""
-        draw = self.parts.samples.samples
-        if self.ema is None:
-            return draw(whole)
-        images = draw(whole) if self.ema.settings.sample_trained else {}
-        if self.ema.settings.sample_ema:
-            with self.ema.in_use():
-                images.update({f"{key}_ema": value for key, value in draw(whole).items()})
-        return images
 
     @contextmanager
     def _evaluating(self, autocast: bool = True) -> Iterator[Any]:
