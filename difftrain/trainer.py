@@ -138,7 +138,9 @@ class Trainer:
                                   resumed=self.start.checkpoint)
         self.progress = Progress(seed=config.seed, project_name=config.project_name, task=config.task)
         self.last_loss: Optional[float] = None  # the last optimizer step's, agreed by all processes
-        self.sampled_at: Optional[int] = None  # the step of the last samples drawn: never twice at one step
+        # The steps of the last samples and the last validation: neither is done twice at one step.
+        self.sampled_at: Optional[int] = None
+        self.validated_at: Optional[int] = None
         if self.start.checkpoint is not None:
             self.progress = self.saver.resume(self.start.checkpoint)
 
@@ -297,8 +299,10 @@ class Trainer:
         """loss_valid when due; `before_training`: the start point use_relative_loss measures from
         (EveryDream2 validates once before its first step)."""
         validation, progress = self.parts.validation, self.progress
-        if not validation_due(validation, self.config, progress, self.epoch_steps, mid_epoch, before_training):
-            return
+        if self.validated_at == progress.global_step or \
+                not validation_due(validation, self.config, progress, self.epoch_steps, mid_epoch, before_training):
+            return  # e.g. max_steps ending reflow's stage 0 at a mid-epoch point, then the epoch's end
+        self.validated_at = progress.global_step  # on every process: all gather the model together
         with self._evaluating() as whole:
             value = validation.validation_loss(whole) if whole is not None else None
         if value is not None:

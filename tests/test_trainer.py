@@ -273,3 +273,12 @@ def test_samples_are_drawn_once_when_sample_steps_lands_on_the_last_step(tmp_pat
     assert drawn_at == [5, 10]
     names = sorted(path.name for path in (only_run_folder(tmp_path) / "samples").glob("samples-gs*.png"))
     assert names == ["samples-gs00005.png", "samples-gs00010.png"]
+
+
+def test_loss_valid_is_measured_once_when_stage_0_ends_at_a_mid_epoch_point(tmp_path, tiny_field_data):
+    """max_steps=5 ends reflow's stage 0 at the mid-epoch point of validations_per_epoch=2 (step 5 of 10),
+    where the epoch also ends: one loss_valid at step 5, then one per reflow epoch."""
+    assert run(tiny_config(tmp_path, tiny_field_data, rectified_flow=True, reflow_steps=1, reflow_gen_batches=2,
+                           max_steps=5, max_epochs=1, validations_per_epoch=2, reflow_sample_steps=2)) == 0
+    events = [json.loads(line) for line in (only_run_folder(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert [event["step"] for event in events if "loss_valid" in event] == [5, 6, 7]
