@@ -13,11 +13,13 @@ import json
 import os
 import re
 import secrets
+import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from difftrain.atomic_files import write_file_atomically
 from difftrain.errors import ConfigError
 from difftrain.figures import drawing
 
@@ -52,8 +54,6 @@ def make_run_name(runs_dir: Path) -> str:
 
 def write_json_exclusive(path: Path, data: Any) -> None:
     """Create `path` with JSON content, complete or not at all; never overwrite (FileExistsError)."""
-    from difftrain.checkpoint import write_file_atomically
-
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     write_file_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"), exclusive=True)
 
@@ -249,8 +249,6 @@ figcaption {{ font-size: small; color: #555; }}
 def write_samples_page(folder: Path) -> Path:
     """Rewrite folder/samples.html (atomically: a browser never sees half a page) over every picture
     in folder/samples, so the user can open it mid-run and scroll through training."""
-    from difftrain.checkpoint import write_file_atomically
-
     page = samples_page(sample_events(folder / "samples"), f"samples of {folder.name}")
     return write_file_atomically(folder / SAMPLES_PAGE, lambda temp: temp.write_text(page, encoding="utf-8"))
 
@@ -273,10 +271,16 @@ class RunOutputs:
 
         pictures = {key: value for key, value in samples.items() if isinstance(value, Image.Image)}
         numbers = {key: value for key, value in samples.items() if key not in pictures}
+        encoded: dict[str, Path] = {}
         for folder in filter(None, (self.run_dir, self.log_folder)):
             (folder / "samples").mkdir(exist_ok=True)
             for key, image in pictures.items():
-                image.save(folder / "samples" / f"{key}-gs{step:05d}.png")
+                target = folder / "samples" / f"{key}-gs{step:05d}.png"
+                if key in encoded:  # PNG-encoded once, copied into the other folder
+                    shutil.copyfile(encoded[key], target)
+                else:
+                    image.save(target)
+                    encoded[key] = target
             if pictures:
                 with drawing(f"{folder / SAMPLES_PAGE}"):
                     write_samples_page(folder)
@@ -288,7 +292,6 @@ class RunOutputs:
         """curves.png in the run folder and the log folder, redrawn from metrics.jsonl (main process;
         at checkpoints and at the end of a run, never on the step path). A failure is one warning."""
         from difftrain.curves import draw_run_folder
-        from difftrain.figures import drawing
 
         if self.run_dir is not None:
             with drawing(f"the curves of {self.run_dir.name}"):
@@ -319,7 +322,7 @@ class RunOutputs:
 def open_run_outputs(config: Any, is_main: bool, decide_on_main: Callable[[Callable[[], str]], str]) -> RunOutputs:
     """Make the run folder (config.json), tracker and log folder (settings.json) on the main process
     alone -- one run name, one folder -- and tell every process the log folder's path."""
-    from difftrain.checkpoint import new_log_folder, write_file_atomically
+    from difftrain.checkpoint import new_log_folder
     from difftrain.log import say
 
     opened: dict[str, Any] = {}

@@ -151,6 +151,11 @@ def test_samples_html_shows_every_event_in_step_order_and_is_rewritten_at_each_e
         for source in image_sources(page):  # relative paths that resolve from the page's folder
             assert (folder / source.replace("%26", "&")).is_file()
         assert not [path for path in folder.iterdir() if path.name.startswith(".")]  # no temp files left
+    # Both folders hold the same picture under each name, and it is the one passed for that key.
+    for name in ("samples-gs00020.png", "samples_ema-gs00100.png", "a&b-gs00005.png"):
+        assert (run_dir / "samples" / name).read_bytes() == (log_folder / "samples" / name).read_bytes()
+    with Image.open(log_folder / "samples" / "samples_ema-gs00100.png") as picture:
+        assert picture.convert("RGB").getpixel((0, 0)) == solid(60).convert("RGB").getpixel((0, 0))
     assert [call[0] for call in tracker.calls] == [20, 100, 5]
     assert tracker.calls[0][1] == {"band_score": 0.5} and tracker.calls[0][2] == ["samples", "samples_ema"]
 
