@@ -28,7 +28,7 @@ def test_reflow_generates_and_measures_with_the_averaged_weights_and_validates_m
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(pytorch_optimizer.ScheduleFreeAdamW, mode, switch)
-    for name in ("generate_reflow_pairs", "straightness"):
+    for name in ("generate_reflow_pairs", "probe_flow"):
         original = getattr(reflow, name)
 
         def record(*args, _original=original, _name=name, **kwargs):
@@ -40,7 +40,7 @@ def test_reflow_generates_and_measures_with_the_averaged_weights_and_validates_m
                          reflow_gen_batches=4, reflow_sample_steps=2, optimizer="AdamWScheduleFree",
                          lr_scheduler="constant", validations_per_epoch=2)
     assert run(config) == 0
-    for name in ("generate_reflow_pairs", "straightness"):
+    for name in ("generate_reflow_pairs", "probe_flow"):
         assert name in events
         for at in (index for index, event in enumerate(events) if event == name):
             last_switch = next(event for event in reversed(events[:at]) if event in ("eval", "train"))
